@@ -1,0 +1,57 @@
+# Shopsight: `make demo` runs the pipeline on this machine, `make test` runs the test suite.
+# Both set up what they need from scratch: a Python 3.11 virtualenv in .venv with the pinned
+# packages (requirements/lock.txt), and Java 17+ for Spark.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint setup java clean help
+
+help:
+	@echo "make demo   - set up and run the whole pipeline on the embedded default (local Spark, Ray, Feast, MLflow)"
+	@echo "make test   - set up and run the test suite (all tiers but gpu)"
+	@echo "make bench  - run the benchmarks and record results under benchmarks/results/"
+	@echo "make lint   - ruff"
+
+setup: $(STAMP) java
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Shopsight needs Python 3.11, found " + sys.version.split()[0]' \
+		|| { echo "error: set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to 2.13.0: where a CPU build of it is at hand (this kind of machine, CI), pip takes it.
+	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable '.[dev]'
+	@touch $(STAMP)
+
+# Spark 4 needs Java 17+. As root on Debian we install it; elsewhere we say how.
+java:
+	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
+	if [ -z "$$v" ] || [ "$$v" -lt 17 ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "Java 17+ not found (found: $${v:-none}); installing openjdk-17-jre-headless"; \
+			apt-get update -qq && apt-get install -y -qq openjdk-17-jre-headless >/dev/null; \
+		else \
+			echo "error: Spark needs Java 17 or newer (found: $${v:-none}); install it (e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME" >&2; \
+			exit 1; \
+		fi; \
+	fi
+
+demo: setup
+	$(BIN)/shopsight demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks.bench_simulator
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .shopsight .pytest_cache

@@ -1,0 +1,76 @@
+"""The `shopsight` command: one module per command group; it imports the stages, nothing imports it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from shopsight import __version__
+from shopsight.cli import config, data
+from shopsight.cli._context import CliState, parse_overrides
+from shopsight.cli._planned import planned_groups
+from shopsight.cli.demo import demo
+from shopsight.platform import ShopsightError, console
+
+app = typer.Typer(
+    name="shopsight",
+    help="Shopsight: features, training, promotion and serving for e-commerce behaviour prediction.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"shopsight {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    profile: Annotated[
+        str | None, typer.Option(help="Settings profile: local (embedded) or cluster.")
+    ] = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="YAML settings file (same keys as `config show`).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override one setting, KEY=VALUE (repeatable), e.g. spark.master=local[2]."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Root folder of local files (setting data_dir).")
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Settings come from, highest first: --set/--data-dir, SHOPSIGHT_* variables, --config, the profile."""
+    overrides = parse_overrides(set_ or [])
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    ctx.obj = CliState(profile=profile, config_file=config_file, overrides=overrides)
+
+
+app.add_typer(data.app, name="data")
+app.add_typer(config.app, name="config")
+for _name, _group in planned_groups().items():
+    app.add_typer(_group, name=_name)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    """Entry point: user errors print one line and exit 1, never a traceback."""
+    try:
+        app()
+    except ShopsightError as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,29 @@
+"""Command groups whose commands arrive with later stages; their help already says what they will do."""
+
+from __future__ import annotations
+
+import typer
+
+_PLANNED = {
+    "features": "Build Spark features, manage the Feast repository (apply, materialize, list, describe), "
+    "training sets, the feature server and pushes.",
+    "train": "Train a model (sasrec, lstm, gan) with Ray Train, tracked in MLflow.",
+    "tune": "Sweep a model's hyperparameters with Ray Tune (Optuna search, ASHA), "
+    "one MLflow child run per trial.",
+    "models": "The MLflow model registry: list, show, promote through the quality gate, history, rollback.",
+    "serve": "Deploy, inspect and shut down the Ray Serve application of the champion models.",
+    "jobs": "Submit feature builds, training runs and sweeps to a Ray cluster and follow them.",
+}
+
+
+def planned_groups() -> dict[str, typer.Typer]:
+    groups = {}
+    for name, purpose in _PLANNED.items():
+        group = typer.Typer(help=f"{purpose} (Not available in this version yet.)", no_args_is_help=True)
+
+        @group.callback()
+        def _callback() -> None:
+            pass
+
+        groups[name] = group
+    return groups

@@ -1,0 +1,171 @@
+"""`shopsight data`: simulate events and validate event files."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shopsight.cli._context import state
+from shopsight.data import (
+    EventReader,
+    EventStats,
+    ReadReport,
+    SimulationResult,
+    SimulatorConfig,
+    TimeWindow,
+    simulate,
+)
+from shopsight.data.schema import BEHAVIORS, TAOBAO_BEHAVIOR_MIX
+from shopsight.platform import Settings, Stopwatch, console, print_summary, progress_bar
+
+app = typer.Typer(help="Event data: simulate Taobao-like events, validate event files.", no_args_is_help=True)
+
+
+@app.command("simulate")
+def simulate_command(
+    ctx: typer.Context,
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <data_dir>/simulated].")] = None,
+    users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
+    days: Annotated[int, typer.Option(min=1, help="Number of days.")] = 9,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same events.")] = 0,
+    start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD (shop-local).")] = "2017-11-25",
+    items: Annotated[int | None, typer.Option(min=1, help="Number of items [default: 4 per user].")] = None,
+) -> None:
+    """Simulate Taobao-like behaviour events as day-partitioned parquet, with the next-day buy oracle."""
+    settings = state(ctx).settings
+    out = out or settings.data_dir / "simulated"
+    cfg = SimulatorConfig(
+        users=users,
+        days=days,
+        seed=seed,
+        start=_parse_day(start, "--start"),
+        items=items,
+        timezone=settings.data.timezone,
+    )
+    result = run_simulation(cfg, out)
+    print_mix("Behaviour mix", result.behavior_mix)
+    print_simulation_summary(result)
+
+
+@app.command("validate")
+def validate_command(
+    ctx: typer.Context,
+    path: Annotated[
+        Path, typer.Argument(help="Event file (.csv, .csv.gz, .txt, .parquet) or day-partitioned folder.")
+    ],
+    format: Annotated[str, typer.Option("--format", help="taobao | sasrec | parquet | auto.")] = "auto",
+    quarantine: Annotated[
+        Path | None,
+        typer.Option(help="Where rejected rows go [default: <data_dir>/quarantine/<name>.rejected.csv]."),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="First accepted day [default: data.window_start].")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="Last accepted day [default: data.window_end].")] = None,
+    no_window: Annotated[bool, typer.Option("--no-window", help="Accept events at any time.")] = False,
+    strict: Annotated[bool, typer.Option(help="Exit with status 1 if any row is rejected.")] = False,
+) -> None:
+    """Check every row of an event file; count and quarantine the bad ones, summarise the good ones."""
+    settings = state(ctx).settings
+    window = None if no_window else _window(settings, since, until)
+    quarantine = quarantine or settings.data_dir / "quarantine" / f"{path.name}.rejected.csv"
+    report, stats, seconds = validate_events(path, format, window, quarantine, settings.data.batch_rows)
+    print_validation(report, stats, window, seconds)
+    if strict and report.rows_rejected:
+        raise typer.Exit(1)
+
+
+def validate_events(
+    path: Path, format: str, window: TimeWindow | None, quarantine: Path | None, batch_rows: int
+) -> tuple[ReadReport, EventStats, float]:
+    """Read every row with a progress bar; returns the reader's report, statistics and seconds taken."""
+    watch = Stopwatch()
+    reader = EventReader(path, format, window=window, quarantine=quarantine, batch_rows=batch_rows)
+    stats = EventStats()
+    with progress_bar(transient=True) as bar:
+        task = bar.add_task(f"validating {path.name} ({reader.format})", total=None)
+        for table in reader:
+            stats.update(table)
+            bar.update(task, completed=reader.report.rows_read)
+    return reader.report, stats, watch.seconds
+
+
+def run_simulation(cfg: SimulatorConfig, out: Path) -> SimulationResult:
+    with progress_bar() as bar:
+        task = bar.add_task(f"simulating {cfg.users:,} users x {cfg.days} days", total=cfg.users)
+        return simulate(cfg, out, on_progress=lambda done, _total: bar.update(task, completed=done))
+
+
+def print_mix(title: str, mix: dict[str, float], extra: dict[str, dict[str, float]] | None = None) -> None:
+    """The behaviour mix beside the real Taobao dataset's."""
+    columns = {title: mix, **(extra or {}), "Taobao (100M events)": TAOBAO_BEHAVIOR_MIX}
+    table = Table(title="Behaviour mix (% of events)", title_justify="left")
+    table.add_column("behavior", style="cyan")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for b in BEHAVIORS:
+        table.add_row(b, *(f"{values[b]:.2f}" for values in columns.values()))
+    console.print(table)
+
+
+def print_simulation_summary(result: SimulationResult) -> None:
+    print_summary(
+        "Simulated",
+        {
+            "events": f"{result.events:,} ({result.events / max(result.seconds, 1e-9):,.0f} events/s)",
+            "users x days": f"{result.users:,} x {len(result.days)} ({result.days[0]} .. {result.days[-1]})",
+            "written to": f"{result.out}/events ({result.files} parquet files, by day)",
+            "oracle": f"{result.out}/truth/next_day_buy.parquet",
+            "took": f"{result.seconds:.1f} s",
+        },
+    )
+
+
+def print_validation(
+    report: ReadReport, stats: EventStats, window: TimeWindow | None, seconds: float
+) -> None:
+    if report.rejected:
+        table = Table(title="Rejected rows", title_justify="left")
+        table.add_column("reason", style="red")
+        table.add_column("rows", justify="right")
+        for reason, count in report.rejected.most_common():
+            table.add_row(reason, f"{count:,}")
+        console.print(table)
+    print_mix(f"{report.path.name}", stats.behavior_mix)
+    q = stats.events_per_user_quantiles()
+    print_summary(
+        f"Validated {report.path} ({report.format})",
+        {
+            "rows read": f"{report.rows_read:,}",
+            "good rows": f"{report.rows_good:,}",
+            "rejected rows": f"{report.rows_rejected:,}"
+            + (f" -> {report.quarantine_path}" if report.quarantine_path else ""),
+            "window": str(window) if window else "any time",
+            "users / items / categories": (
+                f"{stats.users:,} / {len(stats.items):,} / {len(stats.categories):,}"
+            ),
+            "events a user (median, p90, p99)": f"{q[0.5]:.0f}, {q[0.9]:.0f}, {q[0.99]:.0f}",
+            "users who buy": f"{100 * stats.buyer_share:.1f}%",
+            "time range": f"{stats.first_ts} .. {stats.last_ts}",
+            "took": f"{seconds:.1f} s",
+        },
+    )
+
+
+def _parse_day(text: str, option: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a day (YYYY-MM-DD)", param_hint=option) from None
+
+
+def _window(settings: Settings, since: str | None, until: str | None) -> TimeWindow:
+    first = _parse_day(since, "--since") if since else settings.data.window_start
+    last = _parse_day(until, "--until") if until else settings.data.window_end
+    if last < first:
+        raise typer.BadParameter(f"{last} is before {first}", param_hint="--until")
+    return TimeWindow.from_days(first, last, settings.data.timezone)

@@ -1,0 +1,20 @@
+"""Event data: the schema contract, readers with quarantine, a day-partitioned writer, the simulator."""
+
+from shopsight.data._readers import FORMATS, EventReader, ReadReport, TimeWindow, detect_format
+from shopsight.data._simulator import SimulationResult, SimulatorConfig, simulate
+from shopsight.data._stats import EventStats
+from shopsight.data._writer import DayPartitionedWriter, publish_dir
+
+__all__ = [
+    "FORMATS",
+    "DayPartitionedWriter",
+    "EventReader",
+    "EventStats",
+    "ReadReport",
+    "SimulationResult",
+    "SimulatorConfig",
+    "TimeWindow",
+    "detect_format",
+    "publish_dir",
+    "simulate",
+]

@@ -1,0 +1,472 @@
+"""A behaviour simulator calibrated on the Taobao UserBehavior dataset.
+
+The world:
+  * items grouped into categories of uneven (Zipf-like) size; within a category, item popularity
+    is Zipf-like, and each item has "related" items (its next few neighbours in the category, like
+    the next model of a series), so within-session sequences carry signal beyond popularity;
+  * each user has an activity level (expected sessions a day, log-normal: heavy-tailed), a few
+    preferred categories, and a latent buyer propensity.
+
+A day of a user:
+  * sessions ~ Poisson(activity x weekday factor), each starting at an hour drawn from Taobao's
+    daily rhythm (evening peak), views following a random walk over related items; a view is
+    carted or favourited with small probabilities;
+  * at the start of the day the user forms a purchase intent with probability
+    q = sigmoid(a + b * propensity + c * log1p(open carts and favourites) + d * log(activity)):
+    the purchase funnel. With an intent and at least one session, the user buys 1 + Poisson items,
+    mostly from what is in the cart or favourites, otherwise something viewed that day.
+
+Because the intent depends only on the state at the end of the previous day, the simulator knows the
+exact probability that a user buys tomorrow given everything up to tonight:
+``P(buy on d+1) = P(at least one session on d+1) * q(d+1)``. It is written beside the events
+(``truth/next_day_buy``) so purchase models can be compared with the oracle.
+
+Users are simulated in blocks of :data:`USERS_PER_BLOCK`, each block from its own seed derived from
+the run's seed, and written out as they go: memory stays bounded by the block and the writer's buffer,
+and the output for a seed does not depend on how the run is chunked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time as _time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from shopsight.data._writer import DayPartitionedWriter, check_replaceable, publish_dir, staging_dir_for
+from shopsight.data.schema import BEHAVIORS, EVENT_SCHEMA, SHOP_TIMEZONE
+
+USERS_PER_BLOCK = 500
+MANIFEST = "manifest.json"
+_PV, _CART, _FAV, _BUY = range(4)
+
+# Share of Taobao events by local hour, 0..23 (evening peak at 21h, trough at 4h).
+_HOURLY_RHYTHM = np.array(
+    [3.4, 1.9, 1.1, 0.7, 0.6, 0.7, 1.2, 2.1, 2.9, 3.5, 4.0, 4.1,
+     4.2, 4.4, 4.4, 4.5, 4.4, 4.1, 4.3, 5.4, 6.7, 7.4, 7.1, 5.5]
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """What to simulate. The behavioural constants are calibrated to Taobao's marginals."""
+
+    users: int = 2000
+    days: int = 9
+    seed: int = 0
+    start: date = date(2017, 11, 25)
+    timezone: str = SHOP_TIMEZONE
+    items: int | None = None  # default: 4 per user (Taobao: 4.2M items for 988k users), at least 1000
+    categories: int | None = None  # default: one per 100 items, at least 20
+
+    # activity: expected sessions a day ~ LogNormal(log(median), sigma)
+    median_sessions_per_day: float = 0.74
+    activity_sigma: float = 1.0
+    mean_session_views: float = 7.0
+    max_session_views: int = 200
+    weekend_factor: float = 1.12
+    # browsing
+    p_related: float = 0.50  # next view: a related item of the current one
+    p_repeat: float = 0.10  # the same item again
+    p_same_category: float = 0.22  # a popular item of the same category
+    p_preferred_category: float = 0.85  # a new category is one of the user's own
+    preferred_categories: int = 4
+    zipf_exponent: float = 1.1
+    # funnel
+    p_cart: float = 0.058
+    p_fav: float = 0.0325
+    intent_bias: float = -1.5
+    intent_propensity: float = 0.7
+    intent_open_items: float = 0.55
+    intent_activity: float = 0.10
+    extra_buys_mean: float = 0.15
+    p_buy_from_open: float = 0.6
+    p_cart_before_buy: float = 0.3
+    open_item_days: int = 7
+
+    def __post_init__(self) -> None:
+        if self.users < 1 or self.days < 1:
+            raise ValueError("users and days must be at least 1")
+
+    @property
+    def n_items(self) -> int:
+        return self.items or max(1000, 4 * self.users)
+
+    @property
+    def n_categories(self) -> int:
+        return self.categories or max(20, self.n_items // 100)
+
+
+@dataclass
+class SimulationResult:
+    """What a simulation wrote."""
+
+    out: Path
+    events: int
+    users: int
+    days: list[str]
+    behavior_counts: dict[str, int]
+    files: int
+    seconds: float
+    config: dict = field(default_factory=dict)
+
+    @property
+    def behavior_mix(self) -> dict[str, float]:
+        """Percent of events per behaviour."""
+        return {b: 100.0 * self.behavior_counts.get(b, 0) / max(self.events, 1) for b in BEHAVIORS}
+
+
+class _World:
+    """Items, categories and their relations: shared by all users, drawn from the run's seed."""
+
+    def __init__(self, cfg: SimulatorConfig) -> None:
+        rng = np.random.default_rng([cfg.seed, 0xC0FFEE])
+        n_items, n_cats = cfg.n_items, min(cfg.n_categories, cfg.n_items)
+        # Uneven category sizes: Zipf-like weights, every category at least one item.
+        weights = (np.arange(1, n_cats + 1) ** -0.9) * rng.lognormal(0, 0.3, n_cats)
+        sizes = np.maximum(1, np.floor(weights / weights.sum() * (n_items - n_cats)).astype(np.int64) + 1)
+        sizes[0] += n_items - sizes.sum()
+        self.cat_size = sizes
+        self.cat_offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        # Category popularity follows size, with some categories hotter than their size.
+        popularity = sizes * rng.lognormal(0, 0.5, n_cats)
+        self.cat_cdf = np.cumsum(popularity) / popularity.sum()
+        self.item_cat = np.repeat(np.arange(n_cats), sizes)
+        self.item_pos = np.arange(n_items) - self.cat_offset[self.item_cat]
+        # Public ids look like Taobao's: large, unordered.
+        self.item_ids = rng.permutation(np.arange(1, n_items + 1)) * 7 + 1_000
+        self.cat_ids = rng.permutation(np.arange(1, n_cats + 1)) * 131 + 10_000
+        self.zipf = cfg.zipf_exponent
+
+    def sample_categories(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return np.searchsorted(self.cat_cdf, rng.random(n), side="right").clip(max=len(self.cat_size) - 1)
+
+    def popular_item_in(self, rng: np.random.Generator, cats: np.ndarray) -> np.ndarray:
+        """An item of each category, Zipf-distributed by rank (inverse CDF of the continuous law)."""
+        size = self.cat_size[cats].astype(np.float64)
+        a = 1.0 - self.zipf
+        rank = np.floor((1.0 + rng.random(len(cats)) * ((size + 1.0) ** a - 1.0)) ** (1.0 / a))
+        rank = np.clip(rank, 1, size).astype(np.int64)
+        return self.cat_offset[cats] + rank - 1
+
+    def related_item(self, rng: np.random.Generator, items: np.ndarray) -> np.ndarray:
+        """A related item: mostly the next ones in the category's series, sometimes the previous."""
+        step = rng.choice(np.array([1, 2, 3, -1]), size=len(items), p=[0.5, 0.2, 0.1, 0.2])
+        cats = self.item_cat[items]
+        pos = (self.item_pos[items] + step) % self.cat_size[cats]
+        return self.cat_offset[cats] + pos
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+class _Block:
+    """One block of users, simulated over all days."""
+
+    def __init__(
+        self, cfg: SimulatorConfig, world: _World, first_user: int, n_users: int, block: int
+    ) -> None:
+        self.cfg, self.world = cfg, world
+        self.rng = np.random.default_rng([cfg.seed, 1, block])
+        self.user_ids = np.arange(first_user, first_user + n_users, dtype=np.int64) + 1
+        rng, n = self.rng, n_users
+        self.activity = cfg.median_sessions_per_day * rng.lognormal(0.0, cfg.activity_sigma, n)
+        self.propensity = rng.standard_normal(n)
+        self.pref_cats = world.sample_categories(rng, n * cfg.preferred_categories).reshape(n, -1)
+        self.pref_cdf = np.cumsum(rng.dirichlet(np.full(cfg.preferred_categories, 0.7), n), axis=1)
+
+        tz = ZoneInfo(cfg.timezone)
+        self.day_start = np.array(
+            [int(datetime.combine(cfg.start + timedelta(days=d), datetime.min.time(), tz).timestamp())
+             for d in range(cfg.days + 1)], dtype=np.int64,
+        )  # fmt: skip
+        weekday = np.array([(cfg.start + timedelta(days=d)).weekday() for d in range(cfg.days + 1)])
+        self.day_factor = np.where(weekday >= 5, cfg.weekend_factor, 1.0)
+
+    # -- browsing -------------------------------------------------------------------------------
+
+    def _new_category(self, users: np.ndarray) -> np.ndarray:
+        rng, cfg = self.rng, self.cfg
+        pick = (self.pref_cdf[users] < rng.random(len(users))[:, None]).sum(axis=1)
+        own = self.pref_cats[users, np.minimum(pick, cfg.preferred_categories - 1)]
+        other = self.world.sample_categories(rng, len(users))
+        return np.where(rng.random(len(users)) < cfg.p_preferred_category, own, other)
+
+    def browse(self, sessions_per_user_day: np.ndarray) -> dict[str, np.ndarray]:
+        """All views of all sessions: user index, day, item index, unix seconds, cart/fav flags."""
+        rng, cfg, world = self.rng, self.cfg, self.world
+        users, days = np.nonzero(sessions_per_user_day)
+        counts = sessions_per_user_day[users, days]
+        s_user, s_day = np.repeat(users, counts), np.repeat(days, counts)
+        n_sessions = len(s_user)
+        lengths = np.minimum(rng.geometric(1.0 / cfg.mean_session_views, n_sessions), cfg.max_session_views)
+        max_len = int(lengths.max()) if n_sessions else 0
+
+        items = np.full((n_sessions, max_len), -1, dtype=np.int64)
+        current = world.popular_item_in(rng, self._new_category(s_user))
+        items[:, 0] = current
+        for t in range(1, max_len):
+            alive = np.flatnonzero(lengths > t)
+            cur = current[alive]
+            u = rng.random(len(alive))
+            nxt = cur.copy()
+            related = u < cfg.p_related
+            nxt[related] = world.related_item(rng, cur[related])
+            # repeats keep `cur`
+            same_cat = (u >= cfg.p_related + cfg.p_repeat) & (
+                u < cfg.p_related + cfg.p_repeat + cfg.p_same_category
+            )
+            nxt[same_cat] = world.popular_item_in(rng, world.item_cat[cur[same_cat]])
+            jump = u >= cfg.p_related + cfg.p_repeat + cfg.p_same_category
+            nxt[jump] = world.popular_item_in(rng, self._new_category(s_user[alive][jump]))
+            current[alive] = nxt
+            items[alive, t] = nxt
+
+        # Times: a session starts at an hour of the daily rhythm; views follow at ~40 s gaps.
+        gaps = np.where(items >= 0, 3 + rng.exponential(40.0, items.shape), 0).astype(np.int64)
+        gaps[:, 0] = 0
+        offsets = np.cumsum(gaps, axis=1)
+        hour_cdf = np.cumsum(_HOURLY_RHYTHM) / _HOURLY_RHYTHM.sum()
+        hour = np.searchsorted(hour_cdf, rng.random(n_sessions), side="right").clip(max=23)
+        start = hour * 3600 + rng.integers(0, 3600, n_sessions)
+        # A session ends before midnight, so a day's sessions stay in that day.
+        start = np.minimum(start, 86_399 - offsets[np.arange(n_sessions), lengths - 1])
+        ts = self.day_start[s_day][:, None] + np.maximum(start, 0)[:, None] + offsets
+
+        mask = items >= 0
+        n_views = int(mask.sum())
+        return {
+            "user": np.broadcast_to(s_user[:, None], items.shape)[mask],
+            "day": np.broadcast_to(s_day[:, None], items.shape)[mask],
+            "item": items[mask],
+            "ts": ts[mask],
+            "cart": rng.random(n_views) < cfg.p_cart,
+            "fav": rng.random(n_views) < cfg.p_fav,
+        }
+
+    # -- the whole block ------------------------------------------------------------------------
+
+    def run(self) -> tuple[pa.Table, pa.Table]:
+        """Simulate the block; returns (events, next-day truth)."""
+        rng, cfg = self.rng, self.cfg
+        n = len(self.user_ids)
+        expected = self.activity[:, None] * self.day_factor[None, : cfg.days]  # (users, days)
+        sessions = rng.poisson(expected)
+        views = self.browse(sessions)
+
+        ev_user = [views["user"]]
+        ev_item = [views["item"]]
+        ev_kind = [np.full(len(views["item"]), _PV, dtype=np.int8)]
+        ev_ts = [views["ts"]]
+        for flag, kind in (("cart", _CART), ("fav", _FAV)):
+            sel = views[flag]
+            ev_user.append(views["user"][sel])
+            ev_item.append(views["item"][sel])
+            ev_kind.append(np.full(int(sel.sum()), kind, dtype=np.int8))
+            day_end = self.day_start[views["day"][sel] + 1] - 1
+            ev_ts.append(np.minimum(views["ts"][sel] + rng.integers(2, 20, int(sel.sum())), day_end))
+
+        # Views of each (user, day), grouped, to anchor purchases in that day's browsing.
+        order = np.lexsort((views["ts"], views["user"], views["day"]))
+        key = views["day"][order] * n + views["user"][order]
+
+        open_user = np.empty(0, dtype=np.int64)  # carted / favourited, not bought yet
+        open_item = np.empty(0, dtype=np.int64)
+        open_day = np.empty(0, dtype=np.int64)
+        truth_user, truth_day, truth_p = [], [], []
+        bought_on = np.zeros((n, cfg.days), dtype=bool)
+        for d in range(cfg.days):
+            open_count = np.bincount(open_user, minlength=n)
+            q = _sigmoid(
+                cfg.intent_bias
+                + cfg.intent_propensity * self.propensity
+                + cfg.intent_open_items * np.log1p(open_count)
+                + cfg.intent_activity * np.log(self.activity)
+            )
+            if d > 0:  # the oracle for "buys on day d", known at the end of day d-1
+                truth_user.append(np.arange(n))
+                truth_day.append(np.full(n, d - 1))
+                truth_p.append((1.0 - np.exp(-expected[:, d])) * q)
+            buyers = np.flatnonzero((rng.random(n) < q) & (sessions[:, d] > 0))
+            bought_on[buyers, d] = True
+            n_buys = 1 + rng.poisson(cfg.extra_buys_mean, len(buyers))
+            b_user = np.repeat(buyers, n_buys)
+
+            # Anchor: a random view of that user today; the purchase follows it.
+            lo = np.searchsorted(key, d * n + b_user, side="left")
+            hi = np.searchsorted(key, d * n + b_user, side="right")
+            anchor = order[lo + (rng.random(len(b_user)) * (hi - lo)).astype(np.int64)]
+            # The day boundary is hard: a purchase anchored late at night stays on its day.
+            b_ts = np.minimum(
+                views["ts"][anchor] + rng.integers(10, 120, len(b_user)), self.day_start[d + 1] - 1
+            )
+            b_item = views["item"][anchor].copy()
+
+            # Most purchases come from the cart or favourites, when there is something there.
+            o_order = np.argsort(open_user, kind="stable")
+            o_lo = np.searchsorted(open_user[o_order], b_user, side="left")
+            o_hi = np.searchsorted(open_user[o_order], b_user, side="right")
+            from_open = (o_hi > o_lo) & (rng.random(len(b_user)) < cfg.p_buy_from_open)
+            pick = o_lo + (rng.random(len(b_user)) * (o_hi - o_lo)).astype(np.int64)
+            b_item[from_open] = open_item[o_order[pick[from_open]]]
+            # Buying from the cart means opening the item's page first.
+            ev_user.append(b_user[from_open])
+            ev_item.append(b_item[from_open])
+            ev_kind.append(np.full(int(from_open.sum()), _PV, dtype=np.int8))
+            ev_ts.append(b_ts[from_open] - 8)
+            # An impulse buy is sometimes carted right before it is bought.
+            carted = ~from_open & (rng.random(len(b_user)) < cfg.p_cart_before_buy)
+            ev_user.append(b_user[carted])
+            ev_item.append(b_item[carted])
+            ev_kind.append(np.full(int(carted.sum()), _CART, dtype=np.int8))
+            ev_ts.append(b_ts[carted] - 4)
+            ev_user.append(b_user)
+            ev_item.append(b_item)
+            ev_kind.append(np.full(len(b_user), _BUY, dtype=np.int8))
+            ev_ts.append(b_ts)
+
+            # Update the open set: today's carts and favourites in, bought and stale items out.
+            today = (views["day"] == d) & (views["cart"] | views["fav"])
+            open_user = np.concatenate([open_user, views["user"][today]])
+            open_item = np.concatenate([open_item, views["item"][today]])
+            open_day = np.concatenate([open_day, np.full(int(today.sum()), d)])
+            bought_key = set((b_user * cfg.n_items + b_item).tolist())
+            keep = ~np.isin(open_user * cfg.n_items + open_item, list(bought_key)) & (
+                open_day > d - cfg.open_item_days
+            )
+            open_user, open_item, open_day = open_user[keep], open_item[keep], open_day[keep]
+
+        user = np.concatenate(ev_user)
+        item = np.concatenate(ev_item)
+        ts = np.concatenate(ev_ts)
+        events = pa.table(
+            [
+                pa.array(self.user_ids[user]),
+                pa.array(self.world.item_ids[item]),
+                pa.array(self.world.cat_ids[self.world.item_cat[item]]),
+                pa.array(np.array(BEHAVIORS, dtype=object)[np.concatenate(ev_kind)], pa.string()),
+                pa.array(ts.astype("datetime64[s]").astype("datetime64[us]")).cast(
+                    pa.timestamp("us", tz="UTC")
+                ),
+            ],
+            schema=EVENT_SCHEMA,
+        )
+        truth = self._truth(truth_user, truth_day, truth_p, bought_on)
+        return events, truth
+
+    def _truth(self, users, days, probs, bought_on) -> pa.Table:
+        if not users:
+            return _TRUTH_SCHEMA.empty_table()
+        u, d, p = np.concatenate(users), np.concatenate(days), np.concatenate(probs)
+        day_names = np.array(
+            [(self.cfg.start + timedelta(days=int(i))).isoformat() for i in range(self.cfg.days)]
+        )
+        return pa.table(
+            [pa.array(self.user_ids[u]), pa.array(day_names[d]), pa.array(p), pa.array(bought_on[u, d + 1])],
+            schema=_TRUTH_SCHEMA,
+        )
+
+
+_TRUTH_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64()),
+        pa.field("day", pa.string()),  # snapshot day D: what is known at the end of D ...
+        pa.field("p_buy_next_day", pa.float64()),  # ... the true probability of a purchase on D+1
+        pa.field("bought_next_day", pa.bool_()),  # ... and whether the user did buy on D+1
+    ]
+)
+
+
+def iter_blocks(cfg: SimulatorConfig) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Simulate block after block of users: yields (events, truth) tables, in user order."""
+    world = _World(cfg)
+    for block, first in enumerate(range(0, cfg.users, USERS_PER_BLOCK)):
+        yield _Block(cfg, world, first, min(USERS_PER_BLOCK, cfg.users - first), block).run()
+
+
+def simulate(
+    cfg: SimulatorConfig,
+    out: Path | str,
+    *,
+    flush_rows: int = 1_000_000,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> SimulationResult:
+    """Simulate ``cfg`` and write it under ``out``, replacing an earlier simulation there atomically.
+
+    Layout: ``events/day=YYYY-MM-DD/*.parquet`` (the event contract), ``truth/next_day_buy.parquet``
+    (the oracle's next-day purchase probability per user and day), ``manifest.json`` (config, counts).
+
+    Args:
+        cfg: what to simulate.
+        out: output folder; an existing one must be an earlier simulation (it has a manifest).
+        flush_rows: events buffered before a write; bounds memory.
+        on_progress: called with (users done, users in all) after each block.
+
+    Returns:
+        counts, behaviour mix, where it went and how long it took.
+    """
+    out = Path(out)
+    check_replaceable(out, MANIFEST)
+    started = _time.perf_counter()
+    staging = staging_dir_for(out)
+    try:
+        writer = DayPartitionedWriter(staging / "events", cfg.timezone, flush_rows=flush_rows)
+        (staging / "truth").mkdir()
+        truth_writer = pq.ParquetWriter(staging / "truth" / "next_day_buy.parquet", _TRUTH_SCHEMA)
+        counts: Counter = Counter()
+        users_done = 0
+        for events, truth in iter_blocks(cfg):
+            writer.add(events)
+            truth_writer.write_table(truth)
+            kinds, freq = np.unique(
+                events.column("behavior").to_numpy(zero_copy_only=False), return_counts=True
+            )
+            counts.update(dict(zip(kinds.tolist(), freq.tolist(), strict=True)))
+            users_done = min(users_done + USERS_PER_BLOCK, cfg.users)
+            if on_progress:
+                on_progress(users_done, cfg.users)
+        writer.close()
+        truth_writer.close()
+        seconds = _time.perf_counter() - started
+        result = SimulationResult(
+            out=out,
+            events=writer.rows_written,
+            users=cfg.users,
+            days=sorted(writer.days),
+            behavior_counts={b: counts.get(b, 0) for b in BEHAVIORS},
+            files=writer.files_written,
+            seconds=seconds,
+            config=_jsonable_config(cfg),
+        )
+        manifest = {
+            "generator": "shopsight.data.simulator",
+            "config": result.config,
+            "events": result.events,
+            "days": result.days,
+            "behavior_counts": result.behavior_counts,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        publish_dir(staging, out)
+        return result
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _jsonable_config(cfg: SimulatorConfig) -> dict:
+    values = asdict(cfg)
+    values["start"] = cfg.start.isoformat()
+    values["items"], values["categories"] = cfg.n_items, cfg.n_categories
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in values.items()}

@@ -1,0 +1,305 @@
+"""Settings and profiles.
+
+Where a value comes from, highest precedence first::
+
+    CLI (--set key=value, --data-dir)  >  environment (SHOPSIGHT_*)  >  --config YAML file
+        >  profile file (src/shopsight/platform/profiles/<profile>.yaml)  >  field default
+
+The profile itself is chosen by ``--profile``, else ``SHOPSIGHT_PROFILE``, else the ``profile:`` key of
+the config file, else ``local``. Nested keys are dotted on the CLI (``spark.master``) and joined by a
+double underscore in the environment (``SHOPSIGHT_SPARK__MASTER``). Unknown keys are errors wherever
+they appear, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import date
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shopsight.platform._errors import ConfigError
+
+ENV_PREFIX = "SHOPSIGHT_"
+PROFILES = ("local", "cluster")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSettings(_Section):
+    """Event data: the shop's calendar and what readers accept."""
+
+    timezone: str = Field(
+        "Asia/Shanghai",
+        description="Shop-local timezone: it defines calendar days (partitions, snapshots, labels).",
+    )
+    window_start: date = Field(
+        date(2017, 11, 25),
+        description="First shop-local day an event may fall on; earlier ones are quarantined.",
+    )
+    window_end: date = Field(
+        date(2017, 12, 3),
+        description="Last shop-local day (inclusive) an event may fall on; later ones are quarantined.",
+    )
+    batch_rows: int = Field(1_000_000, gt=0, description="Rows a reader or writer holds in memory at once.")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown timezone {value!r}") from exc
+        return value
+
+
+class SparkSettings(_Section):
+    """Where Spark feature jobs run."""
+
+    master: str = Field("local[*]", description="Spark master URL: local[*] or spark://host:7077.")
+    driver_memory: str = Field("2g", description="spark.driver.memory.")
+    shuffle_partitions: int = Field(
+        8, gt=0, description="spark.sql.shuffle.partitions; small data wants few."
+    )
+    bind_address: str = Field("127.0.0.1", description="Address the driver binds to.")
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark configuration, key -> value.")
+
+
+class RaySettings(_Section):
+    """Where Ray Train, Tune and Serve run."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster address (http://head:8265 for jobs); null starts or reuses a local head.",
+    )
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the local head; null lets Ray detect them.")
+    auth_token_path: str | None = Field(
+        None, description="File with the cluster's token (Ray token authentication); null: none."
+    )
+
+
+class FeastSettings(_Section):
+    """The feature store."""
+
+    project: str = Field("shopsight", description="Feast project name.")
+    offline_store: Literal["file", "spark"] = Field("file", description="Offline store backend.")
+    online_store: Literal["sqlite", "redis"] = Field("sqlite", description="Online store backend.")
+    redis_url: str | None = Field(None, description="Redis URL for the redis online store.")
+    registry: str | None = Field(
+        None, description="Registry: null = a file under data_dir; or a SQL URL (postgresql+psycopg://...)."
+    )
+
+
+class MlflowSettings(_Section):
+    """Tracking server and model registry."""
+
+    tracking_uri: str | None = Field(
+        None, description="Tracking server URL; null = a local server under data_dir."
+    )
+    backend_store_uri: str | None = Field(
+        None, description="Server's SQL backend; null = SQLite under data_dir."
+    )
+    artifact_root: str | None = Field(
+        None, description="Server's artifact root; null = a folder under data_dir."
+    )
+    port: int = Field(5000, gt=0, lt=65536, description="Port of the local tracking server.")
+
+
+class ObjectStoreSettings(_Section):
+    """S3-compatible storage shared by the cluster (checkpoints, artifacts, offline store)."""
+
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint, e.g. http://minio:9000; null = local disk."
+    )
+    bucket: str | None = Field(None, description="Bucket for Shopsight's files.")
+
+
+class Settings(_Section):
+    """Everything a Shopsight command needs to know about where it runs."""
+
+    profile: Literal["local", "cluster"] = Field(
+        "local", description="Which profile the values started from."
+    )
+    data_dir: Path = Field(Path(".shopsight"), description="Root of every file the platform writes locally.")
+    data: DataSettings = Field(default_factory=DataSettings)
+    spark: SparkSettings = Field(default_factory=SparkSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    feast: FeastSettings = Field(default_factory=FeastSettings)
+    mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+
+
+@dataclass(frozen=True)
+class ResolvedSettings:
+    """Settings plus, for every leaf key, where its value came from (``default``, ``profile:local``, ...)."""
+
+    settings: Settings
+    sources: dict[str, str]
+
+    def items(self) -> Iterator[tuple[str, Any, str]]:
+        """Yield ``(dotted key, value, source)`` for every leaf setting, in declaration order."""
+        for key, value in _flatten(self.settings.model_dump()).items():
+            yield key, value, self.sources.get(key, "default")
+
+
+def load_settings(
+    profile: str | None = None,
+    config_file: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ResolvedSettings:
+    """Resolve the settings from all sources (see the module docstring for precedence).
+
+    Args:
+        profile: ``local`` or ``cluster``; ``None`` picks it from the environment, the file or the default.
+        config_file: a YAML file with the same nesting as :class:`Settings`.
+        overrides: dotted keys from the CLI, e.g. ``{"spark.master": "local[2]"}``.
+        environ: the environment to read ``SHOPSIGHT_*`` from (default: ``os.environ``).
+
+    Returns:
+        The validated settings and the source of each value.
+
+    Raises:
+        ConfigError: unknown profile or key, unreadable file, or a value of the wrong type.
+    """
+    environ = os.environ if environ is None else environ
+    file_values = _read_yaml(Path(config_file), "config file") if config_file else {}
+    env_values = _env_values(environ)
+    cli_values = _unflatten(dict(overrides or {}), "--set")
+
+    chosen = profile or environ.get(ENV_PREFIX + "PROFILE") or file_values.get("profile") or "local"
+    if chosen not in PROFILES:
+        raise ConfigError(f"unknown profile {chosen!r}: choose one of {', '.join(PROFILES)}")
+    profile_values = _read_yaml(
+        resources.files("shopsight.platform") / "profiles" / f"{chosen}.yaml", "profile"
+    )
+
+    merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    layers = [
+        (f"profile:{chosen}", profile_values),
+        (f"file:{config_file}", file_values),
+        ("env", env_values),
+        ("cli", cli_values),
+    ]
+    for source, values in layers:
+        _deep_merge(merged, values, sources, source, prefix="")
+    merged["profile"] = chosen
+    sources["profile"] = _profile_source(profile, environ, file_values)
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, sources)) from None
+    return ResolvedSettings(settings=settings, sources=sources)
+
+
+def _profile_source(profile: str | None, environ: Mapping[str, str], file_values: Mapping[str, Any]) -> str:
+    if profile:
+        return "cli"
+    if environ.get(ENV_PREFIX + "PROFILE"):
+        return "env:SHOPSIGHT_PROFILE"
+    if file_values.get("profile"):
+        return "file"
+    return "default"
+
+
+def _read_yaml(path: Any, what: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "PROFILE":
+            continue
+        key = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
+        value: Any = raw
+        if raw.startswith("{"):  # mapping-valued settings (spark.conf) come as JSON
+            value = yaml.safe_load(raw)
+        flat[key] = value
+    return _unflatten(flat, "environment variable")
+
+
+def _unflatten(flat: Mapping[str, Any], what: str) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key):
+            raise ConfigError(
+                f"bad setting name {key!r} in {what}: use dotted lowercase keys like spark.master"
+            )
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _deep_merge(
+    target: dict, values: Mapping[str, Any], sources: dict[str, str], source: str, prefix: str
+) -> None:
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if (
+            isinstance(value, Mapping)
+            and isinstance(target.get(key), dict | type(None))
+            and not _is_mapping_field(dotted)
+        ):
+            _deep_merge(target.setdefault(key, {}), value, sources, source, dotted + ".")
+        else:
+            target[key] = value
+            sources[dotted] = (
+                f"env:{ENV_PREFIX}{dotted.upper().replace('.', '__')}" if source == "env" else source
+            )
+
+
+def _is_mapping_field(dotted: str) -> bool:
+    """Keys whose value is itself a mapping (spark.conf): merged whole, not key by key."""
+    return dotted == "spark.conf"
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and not _is_mapping_field(dotted):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _describe_validation_error(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors():
+        dotted = ".".join(str(part) for part in error["loc"])
+        where = sources.get(dotted)
+        origin = f" (from {where})" if where else ""
+        if error["type"] == "extra_forbidden":
+            problems.append(f"unknown setting {dotted!r}{origin}")
+        else:
+            problems.append(f"{dotted}: {error['msg']}{origin}")
+    return "invalid settings: " + "; ".join(problems)
