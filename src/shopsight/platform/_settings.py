@@ -64,6 +64,24 @@ class DataSettings(_Section):
         return value
 
 
+class FeatureSettings(_Section):
+    """Feature jobs: windows, sessions, sequences, segments."""
+
+    windows: tuple[int, ...] = Field(
+        (1, 3, 7), description="Look-back windows in days for windowed features."
+    )
+    session_gap_minutes: int = Field(30, gt=0, description="Inactivity that starts a new session.")
+    sequence_length: int = Field(50, gt=0, le=500, description="Events kept in the user sequence feature.")
+    segments: int = Field(6, ge=2, le=50, description="k of the KMeans user segmentation.")
+
+    @field_validator("windows")
+    @classmethod
+    def _sorted_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(w < 1 for w in value):
+            raise ValueError("windows must be positive day counts")
+        return tuple(sorted(set(value)))
+
+
 class SparkSettings(_Section):
     """Where Spark feature jobs run."""
 
@@ -133,6 +151,7 @@ class Settings(_Section):
     )
     data_dir: Path = Field(Path(".shopsight"), description="Root of every file the platform writes locally.")
     data: DataSettings = Field(default_factory=DataSettings)
+    features: FeatureSettings = Field(default_factory=FeatureSettings)
     spark: SparkSettings = Field(default_factory=SparkSettings)
     ray: RaySettings = Field(default_factory=RaySettings)
     feast: FeastSettings = Field(default_factory=FeastSettings)
@@ -237,7 +256,7 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         key = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
         value: Any = raw
-        if raw.startswith("{"):  # mapping-valued settings (spark.conf) come as JSON
+        if raw.startswith(("{", "[")):  # mappings (spark.conf) and lists (features.windows) come as JSON
             value = yaml.safe_load(raw)
         flat[key] = value
     return _unflatten(flat, "environment variable")

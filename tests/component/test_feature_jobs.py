@@ -1,0 +1,272 @@
+"""Spark feature jobs on the real Taobao sample, checked against an independent pandas computation."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import date, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from shopsight.data import EventReader, TimeWindow
+from shopsight.features.build import TABLES, build_features
+from shopsight.platform import DataSettings, ShopsightError
+
+pytestmark = pytest.mark.spark
+
+TZ = "Asia/Shanghai"
+START, END = date(2017, 11, 25), date(2017, 12, 2)
+WINDOWS = (1, 3, 7)
+
+
+@pytest.fixture(scope="module")
+def built(spark, taobao_sample, tmp_path_factory, make_settings):
+    settings = make_settings(tmp_path_factory.mktemp("features"))
+    result = build_features(settings, taobao_sample, START, END)
+    return settings, result
+
+
+@pytest.fixture(scope="module")
+def raw(taobao_sample):
+    """The sample's rows inside Taobao's window, straight from the CSV (no shopsight code)."""
+    df = pd.read_csv(taobao_sample, names=["user_id", "item_id", "category_id", "behavior", "ts"])
+    window = TimeWindow.from_settings(DataSettings())
+    lo, hi = window.bounds_seconds()
+    df = df[(df.ts >= lo) & (df.ts < hi)].copy()
+    df["local"] = pd.to_datetime(df.ts, unit="s", utc=True).dt.tz_convert(TZ)
+    df["day"] = df["local"].dt.date
+    return df.sort_values(["user_id", "ts", "item_id", "behavior"], kind="stable").reset_index(drop=True)
+
+
+def _table(settings, name):
+    return pd.read_parquet(settings.data_dir.absolute() / "features" / name)
+
+
+def _snapshot_seconds(day: date) -> int:
+    return int(pd.Timestamp(day + timedelta(days=1), tz=TZ).timestamp())
+
+
+def _expected_activity(user_events: pd.DataFrame, day: date) -> dict:
+    ev = user_events[user_events.day <= day].copy()
+    gap = ev.ts.diff()
+    ev["start"] = gap.isna() | (gap > 30 * 60)
+    out = {}
+    for w in WINDOWS:
+        win = ev[ev.day > day - timedelta(days=w)]
+        for b in ("pv", "cart", "fav", "buy"):
+            out[f"n_{b}_{w}d"] = int((win.behavior == b).sum())
+        out[f"n_items_{w}d"] = win.item_id.nunique()
+        out[f"n_categories_{w}d"] = win.category_id.nunique()
+        out[f"active_days_{w}d"] = win.day.nunique()
+        sessions = int(win.start.sum())
+        out[f"n_sessions_{w}d"] = sessions
+        out[f"mean_session_events_{w}d"] = len(win) / sessions if sessions else 0.0
+        out[f"cvr_buy_pv_{w}d"] = (out[f"n_buy_{w}d"] + 1) / (out[f"n_pv_{w}d"] + 45)
+        out[f"cvr_buy_cart_{w}d"] = (out[f"n_buy_{w}d"] + 1.1) / (out[f"n_cart_{w}d"] + 3)
+    snapshot = _snapshot_seconds(day)
+    for b in ("pv", "cart", "fav", "buy"):
+        last = ev.loc[ev.behavior == b, "ts"].max()
+        out[f"hours_since_{b}"] = None if pd.isna(last) else (snapshot - last) / 3600
+    wide = ev[ev.day > day - timedelta(days=7)]
+    hours = wide.local.dt.hour
+    for name, lo, hi in (("night", 0, 6), ("morning", 6, 12), ("afternoon", 12, 18), ("evening", 18, 24)):
+        out[f"share_{name}"] = ((hours >= lo) & (hours < hi)).mean() if len(wide) else 0.0
+    counts = wide.groupby("category_id").size().reset_index(name="n")
+    counts = counts.sort_values(["n", "category_id"], ascending=[False, True])
+    out["top_categories"] = counts.category_id.head(3).tolist()
+    out["top_category_share"] = counts.n.iloc[0] / len(wide) if len(wide) else 0.0
+    # carted and not bought since (same-second ties: the buy sorts first, as in the event order)
+    funnel = ev[ev.behavior.isin(["cart", "buy"])].sort_values(["ts", "behavior"])
+    open_items = set()
+    for row in funnel.itertuples():
+        (open_items.add if row.behavior == "cart" else open_items.discard)(row.item_id)
+    out["n_carted_not_bought"] = len(open_items)
+    return out
+
+
+def _pick_users(raw: pd.DataFrame) -> list[int]:
+    per_user = raw.groupby("user_id").agg(n=("ts", "size"), buys=("behavior", lambda b: (b == "buy").sum()))
+    heavy = per_user.n.idxmax()
+    light = per_user.n.idxmin()
+    buyer = per_user[per_user.buys > 1].n.idxmax()
+    carter = raw[raw.behavior == "cart"].user_id.value_counts().index[0]
+    return sorted({int(heavy), int(light), int(buyer), int(carter), int(per_user.index[len(per_user) // 2])})
+
+
+def test_user_activity_equals_an_independent_computation(built, raw):
+    settings, _ = built
+    activity = _table(settings, "user_activity")
+    users = _pick_users(raw)
+    checked = 0
+    for user in users:
+        events = raw[raw.user_id == user]
+        for day in (START, date(2017, 11, 28), END):
+            row = activity[
+                (activity.user_id == user) & (activity.snapshot_day.astype(str) == day.isoformat())
+            ]
+            if events.day.min() > day:
+                assert row.empty, f"user {user} has a row before their first event"
+                continue
+            assert len(row) == 1
+            row = row.iloc[0]
+            for key, want in _expected_activity(events, day).items():
+                got = row[key]
+                if want is None:
+                    assert pd.isna(got), (user, day, key)
+                elif isinstance(want, list):
+                    assert list(got) == want, (user, day, key)
+                else:
+                    assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (user, day, key, got, want)
+            checked += 1
+    assert checked >= 10
+
+
+def test_user_sequence_is_the_last_50_events_before_the_snapshot(built, raw):
+    settings, _ = built
+    seq = _table(settings, "user_sequence")
+    for user in _pick_users(raw):
+        events = raw[raw.user_id == user]
+        for day in (START, date(2017, 11, 29), END):
+            before = events[events.day <= day].tail(50)
+            row = seq[(seq.user_id == user) & (seq.snapshot_day.astype(str) == day.isoformat())]
+            if before.empty:
+                assert row.empty
+                continue
+            row = row.iloc[0]
+            assert list(row.seq_item_ids) == before.item_id.tolist()
+            assert list(row.seq_category_ids) == before.category_id.tolist()
+            assert list(row.seq_behaviors) == before.behavior.tolist()
+            assert list(row.seq_ts) == before.ts.tolist()
+            assert row.seq_length == len(before)
+
+
+def test_no_leakage_and_labels_from_the_next_day_only(built, raw):
+    settings, _ = built
+    seq = _table(settings, "user_sequence")
+    snapshot = seq.snapshot_ts.map(lambda t: t.timestamp())
+    assert all(max(ts) < s for ts, s in zip(seq.seq_ts, snapshot, strict=True))
+    activity = _table(settings, "user_activity")
+    for b in ("pv", "cart", "fav", "buy"):
+        assert (activity[f"hours_since_{b}"].dropna() > 0).all()
+
+    labels = _table(settings, "labels")
+    buy_days = set(
+        zip(raw.loc[raw.behavior == "buy", "user_id"], raw.loc[raw.behavior == "buy", "day"], strict=True)
+    )
+    first_day = raw.groupby("user_id").day.min()
+    expected = {
+        (u, d): (u, d + timedelta(days=1)) in buy_days
+        for u, first in first_day.items()
+        for d in (START + timedelta(days=i) for i in range((END - START).days + 1))
+        if first <= d
+    }
+    got = {
+        (r.user_id, date.fromisoformat(str(r.snapshot_day))): bool(r.buy_next_1d) for r in labels.itertuples()
+    }
+    assert got == expected
+    assert 0.05 < np.mean(list(got.values())) < 0.5
+
+
+def test_item_and_category_stats(built, raw):
+    settings, _ = built
+    items = _table(settings, "item_stats")
+    top_item = raw.item_id.value_counts().index[0]
+    day = date(2017, 12, 1)
+    row = items[(items.item_id == top_item) & (items.snapshot_day.astype(str) == day.isoformat())].iloc[0]
+    for w in WINDOWS:
+        win = raw[(raw.item_id == top_item) & (raw.day <= day) & (raw.day > day - timedelta(days=w))]
+        assert row[f"n_pv_{w}d"] == (win.behavior == "pv").sum()
+        assert row[f"n_users_{w}d"] == win.user_id.nunique()
+    assert row.category_id == raw.loc[raw.item_id == top_item, "category_id"].iloc[0]
+    cats = _table(settings, "category_stats")
+    top_cat = raw.category_id.value_counts().index[0]
+    crow = cats[(cats.category_id == top_cat) & (cats.snapshot_day.astype(str) == day.isoformat())].iloc[0]
+    win = raw[(raw.category_id == top_cat) & (raw.day <= day) & (raw.day > day - timedelta(days=7))]
+    assert crow.n_buy_7d == (win.behavior == "buy").sum()
+    assert crow.cvr_buy_pv_7d == pytest.approx(
+        ((win.behavior == "buy").sum() + 1) / ((win.behavior == "pv").sum() + 45)
+    )
+
+
+def test_segments_and_profile(built):
+    settings, result = built
+    segments = _table(settings, "user_segment")
+    profile = _table(settings, "segment_profile")
+    last = segments[segments.snapshot_day.astype(str) == END.isoformat()]
+    assert set(last.segment_id) == set(profile.segment_id)
+    assert profile["size"].sum() == len(last)
+    assert (
+        last.segment_id.value_counts().sort_index().tolist()
+        == profile.sort_values("segment_id")["size"].tolist()
+    )
+    assert -1.0 <= result.silhouette <= 1.0 and result.silhouette > 0.1
+    # the portrait separates light and heavy users
+    assert profile.mean_n_pv_7d.max() > 3 * profile.mean_n_pv_7d.min()
+
+
+def test_build_result_counts_rows_and_quarantine(built):
+    settings, result = built
+    assert result.days == [(START + timedelta(days=i)).isoformat() for i in range(8)]
+    assert result.events_rejected == {"out_of_window": 4} and result.events_read == 10_000
+    for name in TABLES:
+        assert result.rows[name] == len(_table(settings, name)) > 0
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*.parquet"))
+    }
+
+
+def test_rerunning_a_day_is_byte_identical_and_leaves_other_days(
+    spark, taobao_sample, tmp_path, make_settings
+):
+    settings = make_settings(tmp_path)
+    out = tmp_path / "features"
+    build_features(settings, taobao_sample, date(2017, 11, 30), date(2017, 12, 1))
+    before = _digest(out)
+    inodes = {p: p.stat().st_ino for p in out.rglob("snapshot_day=2017-11-30/*.parquet")}
+    build_features(settings, taobao_sample, date(2017, 12, 1), date(2017, 12, 1))
+    assert _digest(out) == before
+    assert {
+        p: p.stat().st_ino for p in out.rglob("snapshot_day=2017-11-30/*.parquet")
+    } == inodes  # not rewritten
+
+    def crash(step):
+        if step.startswith("publishing"):
+            raise RuntimeError("killed before publishing")
+
+    with pytest.raises(RuntimeError):
+        build_features(settings, taobao_sample, date(2017, 12, 1), date(2017, 12, 1), on_step=crash)
+    assert _digest(out) == before
+    assert not list(out.glob(".staging-*"))
+
+
+def test_bad_input_is_reported_clearly(spark, taobao_sample, tmp_path, make_settings):
+    settings = make_settings(tmp_path)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(ShopsightError, match="empty"):
+        build_features(settings, empty, START, END)
+    with pytest.raises(ShopsightError, match="before --start"):
+        build_features(settings, taobao_sample, END, START)
+
+    # malformed rows are quarantined and counted; a day without any event still gets rows
+    lines = taobao_sample.read_text().splitlines()
+    kept = [line for line in lines if not (1511798400 <= int(line.split(",")[4]) < 1511884800)]  # drop 11-28
+    bad = tmp_path / "mixed.csv"
+    bad.write_text(
+        "\n".join(kept[:4000] + ["1,2,3,pv", "x,2,3,pv,1511600000", "1,2,3,like,1511600000"]) + "\n"
+    )
+    result = build_features(settings, bad, date(2017, 11, 27), date(2017, 11, 29))
+    assert result.events_rejected["wrong_field_count"] == 1
+    assert result.events_rejected["non_numeric_id"] == 1 and result.events_rejected["unknown_behavior"] == 1
+    assert result.quarantine.exists()
+    activity = pd.read_parquet(tmp_path / "features" / "user_activity")
+    quiet = activity[activity.snapshot_day.astype(str) == "2017-11-28"]
+    assert len(quiet) > 0 and (quiet.n_pv_1d == 0).all() and (quiet.active_days_1d == 0).all()
+    reader = EventReader(bad, window=TimeWindow.from_settings(settings.data))
+    assert result.events_read == sum(t.num_rows for t in reader) + sum(reader.report.rejected.values())
