@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shopsight import __version__
-from shopsight.cli import config, data
+from shopsight.cli import config, data, features
 from shopsight.cli._context import CliState, parse_overrides
 from shopsight.cli._planned import planned_groups
 from shopsight.cli.demo import demo
@@ -61,6 +61,7 @@ def root(
 
 
 app.add_typer(data.app, name="data")
+app.add_typer(features.app, name="features")
 app.add_typer(config.app, name="config")
 for _name, _group in planned_groups().items():
     app.add_typer(_group, name=_name)

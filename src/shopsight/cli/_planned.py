@@ -5,8 +5,6 @@ from __future__ import annotations
 import typer
 
 _PLANNED = {
-    "features": "Build Spark features, manage the Feast repository (apply, materialize, list, describe), "
-    "training sets, the feature server and pushes.",
     "train": "Train a model (sasrec, lstm, gan) with Ray Train, tracked in MLflow.",
     "tune": "Sweep a model's hyperparameters with Ray Tune (Optuna search, ASHA), "
     "one MLflow child run per trial.",

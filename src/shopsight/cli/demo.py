@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated
 
 import typer
@@ -18,7 +19,11 @@ def demo(
     days: Annotated[int, typer.Option(min=2, help="Simulated days.")] = 9,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Run the pipeline end to end on this machine: simulate events, validate them, summarise."""
+    """Run the pipeline end to end on this machine: simulate and validate events, build features,
+    register and materialise them in Feast, and look one user up online."""
+    from shopsight.cli.features import print_online, run_build
+    from shopsight.features import store
+
     settings = state(ctx).settings
     watch = Stopwatch()
     out = settings.data_dir / "demo" / "simulated"
@@ -29,21 +34,37 @@ def demo(
     print_simulation_summary(result)
 
     console.rule("[bold]2. data: validate the events against the contract")
-    window = TimeWindow.from_days(
-        cfg.start, cfg.start.fromordinal(cfg.start.toordinal() + days - 1), cfg.timezone
-    )
+    last_day = cfg.start + timedelta(days=days - 1)
+    window = TimeWindow.from_days(cfg.start, last_day, cfg.timezone)
     quarantine = settings.data_dir / "demo" / "quarantine" / "simulated.rejected.csv"
     report, stats, seconds = validate_events(
         out / "events", "parquet", window, quarantine, settings.data.batch_rows
     )
     print_validation(report, stats, window, seconds)
 
+    console.rule("[bold]3. features: Spark feature jobs")
+    # every day but the last gets a snapshot; the last day provides the last snapshot's labels
+    build = run_build(settings, out / "events", cfg.start, last_day - timedelta(days=1))
+
+    console.rule("[bold]4. features: register in Feast and materialise online")
+    store.apply(settings)
+    with console.status("materialising"):
+        store.materialize(settings)
+    from shopsight.cli.features import list_command
+
+    list_command(ctx)
+    user = int(stats.events_per_user.most_common(1)[0][0])
+    console.print(f"Online features of user {user} (feature service user_profile_v1):")
+    print_online(store.online_features(settings, "user_profile_v1", [{"user_id": user}]))
+
     print_summary(
         "Demo finished",
         {
             "events": f"{result.events:,} in {out / 'events'}",
             "rejected rows": f"{report.rows_rejected:,}",
-            "next stages": "features, training, serving arrive with the next issues",
+            "features": f"{sum(build.rows.values()):,} rows in {build.out}",
+            "feature store": f"{settings.data_dir / 'feast'} ({settings.feast.online_store} online store)",
+            "next stages": "training and serving arrive with the next issues",
             "took": f"{watch.seconds:.1f} s",
         },
     )

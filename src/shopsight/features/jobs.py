@@ -355,13 +355,22 @@ def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7
 
     w = max(windows)
     raw = [f"n_{b}_{w}d" for b in BEHAVIORS] + [
-        f"n_items_{w}d", f"n_categories_{w}d", f"active_days_{w}d", f"n_sessions_{w}d", "n_carted_not_bought",
-    ]  # fmt: skip
+        f"n_items_{w}d",
+        f"n_categories_{w}d",
+        f"active_days_{w}d",
+        f"n_sessions_{w}d",
+        "n_carted_not_bought",
+    ]
     rates = [f"cvr_buy_pv_{w}d", "share_evening"]
     logged = activity.select(
-        USER_ID, SNAPSHOT_DAY, SNAPSHOT_TS, CREATED_TS, *raw, *rates,
+        USER_ID,
+        SNAPSHOT_DAY,
+        SNAPSHOT_TS,
+        CREATED_TS,
+        *raw,
+        *rates,
         *[F.log1p(c).alias(f"_log_{c}") for c in raw],
-    )  # fmt: skip
+    )
     last_day = activity.agg(F.max(SNAPSHOT_DAY)).first()[0]
     last = logged.filter(F.col(SNAPSHOT_DAY) == F.lit(last_day))
     k = max(2, min(k, last.count()))

@@ -1,0 +1,242 @@
+"""`shopsight features`: build features with Spark, manage the Feast repository, look features up."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shopsight.cli._context import state
+from shopsight.platform import Settings, Stopwatch, console, print_summary
+
+app = typer.Typer(
+    help="Build Spark features, manage the Feast repository (apply, materialize, list, describe), "
+    "training sets, the feature server and pushes.",
+    no_args_is_help=True,
+)
+
+
+def _day(text: str, option: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a day (YYYY-MM-DD)", param_hint=option) from None
+
+
+@app.command("build")
+def build_command(
+    ctx: typer.Context,
+    events: Annotated[Path, typer.Option(help="Events: a day-partitioned parquet folder or a Taobao CSV.")],
+    start: Annotated[str, typer.Option(help="First snapshot day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last snapshot day, YYYY-MM-DD (inclusive).")],
+    format: Annotated[str, typer.Option("--format", help="taobao | sasrec | parquet | auto.")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: <data_dir>/features].")] = None,
+) -> None:
+    """Compute daily feature snapshots with Spark: activity, sequence, item/category stats, segments."""
+    settings = state(ctx).settings
+    run_build(settings, events, _day(start, "--start"), _day(end, "--end"), format=format, out=out)
+
+
+def run_build(settings: Settings, events: Path, start: date, end: date, format: str = "auto", out=None):
+    from shopsight.features.build import build_features
+
+    with console.status("building features") as status:
+        result = build_features(
+            settings, events, start, end, out=out, format=format, on_step=lambda step: status.update(step)
+        )
+    table = Table(title="User segments (portrait, last snapshot day)", title_justify="left")
+    for column in ("segment", "users", "views 7d", "buys 7d", "active days 7d", "carted, not bought"):
+        table.add_column(column, justify="right")
+    w = max(settings.features.windows)
+    for seg in result.segment_profile:
+        table.add_row(
+            str(seg["segment_id"]),
+            str(seg["size"]),
+            f"{seg[f'mean_n_pv_{w}d']:.1f}",
+            f"{seg[f'mean_n_buy_{w}d']:.2f}",
+            f"{seg[f'mean_active_days_{w}d']:.1f}",
+            f"{seg['mean_n_carted_not_bought']:.1f}",
+        )
+    console.print(table)
+    rejected = sum(result.events_rejected.values())
+    print_summary(
+        "Features built",
+        {
+            "snapshot days": f"{result.days[0]} .. {result.days[-1]} ({len(result.days)})",
+            "rows": ", ".join(f"{name} {rows:,}" for name, rows in result.rows.items()),
+            "events read": f"{result.events_read:,} ({rejected:,} rejected"
+            + (f" -> {result.quarantine})" if result.quarantine else ")"),
+            "segments": f"{len(result.segment_profile)}, silhouette {result.silhouette:.3f}",
+            "written to": str(result.out),
+            "took": f"{result.seconds:.1f} s",
+        },
+    )
+    return result
+
+
+@app.command("apply")
+def apply_command(ctx: typer.Context) -> None:
+    """Register the feature repository (entities, views, services) with Feast."""
+    from shopsight.features import store
+
+    watch = Stopwatch()
+    names = store.apply(state(ctx).settings)
+    print_summary(
+        "Feature repository applied", {"objects": ", ".join(names), "took": f"{watch.seconds:.1f} s"}
+    )
+
+
+@app.command("materialize")
+def materialize_command(
+    ctx: typer.Context,
+    incremental: Annotated[
+        bool, typer.Option(help="Only what is new since the last materialisation.")
+    ] = False,
+) -> None:
+    """Load the offline feature rows into the online store."""
+    from shopsight.features import store
+
+    settings = state(ctx).settings
+    watch = Stopwatch()
+    with console.status("materialising"):
+        views = store.materialize(settings, incremental=incremental)
+    print_summary(
+        "Materialised",
+        {
+            "views": ", ".join(views),
+            "online store": settings.feast.online_store,
+            "took": f"{watch.seconds:.1f} s",
+        },
+    )
+
+
+@app.command("list")
+def list_command(ctx: typer.Context) -> None:
+    """The catalog: feature views and services, owners, online freshness."""
+    from shopsight.features import store
+
+    table = Table(title="Feature catalog", title_justify="left")
+    for column in ("name", "kind", "entities", "fields", "owner", "online until"):
+        table.add_column(column, no_wrap=True)
+    for entry in store.catalog(state(ctx).settings):
+        fresh = entry.fresh_until.strftime("%Y-%m-%d %H:%M") if entry.fresh_until else "-"
+        table.add_row(
+            entry.name,
+            entry.kind,
+            ", ".join(entry.entities),
+            str(len(entry.fields)),
+            entry.owner,
+            fresh if entry.online else "offline only",
+        )
+    console.print(table)
+
+
+@app.command("describe")
+def describe_command(
+    ctx: typer.Context, name: Annotated[str, typer.Argument(help="A feature view or service.")]
+):
+    """One view or service: each field's type, owner and description."""
+    from shopsight.features import store
+
+    entry = store.describe(state(ctx).settings, name)
+    console.print(
+        f"[bold]{entry.name}[/bold] ({entry.kind}; entities: {', '.join(entry.entities)}; "
+        f"owner: {entry.owner})\n{entry.description}"
+    )
+    table = Table(show_header=True)
+    for column in ("field", "type", "owner", "description"):
+        table.add_column(column, overflow="fold")
+    for field in entry.fields:
+        table.add_row(field.name, field.dtype, field.owner, field.description)
+    console.print(table)
+
+
+@app.command("training-set")
+def training_set_command(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Option(help="Feature service, e.g. purchase_propensity_v1.")],
+    start: Annotated[str, typer.Option(help="First snapshot day.")],
+    end: Annotated[str, typer.Option(help="Last snapshot day (inclusive).")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+) -> None:
+    """A point-in-time correct training set: labels of each (user, snapshot) with the features as of then."""
+    from shopsight.features import store
+
+    watch = Stopwatch()
+    with console.status("point-in-time join"):
+        path, rows = store.training_set(
+            state(ctx).settings, service, _day(start, "--start"), _day(end, "--end"), out
+        )
+    print_summary(
+        "Training set", {"rows": f"{rows:,}", "written to": str(path), "took": f"{watch.seconds:.1f} s"}
+    )
+
+
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 6566,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
+) -> None:
+    """Run Feast's HTTP feature server (POST /get-online-features); see shopsight.features.client."""
+    from shopsight.features import store
+
+    console.print(f"feature server on http://{host}:{port} (POST /get-online-features); Ctrl-C stops it")
+    store.serve(state(ctx).settings, host=host, port=port, workers=workers)
+
+
+@app.command("push")
+def push_command(
+    ctx: typer.Context,
+    events: Annotated[Path, typer.Argument(help="New events (any supported format).")],
+    format: Annotated[str, typer.Option("--format", help="taobao | sasrec | parquet | auto.")] = "auto",
+) -> None:
+    """Fold new events into the online user sequence and activity, without a batch run."""
+    from shopsight.features.push import push_events
+
+    watch = Stopwatch()
+    result = push_events(state(ctx).settings, events, format)
+    print_summary(
+        "Pushed",
+        {
+            "events": f"{result.events:,} of {result.users:,} users",
+            "rejected": f"{sum(result.rejected.values()):,}",
+            "took": f"{watch.seconds:.1f} s",
+        },
+    )
+
+
+@app.command("get")
+def get_command(
+    ctx: typer.Context,
+    service: Annotated[str, typer.Argument(help="Feature service.")],
+    user_ids: Annotated[list[int], typer.Argument(help="User ids.")],
+) -> None:
+    """Print a feature service's online values for some users (through the Python SDK)."""
+    from shopsight.features import store
+
+    values = store.online_features(state(ctx).settings, service, [{"user_id": u} for u in user_ids])
+    print_online(values)
+
+
+def print_online(values: dict[str, list]) -> None:
+    table = Table(title="Online features", title_justify="left")
+    table.add_column("feature", style="cyan")
+    users = values.get("user_id", [])
+    for user in users:
+        table.add_column(f"user {user}", overflow="fold")
+    for name in sorted(k for k in values if k != "user_id"):
+        table.add_row(name, *(_short(v) for v in values[name]))
+    console.print(table)
+
+
+def _short(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list) and len(value) > 6:
+        return f"[..., {', '.join(map(str, value[-6:]))}] ({len(value)})"
+    return "null" if value is None else str(value)

@@ -1,0 +1,277 @@
+"""The Feast feature store of a profile: apply, materialise, catalog, training sets, lookups, pushes.
+
+The store is configured in code from the settings (no feature_store.yaml to keep in sync):
+``local``: registry file, file offline store, SQLite online store, all under ``<data_dir>/feast``;
+``cluster``: SQL registry (PostgreSQL), Spark offline store, Redis online store.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from shopsight.data.schema import USER_ID
+from shopsight.features.jobs import SNAPSHOT_TS
+from shopsight.platform import ConfigError, Settings, ShopsightError
+
+# Dask, under Feast's file offline store, warns on every call about a pandas downcast it does itself.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"dask\..*")
+
+
+def feast_dir(settings: Settings) -> Path:
+    return Path(settings.data_dir).absolute() / "feast"
+
+
+def repo_config(settings: Settings):
+    """Feast's RepoConfig for the profile's stores."""
+    from feast.repo_config import RepoConfig
+
+    folder = feast_dir(settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    feast = settings.feast
+    if feast.registry and "://" in feast.registry:
+        registry: Any = {"registry_type": "sql", "path": feast.registry, "cache_ttl_seconds": 60}
+    else:
+        registry = feast.registry or str(folder / "registry.db")
+    if feast.online_store == "redis":
+        if not feast.redis_url:
+            raise ConfigError("feast.online_store is redis but feast.redis_url is not set")
+        online: dict = {"type": "redis", "connection_string": redis_connection_string(feast.redis_url)}
+    else:
+        online = {"type": "sqlite", "path": str(folder / "online.db")}
+    offline: dict = {"type": "file"}
+    if feast.offline_store == "spark":
+        offline = {"type": "spark", "spark_conf": {"spark.master": settings.spark.master}}
+    return RepoConfig(
+        project=feast.project,
+        provider="local",
+        registry=registry,
+        offline_store=offline,
+        online_store=online,
+        entity_key_serialization_version=3,
+        repo_path=str(folder),
+    )
+
+
+def redis_connection_string(url: str) -> str:
+    """``redis://host:port/db`` -> Feast's ``host:port,db=N`` (with the password, if any)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        raise ConfigError(f"feast.redis_url {url!r} is not a redis:// URL")
+    parts = [f"{parsed.hostname}:{parsed.port or 6379}"]
+    db = parsed.path.strip("/")
+    if db:
+        parts.append(f"db={db}")
+    if parsed.password:
+        parts.append(f"password={parsed.password}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    return ",".join(parts)
+
+
+def feature_store(settings: Settings):
+    """The profile's FeatureStore."""
+    from feast import FeatureStore
+
+    _read_sources_as_one_partition()
+    return FeatureStore(config=repo_config(settings))
+
+
+def _read_sources_as_one_partition() -> None:
+    """Work around Feast 0.67's file offline store on folder sources.
+
+    With a multi-file source, a point-in-time join whose entity rows include an entity absent from the
+    source raises ``NotImplementedError: Divisions calculation failed``; reading each source as one dask
+    partition avoids it (our daily snapshots are small per day, and dask still streams the files).
+    """
+    import feast.infra.offline_stores.dask as feast_dask
+
+    if getattr(feast_dask._read_datasource, "_shopsight_patched", False):
+        return
+    original = feast_dask._read_datasource
+
+    def read_one_partition(data_source, repo_path):
+        return original(data_source, repo_path).repartition(npartitions=1)
+
+    read_one_partition._shopsight_patched = True  # type: ignore[attr-defined]
+    feast_dask._read_datasource = read_one_partition
+
+
+def apply(settings: Settings) -> list[str]:
+    """Register the repository's objects; returns the names of the feature views and services."""
+    from shopsight.features.definitions import repository
+
+    objects = repository(settings)
+    feature_store(settings).apply(objects)
+    return [o.name for o in objects if type(o).__name__ in ("FeatureView", "FeatureService")]
+
+
+def materialize(
+    settings: Settings, start: datetime | None = None, end: datetime | None = None, *, incremental=False
+):
+    """Load offline rows into the online store; returns ``{view: rows}`` read from the online store after.
+
+    Without ``start``, the range is everything the offline store holds (the first materialisation)
+    or, with ``incremental``, everything since the last one.
+    """
+    store = feature_store(settings)
+    end = end or datetime.now(UTC)
+    views = [fv.name for fv in store.list_feature_views() if fv.online]
+    if incremental and all(store.get_feature_view(v).most_recent_end_time for v in views):
+        store.materialize_incremental(end_date=end, feature_views=views)
+    else:
+        # Feast's first incremental run starts at now - ttl, which misses older snapshots: go full.
+        store.materialize(
+            start_date=start or datetime(1970, 1, 1, tzinfo=UTC), end_date=end, feature_views=views
+        )
+    return views
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    name: str
+    dtype: str
+    description: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class ViewInfo:
+    name: str
+    kind: str  # "feature view" or "feature service"
+    entities: list[str]
+    description: str
+    owner: str
+    fields: list[FieldInfo]
+    online: bool
+    fresh_until: datetime | None  # the end of the last materialisation
+
+
+def catalog(settings: Settings) -> list[ViewInfo]:
+    """Every feature view and service: fields, types, owners, descriptions, online freshness."""
+    store = feature_store(settings)
+    views = {}
+    for fv in store.list_feature_views():
+        views[fv.name] = ViewInfo(
+            name=fv.name,
+            kind="feature view",
+            entities=[c.name for c in fv.entity_columns],
+            description=fv.description,
+            owner=fv.tags.get("owner", ""),
+            fields=[
+                FieldInfo(f.name, str(f.dtype), f.description, f.tags.get("owner", "")) for f in fv.features
+            ],
+            online=fv.online,
+            fresh_until=fv.most_recent_end_time,
+        )
+    services = []
+    for service in store.list_feature_services():
+        fields = []
+        for projection in service.feature_view_projections:
+            fields += [
+                FieldInfo(f"{projection.name}:{f.name}", str(f.dtype), f.description, f.tags.get("owner", ""))
+                for f in projection.features
+            ]
+        parts = [views[p.name] for p in service.feature_view_projections if p.name in views]
+        services.append(
+            ViewInfo(
+                name=service.name,
+                kind="feature service",
+                entities=sorted({e for v in parts for e in v.entities}),
+                description=service.description,
+                owner=service.tags.get("owner", ""),
+                fields=fields,
+                online=all(v.online for v in parts),
+                fresh_until=min((v.fresh_until for v in parts if v.fresh_until), default=None),
+            )
+        )
+    return [*views.values(), *services]
+
+
+def describe(settings: Settings, name: str) -> ViewInfo:
+    """One view or service of the catalog; ShopsightError naming the known ones if there is none."""
+    entries = catalog(settings)
+    for entry in entries:
+        if entry.name == name:
+            return entry
+    known = ", ".join(sorted(e.name for e in entries)) or "none: run `shopsight features apply`"
+    raise ShopsightError(f"no feature view or service named {name!r}; known: {known}")
+
+
+def _service(store, name: str):
+    from feast.errors import FeatureServiceNotFoundException
+
+    try:
+        return store.get_feature_service(name)
+    except FeatureServiceNotFoundException:
+        known = ", ".join(sorted(s.name for s in store.list_feature_services())) or "none"
+        raise ShopsightError(f"unknown feature service {name!r}; known: {known}") from None
+
+
+def online_features(settings: Settings, service: str, entity_rows: list[dict], store=None) -> dict[str, list]:
+    """Online values of a feature service for entity rows, as ``{column: [values]}``."""
+    store = store or feature_store(settings)
+    return store.get_online_features(features=_service(store, service), entity_rows=entity_rows).to_dict()
+
+
+def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:
+    """Point-in-time join of a feature service onto ``entity_df`` (``event_timestamp`` + join keys).
+
+    Unlike Feast 0.67's file offline store, every entity row comes back, in the input order: Feast drops
+    rows that have no feature row within the TTL and, asked for several views at once, loses all their
+    features with them; so each view is joined separately and merged back on a row id.
+    """
+    fs = _service(store, service)
+    rows = entity_df.reset_index(drop=True).copy()
+    rows["__row"] = range(len(rows))
+    result = rows
+    for projection in fs.feature_view_projections:
+        refs = [f"{projection.name_to_use()}:{f.name}" for f in projection.features]
+        frame = store.get_historical_features(entity_df=rows, features=refs).to_df()
+        new = [c for c in frame.columns if c not in rows.columns]
+        result = result.merge(frame[["__row", *new]], on="__row", how="left")
+    return result.sort_values("__row").drop(columns="__row").reset_index(drop=True)
+
+
+def training_set(settings: Settings, service: str, start: date, end: date, out: Path) -> tuple[Path, int]:
+    """A point-in-time correct training set: label rows (user, snapshot time) of ``start`` .. ``end``
+    joined with the service's features as they were at each snapshot. Written as one parquet file.
+    """
+    labels_path = Path(settings.data_dir).absolute() / "features" / "labels"
+    if not labels_path.exists():
+        raise ShopsightError(f"no labels under {labels_path}: run `shopsight features build` first")
+    store = feature_store(settings)
+    _service(store, service)  # fail early on an unknown name
+    labels = pd.read_parquet(labels_path)
+    day = pd.to_datetime(labels["snapshot_day"].astype(str)).dt.date
+    labels = labels[(day >= start) & (day <= end)]
+    if labels.empty:
+        raise ShopsightError(f"no labelled snapshot days between {start} and {end} under {labels_path}")
+    entity_df = labels[[USER_ID, SNAPSHOT_TS, "buy_next_1d"]].rename(columns={SNAPSHOT_TS: "event_timestamp"})
+    frame = historical_features(store, entity_df, service)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    frame.to_parquet(partial, index=False, coerce_timestamps="us", allow_truncated_timestamps=True)
+    partial.replace(out)
+    return out, len(frame)
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 6566, workers: int = 1) -> None:
+    """Run Feast's HTTP feature server for the repository (blocks until stopped)."""
+    feature_store(settings).serve(
+        host=host, port=port, type_="http", no_access_log=True, workers=workers, registry_ttl_sec=5
+    )
+
+
+def to_snapshot_ts(day: date, timezone: str) -> datetime:
+    """The snapshot time of day D: the first instant of D+1, shop-local, as UTC."""
+    from zoneinfo import ZoneInfo
+
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), ZoneInfo(timezone)).astimezone(UTC)
