@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint setup java clean help
+.PHONY: demo test bench lint setup java services clean help
 
 help:
 	@echo "make demo   - set up and run the whole pipeline on the embedded default (local Spark, Ray, Feast, MLflow)"
@@ -40,14 +40,26 @@ java:
 		fi; \
 	fi
 
+# Servers the tests start themselves on loopback (Redis for the online store).
+services:
+	@command -v redis-server >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "redis-server not found; installing it"; \
+			apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
+			service redis-server stop >/dev/null 2>&1 || true; \
+		else \
+			echo "warning: redis-server not found; Redis tests will skip (install redis-server)" >&2; \
+		fi; }
+
 demo: setup
 	$(BIN)/shopsight demo
 
-test: setup
+test: setup services
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-bench: setup
+bench: setup services
 	$(BIN)/python -m benchmarks.bench_simulator
+	$(BIN)/python -m benchmarks.bench_features
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

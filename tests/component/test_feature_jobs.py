@@ -22,10 +22,8 @@ WINDOWS = (1, 3, 7)
 
 
 @pytest.fixture(scope="module")
-def built(spark, taobao_sample, tmp_path_factory, make_settings):
-    settings = make_settings(tmp_path_factory.mktemp("features"))
-    result = build_features(settings, taobao_sample, START, END)
-    return settings, result
+def built(taobao_features):
+    return taobao_features
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,201 @@
+"""The Feast store over the real build: online equals offline in SQLite and Redis, point-in-time training
+sets, the HTTP feature server, pushes, and clear errors."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import date
+
+import pandas as pd
+import pytest
+
+from shopsight.features import store
+from shopsight.features.client import FeatureClient
+from shopsight.platform import ShopsightError
+
+pytestmark = [pytest.mark.spark, pytest.mark.feast]
+
+LAST = "2017-12-02"
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if a is None or b is None or (isinstance(b, float) and math.isnan(b)):
+            return (a is None or (isinstance(a, float) and math.isnan(a))) and (
+                b is None or (isinstance(b, float) and math.isnan(b))
+            )
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+    if hasattr(b, "tolist"):
+        b = b.tolist()
+    if isinstance(a, list) or isinstance(b, list):
+        return list(a or []) == list(b if b is not None else [])
+    return a == b
+
+
+def _offline_last(settings, table):
+    frame = pd.read_parquet(settings.data_dir.absolute() / "features" / table)
+    return frame[frame.snapshot_day.astype(str) == LAST].set_index("user_id")
+
+
+def _linked_settings(make_settings, base, tmp_path, **overrides):
+    """Settings with their own Feast registry and online store, over the same built features."""
+    (tmp_path / "features").symlink_to(base.data_dir.absolute() / "features")
+    return make_settings(tmp_path, **overrides)
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(taobao_features, make_settings, tmp_path_factory):
+    base, _ = taobao_features
+    settings = _linked_settings(make_settings, base, tmp_path_factory.mktemp("feast_sqlite"))
+    names = store.apply(settings)
+    assert {
+        "user_activity",
+        "user_sequence",
+        "purchase_propensity_v1",
+        "next_item_v1",
+        "user_profile_v1",
+    } <= set(names)
+    store.materialize(settings)
+    return settings
+
+
+@pytest.fixture(scope="module")
+def redis_store(taobao_features, make_settings, tmp_path_factory, redis_url):
+    base, _ = taobao_features
+    settings = _linked_settings(
+        make_settings, base, tmp_path_factory.mktemp("feast_redis"),
+        **{"feast.online_store": "redis", "feast.redis_url": redis_url},
+    )  # fmt: skip
+    store.apply(settings)
+    store.materialize(settings)
+    return settings
+
+
+def _users(settings, n=12):
+    activity = _offline_last(settings, "user_activity")
+    return sorted(activity.index.to_series().sample(n, random_state=0).tolist())
+
+
+@pytest.mark.parametrize("backend", ["sqlite_store", "redis_store"])
+def test_online_equals_offline(backend, request):
+    settings = request.getfixturevalue(backend)
+    users = _users(settings)
+    online = store.online_features(settings, "purchase_propensity_v1", [{"user_id": u} for u in users])
+    offline = {t: _offline_last(settings, t) for t in ("user_activity", "user_sequence", "user_segment")}
+    compared = 0
+    for name, values in online.items():
+        if name == "user_id":
+            assert values == users
+            continue
+        table = next(t for t, frame in offline.items() if name in frame.columns)
+        for user, value in zip(users, values, strict=True):
+            assert _same(value, offline[table].loc[user, name]), (backend, user, name, value)
+            compared += 1
+    assert compared >= 12 * 45
+    # an unknown user gets nulls, not an error
+    unknown = store.online_features(settings, "next_item_v1", [{"user_id": 10**12}])
+    assert unknown["seq_item_ids"] == [None]
+
+
+def test_training_set_is_point_in_time_correct(sqlite_store, tmp_path):
+    settings = sqlite_store
+    path, rows = store.training_set(
+        settings, "purchase_propensity_v1", date(2017, 11, 27), date(2017, 11, 29), tmp_path / "t.parquet"
+    )
+    frame = pd.read_parquet(path)
+    labels = pd.read_parquet(settings.data_dir.absolute() / "features" / "labels")
+    in_range = labels[labels.snapshot_day.astype(str).between("2017-11-27", "2017-11-29")]
+    assert rows == len(frame) == len(in_range)
+    activity = pd.read_parquet(settings.data_dir.absolute() / "features" / "user_activity")
+    activity["snapshot_ts"] = activity["snapshot_ts"].astype("datetime64[ns, UTC]")
+    sample = frame.sample(40, random_state=1)
+    joined = sample.merge(
+        activity,
+        left_on=["user_id", "event_timestamp"],
+        right_on=["user_id", "snapshot_ts"],
+        suffixes=("", "_want"),
+    )
+    assert len(joined) == len(sample)
+    assert (joined.n_pv_7d == joined.n_pv_7d_want).all() and (joined.n_buy_3d == joined.n_buy_3d_want).all()
+    differs = 0
+    for row in sample.itertuples():
+        nxt = activity[(activity.user_id == row.user_id) & (activity.snapshot_ts > row.event_timestamp)]
+        differs += int(not nxt.empty and nxt.iloc[0].n_pv_7d != row.n_pv_7d)
+    assert differs > 0, "later snapshots differ, so the join really picked the row of its own time"
+    assert frame.buy_next_1d.dtype == bool and frame.seq_length.notna().all()
+
+
+def test_unknown_feature_service_is_a_clear_error(sqlite_store, tmp_path):
+    with pytest.raises(
+        ShopsightError, match="unknown feature service 'user_profile_v9'; known: .*user_profile_v1"
+    ):
+        store.online_features(sqlite_store, "user_profile_v9", [{"user_id": 1}])
+    with pytest.raises(ShopsightError, match="unknown feature service"):
+        store.training_set(
+            sqlite_store, "nope", date(2017, 11, 27), date(2017, 11, 28), tmp_path / "x.parquet"
+        )
+    with pytest.raises(ShopsightError, match="no feature view or service named 'nope'"):
+        store.describe(sqlite_store, "nope")
+    described = store.describe(sqlite_store, "user_activity")
+    assert described.owner == "shopsight-features"
+    assert all(f.description and f.owner for f in described.fields)
+    assert {"n_pv_7d", "hours_since_buy", "top_categories"} <= {f.name for f in described.fields}
+
+
+def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tmp_path):
+    port = free_port()
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}  # gunicorn's control socket, per server
+    server = subprocess.Popen(
+        [sys.executable, "-m", "shopsight", "--data-dir", str(sqlite_store.data_dir), "features", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    try:
+        client = FeatureClient(f"http://127.0.0.1:{port}")
+        deadline = time.time() + 90
+        while not client.health():
+            assert server.poll() is None, "feature server exited"
+            assert time.time() < deadline, "feature server did not start"
+            time.sleep(0.5)
+        users = _users(sqlite_store, 5)
+        over_http = client.get("user_profile_v1", users)
+        in_process = store.online_features(sqlite_store, "user_profile_v1", [{"user_id": u} for u in users])
+        assert set(over_http) == set(in_process)
+        for name in in_process:
+            assert all(_same(a, b) for a, b in zip(over_http[name], in_process[name], strict=True)), name
+        with pytest.raises(ShopsightError, match="unknown feature service"):
+            client.get("nope_v1", users)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("backend", ["sqlite_store", "redis_store"])
+def test_push_shows_up_online_at_once(backend, request, tmp_path):
+    from shopsight.features.push import push_events
+
+    settings = request.getfixturevalue(backend)
+    user = _users(settings, 1)[0]
+    before = store.online_features(settings, "purchase_propensity_v1", [{"user_id": user}])
+    last_ts = 1512230400 + 3600  # an hour after the last snapshot (2017-12-02, end of day in China)
+    new = tmp_path / "new.csv"
+    new.write_text(
+        f"{user},900001,77,pv,{last_ts + 60}\n{user},900002,77,cart,{last_ts + 120}\n"
+        f"{user},900002,77,buy,{last_ts + 180}\nbroken,row\n"
+    )
+    result = push_events(settings, new)
+    assert result.events == 3 and result.rejected == {"wrong_field_count": 1}
+    after = store.online_features(settings, "purchase_propensity_v1", [{"user_id": user}])
+    assert after["seq_item_ids"][0][-3:] == [900001, 900002, 900002]
+    assert after["seq_behaviors"][0][-3:] == ["pv", "cart", "buy"]
+    assert after["seq_item_ids"][0] == (before["seq_item_ids"][0] + [900001, 900002, 900002])[-50:]
+    assert after["seq_length"][0] == min(50, before["seq_length"][0] + 3)
+    for w in (1, 3, 7):
+        assert after[f"n_pv_{w}d"][0] == before[f"n_pv_{w}d"][0] + 1
+        assert after[f"n_buy_{w}d"][0] == before[f"n_buy_{w}d"][0] + 1
+    assert after["hours_since_buy"][0] == pytest.approx(0.0)
+    assert after["hours_since_pv"][0] == pytest.approx(120 / 3600)
