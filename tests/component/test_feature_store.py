@@ -68,9 +68,11 @@ def sqlite_store(taobao_features, make_settings, tmp_path_factory):
 def redis_store(taobao_features, make_settings, tmp_path_factory, redis_url):
     base, _ = taobao_features
     settings = _linked_settings(
-        make_settings, base, tmp_path_factory.mktemp("feast_redis"),
+        make_settings,
+        base,
+        tmp_path_factory.mktemp("feast_redis"),
         **{"feast.online_store": "redis", "feast.redis_url": redis_url},
-    )  # fmt: skip
+    )
     store.apply(settings)
     store.materialize(settings)
     return settings
@@ -151,9 +153,22 @@ def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tm
     port = free_port()
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}  # gunicorn's control socket, per server
     server = subprocess.Popen(
-        [sys.executable, "-m", "shopsight", "--data-dir", str(sqlite_store.data_dir), "features", "serve", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "shopsight",
+            "--data-dir",
+            str(sqlite_store.data_dir),
+            "features",
+            "serve",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
     try:
         client = FeatureClient(f"http://127.0.0.1:{port}")
         deadline = time.time() + 90
