@@ -8,8 +8,10 @@
    with Spark's, so the ratio is between equal answers.
 2. Materialisation rows/s into SQLite and into Redis (a redis-server started here on loopback).
 3. Online lookup latency, p50/p99 over repeated calls, for 1 and 100 users: the Feast SDK
-   (``get_online_features`` on the purchase_propensity_v1 service, 50 fields), Feast's HTTP feature server,
-   and a raw read of the same rows from the store (the floor), on SQLite and Redis.
+   (``get_online_features``), Feast's HTTP feature server,
+   the serving path (``shopsight.features.online.OnlineFeatureReader``), and a raw read of the same rows
+   from the store (the floor), on SQLite and Redis, for next_item_v1 (5 fields) and
+   purchase_propensity_v1 (50 fields).
 
     python -m benchmarks.bench_features [--sizes 1000000 10000000] [--lookups 300]
 """
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -45,6 +48,9 @@ class PeakMemory:
 
     def __enter__(self):
         self.peak = 0
+        self.baseline = sum(
+            p.memory_info().rss for p in [psutil.Process(), *psutil.Process().children(recursive=True)]
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -55,10 +61,8 @@ class PeakMemory:
         while not self._stop.is_set():
             total = 0
             for proc in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):  # a child may exit between listing and reading
                     total += proc.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak = max(self.peak, total)
             time.sleep(0.05)
 
@@ -69,6 +73,11 @@ class PeakMemory:
     @property
     def mb(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def added_mb(self) -> float:
+        """Peak above what was resident when the phase began (e.g. a JVM already running)."""
+        return max(0, self.peak - self.baseline) / 2**20
 
 
 DUCKDB_ACTIVITY = """
@@ -177,7 +186,7 @@ def _feature_job(size: int, tmp: Path) -> dict:
         "rows": build.rows,
         "user_activity_spark_seconds": spark_seconds,
         "user_activity_duckdb_seconds": duck_seconds,
-        "duckdb_peak_rss_mb": duck_mem.mb,
+        "duckdb_added_rss_mb": duck_mem.added_mb,
         "spark_over_duckdb": spark_seconds / duck_seconds,
         "compared_rows": len(merged),
         "rows_spark": len(mine),
@@ -200,19 +209,17 @@ def _percentiles(samples) -> dict:
 
 
 def _store_benchmarks(data_dir: Path, lookups: int, tmp: Path) -> dict:
-    import redis
-    import requests
-
-    from shopsight.features import store
+    """Materialisation and lookup latency on SQLite and on a real Redis, over the same built features."""
     from shopsight.platform import load_settings
 
-    results = {}
     port = _free_port()
     redis_proc = subprocess.Popen(
         ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
     )
     time.sleep(0.5)
+    redis_url = f"redis://127.0.0.1:{port}/0"
+    results = {}
     try:
         for backend in ("sqlite", "redis"):
             base = tmp / f"store_{backend}"
@@ -220,113 +227,153 @@ def _store_benchmarks(data_dir: Path, lookups: int, tmp: Path) -> dict:
             (base / "features").symlink_to(data_dir / "features")
             overrides = {"data_dir": str(base)}
             if backend == "redis":
-                overrides |= {"feast.online_store": "redis", "feast.redis_url": f"redis://127.0.0.1:{port}/0"}
+                overrides |= {"feast.online_store": "redis", "feast.redis_url": redis_url}
             settings = load_settings(overrides=overrides, environ={}).settings
-            store.apply(settings)
-            started = time.perf_counter()
-            views = store.materialize(settings)
-            seconds = time.perf_counter() - started
-            import pandas as pd
-
-            rows = sum(
-                int((pd.read_parquet(data_dir / "features" / v, columns=["snapshot_day"]).shape[0]))
-                for v in views
-            )
-            entry = {
-                "materialized_rows": rows,
-                "materialize_seconds": seconds,
-                "rows_per_second": rows / seconds,
-            }
-
-            fs = store.feature_store(settings)
-            service = fs.get_feature_service("purchase_propensity_v1")
-            users = pd.read_parquet(
-                data_dir / "features" / "user_sequence", columns=["user_id"]
-            ).user_id.unique()
-            rng = np.random.default_rng(0)
-
-            def sdk(batch):
-                fs.get_online_features(
-                    features=service, entity_rows=[{"user_id": int(u)} for u in batch]
-                ).to_dict()
-
-            if backend == "sqlite":
-                import sqlite3
-
-                con = sqlite3.connect(str(base / "feast" / "online.db"))
-                table = next(
-                    name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                    if name.endswith("user_activity")
-                )  # fmt: skip
-
-                def raw(batch):
-                    # the floor: the same rows' stored values, without deserialisation
-                    keys = [_sqlite_key(u) for u in batch]
-                    marks = ",".join("?" * len(keys))
-                    return con.execute(
-                        f"SELECT * FROM {table} WHERE entity_key IN ({marks})", keys
-                    ).fetchall()
-
-            else:
-                client = redis.Redis(host="127.0.0.1", port=port)
-                keys_by_user = {}
-
-                def raw(batch):
-                    pipe = client.pipeline(transaction=False)
-                    for u in batch:
-                        pipe.hgetall(
-                            keys_by_user.setdefault(int(u), _redis_key(int(u), settings.feast.project))
-                        )
-                    return pipe.execute()
-
-            http_port = _free_port()
-            server = subprocess.Popen(
-                [sys.executable, "-m", "shopsight", "--data-dir", str(base), *(
-                    ["--set", f"feast.online_store=redis", "--set", f"feast.redis_url=redis://127.0.0.1:{port}/0"]
-                    if backend == "redis" else []), "features", "serve", "--port", str(http_port)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                env={**os.environ, "XDG_RUNTIME_DIR": str(base)},
-            )  # fmt: skip
-            session = requests.Session()
-            deadline = time.time() + 120
-            while time.time() < deadline:
-                try:
-                    if session.get(f"http://127.0.0.1:{http_port}/health", timeout=1).status_code == 200:
-                        break
-                except requests.RequestException:
-                    time.sleep(0.5)
-
-            def http(batch):
-                response = session.post(
-                    f"http://127.0.0.1:{http_port}/get-online-features",
-                    json={
-                        "feature_service": "purchase_propensity_v1",
-                        "entities": {"user_id": [int(u) for u in batch]},
-                    },
-                )
-                assert response.status_code == 200
-
-            assert any(raw(users[:5])), f"the raw {backend} read found none of the rows: wrong key layout"
-            try:
-                for n in (1, 100):
-                    for name, call in (("sdk", sdk), ("http", http), ("raw_floor", raw)):
-                        batches = [rng.choice(users, n) for _ in range(lookups)]
-                        for batch in batches[:20]:
-                            call(batch)  # warm up
-                        samples = []
-                        for batch in batches:
-                            started = time.perf_counter()
-                            call(batch)
-                            samples.append(time.perf_counter() - started)
-                        entry[f"{name}_{n}_rows"] = _percentiles(samples)
-            finally:
-                os.killpg(server.pid, signal.SIGTERM)
-                server.wait(timeout=30)
-            results[backend] = entry
+            results[backend] = _bench_backend(settings, data_dir, lookups, port)
     finally:
         redis_proc.terminate()
         redis_proc.wait()
     return results
+
+
+SERVICES = {
+    "next_item_v1": ("user_sequence",),
+    "purchase_propensity_v1": ("user_activity", "user_sequence", "user_segment"),
+}
+
+
+def _bench_backend(settings, data_dir: Path, lookups: int, redis_port: int) -> dict:
+    import gc
+
+    import pandas as pd
+
+    from shopsight.features import store
+    from shopsight.features.online import OnlineFeatureReader
+
+    store.apply(settings)
+    started = time.perf_counter()
+    views = store.materialize(settings)
+    seconds = time.perf_counter() - started
+    rows = sum(len(pd.read_parquet(data_dir / "features" / v, columns=["snapshot_day"])) for v in views)
+    entry = {"materialized_rows": rows, "materialize_seconds": seconds, "rows_per_second": rows / seconds}
+
+    users = pd.read_parquet(data_dir / "features" / "user_sequence", columns=["user_id"]).user_id.unique()
+    rng = np.random.default_rng(0)
+    for service, service_views in SERVICES.items():
+        if settings.feast.online_store == "sqlite":
+            raw = _sqlite_reader(settings.data_dir / "feast" / "online.db", service_views)
+        else:
+            raw = _redis_reader(redis_port, settings.feast.project)
+        assert all(raw(users[:5])), "the raw read missed rows: wrong key layout"
+        server, http = _feature_server(settings, service)
+        reader = OnlineFeatureReader(settings, service)
+        readers = {
+            "sdk": _sdk_reader(settings, service),
+            "http": http,
+            "serving_path": reader.read,
+            "raw_floor": raw,
+        }
+        gc.collect()
+        gc.freeze()  # as a long-lived server does after start-up (see shopsight.features.online)
+        try:
+            for n in (1, 100):
+                for name, call in readers.items():
+                    batches = [rng.choice(users, n) for _ in range(lookups)]
+                    entry[f"{service}:{name}_{n}_rows"] = _latencies(call, batches)
+        finally:
+            gc.unfreeze()
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+    return entry
+
+
+def _latencies(call, batches) -> dict:
+    for batch in batches[:20]:
+        call(batch)  # warm up
+    samples = []
+    for batch in batches:
+        started = time.perf_counter()
+        call(batch)
+        samples.append(time.perf_counter() - started)
+    return _percentiles(samples)
+
+
+def _sdk_reader(settings, name: str):
+    from shopsight.features import store
+
+    fs = store.feature_store(settings)
+    service = fs.get_feature_service(name)
+    return lambda batch: fs.get_online_features(
+        features=service, entity_rows=[{"user_id": int(u)} for u in batch]
+    ).to_dict()
+
+
+def _sqlite_reader(db: Path, views):
+    """The floor on SQLite: the stored rows of the service's views, not deserialised."""
+    import sqlite3
+
+    con = sqlite3.connect(str(db))
+    names = [name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    tables = [next(t for t in names if t.endswith(view)) for view in views]
+
+    def read(batch):
+        keys = [_sqlite_key(int(u)) for u in batch]
+        marks = ",".join("?" * len(keys))
+        found = set()
+        for table in tables:
+            query = f"SELECT entity_key FROM {table} WHERE entity_key IN ({marks})"
+            found |= {row[0] for row in con.execute(query, keys).fetchall()}
+        return [key in found for key in keys]
+
+    return read
+
+
+def _redis_reader(port: int, project: str):
+    """The floor on Redis: one HGETALL per user (Feast keeps one hash per entity), pipelined."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+
+    def read(batch):
+        pipe = client.pipeline(transaction=False)
+        for user in batch:
+            pipe.hgetall(_redis_key(int(user), project))
+        return [bool(h) for h in pipe.execute()]
+
+    return read
+
+
+def _feature_server(settings, service: str):
+    import requests
+
+    port = _free_port()
+    extra = []
+    if settings.feast.online_store == "redis":
+        extra = ["--set", "feast.online_store=redis", "--set", f"feast.redis_url={settings.feast.redis_url}"]
+    command = [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), *extra]
+    server = subprocess.Popen(
+        [*command, "features", "serve", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(settings.data_dir)},
+    )
+    session = requests.Session()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if session.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except requests.RequestException:
+            time.sleep(0.5)
+
+    def read(batch):
+        body = {"feature_service": service, "entities": {"user_id": [int(u) for u in batch]}}
+        response = session.post(f"{url}/get-online-features", json=body)
+        assert response.status_code == 200, response.text
+
+    return server, read
 
 
 def _sqlite_key(user: int) -> bytes:
@@ -373,27 +420,28 @@ def main() -> None:
     lines = [
         f"\n## {machine['date']}: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}, Python {machine['python']}\n",
         "Feature build (all tables, Spark local[2]) and user_activity side by side with DuckDB (2 threads):\n",
-        "| events | build s | build events/s | build peak RSS MB | user_activity Spark s | same features DuckDB s | Spark/DuckDB | DuckDB peak MB | values compared | mismatches |",
+        "| events | build s | build events/s | build peak RSS MB | user_activity Spark s | same features DuckDB s | Spark/DuckDB | DuckDB memory added MB | values compared | mismatches |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in runs:
         lines.append(
             f"| {r['events']:,} | {r['build_seconds']:.1f} | {r['build_events_per_second']:,.0f} | {r['build_peak_rss_mb']:,.0f} | "
             f"{r['user_activity_spark_seconds']:.1f} | {r['user_activity_duckdb_seconds']:.1f} | {r['spark_over_duckdb']:.1f}x | "
-            f"{r['duckdb_peak_rss_mb']:,.0f} | {r['compared_rows'] * r['compared_columns']:,} | {r['mismatched_values']} |"
+            f"{r['duckdb_added_rss_mb']:,.0f} | {r['compared_rows'] * r['compared_columns']:,} | {r['mismatched_values']} |"
         )
     for backend, entry in stores.items():
         lines.append(
             f"\n{backend}: materialised {entry['materialized_rows']:,} rows in {entry['materialize_seconds']:.1f} s "
-            f"({entry['rows_per_second']:,.0f} rows/s). Lookup of purchase_propensity_v1 (50 fields), p50 / p99 ms:\n"
+            f"({entry['rows_per_second']:,.0f} rows/s). Online lookup latency, p50 / p99 ms:\n"
         )
-        lines.append("| path | 1 user | 100 users |")
-        lines.append("| --- | ---: | ---: |")
-        for name in ("sdk", "http", "raw_floor"):
-            one, hundred = entry[f"{name}_1_rows"], entry[f"{name}_100_rows"]
-            lines.append(
-                f"| {name} | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {hundred['p50_ms']:.2f} / {hundred['p99_ms']:.2f} |"
-            )
+        lines.append("| service | path | 1 user | 100 users |")
+        lines.append("| --- | --- | ---: | ---: |")
+        for service in SERVICES:
+            for name in ("sdk", "http", "serving_path", "raw_floor"):
+                one, hundred = entry[f"{service}:{name}_1_rows"], entry[f"{service}:{name}_100_rows"]
+                lines.append(
+                    f"| {service} | {name} | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {hundred['p50_ms']:.2f} / {hundred['p99_ms']:.2f} |"
+                )
     report = RESULTS / "features.md"
     if not report.exists():
         report.write_text(

@@ -214,3 +214,21 @@ def test_push_shows_up_online_at_once(backend, request, tmp_path):
         assert after[f"n_buy_{w}d"][0] == before[f"n_buy_{w}d"][0] + 1
     assert after["hours_since_buy"][0] == pytest.approx(0.0)
     assert after["hours_since_pv"][0] == pytest.approx(120 / 3600)
+
+
+@pytest.mark.parametrize("backend", ["sqlite_store", "redis_store"])
+@pytest.mark.parametrize("service", ["next_item_v1", "purchase_propensity_v1", "user_profile_v1"])
+def test_serving_path_reader_equals_the_sdk(backend, service, request):
+    from shopsight.features.online import OnlineFeatureReader
+
+    settings = request.getfixturevalue(backend)
+    users = [*_users(settings, 6), 10**12]  # and one unknown user
+    reader = OnlineFeatureReader(settings, service)
+    fast = reader.read(users)
+    sdk = store.online_features(settings, service, [{"user_id": u} for u in users])
+    assert set(fast) == set(sdk)
+    for name, values in sdk.items():
+        assert all(_same(a, b) for a, b in zip(fast[name], values, strict=True)), name
+    assert all(values[-1] is None for name, values in fast.items() if name != "user_id")
+    only = OnlineFeatureReader(settings, "purchase_propensity_v1", features=["seq_item_ids", "n_buy_7d"])
+    assert set(only.read(users[:2])) == {"user_id", "seq_item_ids", "n_buy_7d"}
