@@ -1,0 +1,103 @@
+"""GPU check of the plain training loop (no Ray: the GPU machine has PyTorch only).
+
+On one GPU: SASRec on a SASRec-format file with fp32 and with bf16 autocast (samples/s, seconds per
+epoch), a longer bf16 run with the paper's protocol at the end (HR@10 / NDCG@10, sampled and full), and,
+under ``torchrun --nproc_per_node N``, the same loop with N DDP processes sharing the GPU.
+
+    PYTHONPATH=src python -m benchmarks.gpu_train --data games.txt --epochs 100 --out result.json
+    PYTHONPATH=src torchrun --nproc_per_node 2 -m benchmarks.gpu_train --data games.txt --ddp --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+
+from shopsight.training.evaluation import evaluate_next_item
+from shopsight.training.loop import LoopConfig, scorer, train_next_item
+from shopsight.training.models import build_model
+from shopsight.training.sequences import LeaveOneOut, SequenceData
+
+
+def _load(path: str, max_lines: int | None = None) -> LeaveOneOut:
+    pairs = np.loadtxt(path, dtype=np.int64, max_rows=max_lines)
+    return LeaveOneOut.split(SequenceData.from_pairs(pairs[:, 0], pairs[:, 1]))
+
+
+def _throughput(split, epochs: int, bf16: bool, device: str, batch_size: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model("sasrec", n_items=split.n_items)
+    cfg = LoopConfig(epochs=epochs, batch_size=batch_size, eval_every=10**6, bf16=bf16)
+    started = time.perf_counter()
+    history = train_next_item(model, split, cfg, device=device, log=lambda line: None)
+    return {
+        "bf16": bf16,
+        "epochs": epochs,
+        "samples_per_second": float(np.mean([h.samples_per_second for h in history[1:] or history])),
+        "seconds_per_epoch": float(np.mean([h.seconds for h in history[1:] or history])),
+        "wall_seconds": time.perf_counter() - started,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--ddp", action="store_true", help="run under torchrun: DDP throughput only")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--throughput-epochs", type=int, default=3)
+    parser.add_argument("--max-lines", type=int, default=None, help="read only the first lines (smoke tests)")
+    args = parser.parse_args()
+    split = _load(args.data, args.max_lines)
+    result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                    "torch": torch.__version__, "users": len(split.train), "items": split.n_items}  # fmt: skip
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if args.ddp:
+        # NCCL wants one GPU per rank; several ranks sharing one GPU go through gloo
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world else "gloo"
+        torch.distributed.init_process_group(backend)
+        result["backend"] = backend
+        result["world_size"] = torch.distributed.get_world_size()
+        result["ddp_bf16"] = _throughput(split, args.epochs, True, device, args.batch_size)
+        if torch.distributed.get_rank() == 0:
+            print(json.dumps(result))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(result, f, indent=2)
+        torch.distributed.destroy_process_group()
+        return
+
+    result["fp32"] = _throughput(split, args.throughput_epochs, False, device, args.batch_size)
+    result["bf16"] = _throughput(split, args.throughput_epochs, True, device, args.batch_size)
+    print(json.dumps(result), flush=True)
+    torch.manual_seed(0)
+    model = build_model("sasrec", n_items=split.n_items)
+    cfg = LoopConfig(
+        epochs=args.epochs, batch_size=args.batch_size, eval_every=20, eval_users=3000, patience=60
+    )
+    started = time.perf_counter()
+    history = train_next_item(model, split, cfg, device=device)
+    quality = evaluate_next_item(scorer(model.eval()), split, "test", 50, device=device)
+    result["quality_run"] = {
+        "loop": asdict(cfg),
+        "epochs_run": len(history),
+        "wall_seconds": time.perf_counter() - started,
+        "test": {k: v for k, v in quality.items() if not k.startswith("_")},
+    }
+    print(json.dumps(result), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "4")
+    main()

@@ -1,0 +1,39 @@
+"""Models by short name, imported lazily: ``build_model("sasrec", n_items=...)``.
+
+Every model shares one contract over left-padded item-id sequences (B, T):
+``loss(seq, pos, neg)`` for training, ``score(seq, candidates)`` -> (B, C) and ``predict(seq)`` ->
+(B, n_items + 1) for ranking.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> (module, config class, model class)
+MODELS = {
+    "sasrec": ("shopsight.training.models.sasrec", "SASRecConfig", "SASRec"),
+    "lstm": ("shopsight.training.models.lstm", "LSTMConfig", "LSTMRec"),
+}
+
+
+def build_model(name: str, **config: Any):
+    """The model called ``name`` with its config built from ``config``; ShopsightError if unknown."""
+    if name not in MODELS:
+        from shopsight.platform import (
+            ShopsightError,
+        )  # lazily: the GPU checks run without the platform's deps
+
+        raise ShopsightError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+    module_name, config_name, model_name = MODELS[name]
+    module = importlib.import_module(module_name)
+    try:
+        cfg = getattr(module, config_name)(**config)
+    except (TypeError, ValueError) as exc:
+        from shopsight.platform import ShopsightError
+
+        raise ShopsightError(f"bad configuration for {name}: {exc}") from None
+    return getattr(module, model_name)(cfg)
+
+
+__all__ = ["MODELS", "build_model"]

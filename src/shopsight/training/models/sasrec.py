@@ -1,0 +1,142 @@
+"""SASRec: self-attentive sequential recommendation (Kang & McAuley, ICDM 2018).
+
+A causal Transformer over the user's item sequence: item embeddings (scaled by sqrt(d)) plus learned
+positions, ``blocks`` self-attention blocks that only look backwards, and the next item scored by the dot
+product of the last hidden state with the item's embedding (shared input/output embeddings).
+
+Two losses: the paper's binary cross-entropy with one sampled negative per position (``"bce"``), and a
+sampled softmax whose negatives are shared across the batch (``"sampled_softmax"``: every position
+ranks its true next item against the same ``n_negatives`` items, a much richer signal per step).
+``pre_ln`` puts LayerNorm before attention and feed-forward (the variant that trains more stably).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class SASRecConfig:
+    """Hyperparameters of SASRec. ``n_items`` counts real items; id 0 is padding."""
+
+    n_items: int
+    max_len: int = 50
+    d_model: int = 50
+    n_heads: int = 1
+    n_blocks: int = 2
+    dropout: float = 0.5
+    pre_ln: bool = True
+    loss: Literal["bce", "sampled_softmax"] = "bce"
+    n_negatives: int = 256  # shared negatives of the sampled softmax
+
+    def __post_init__(self) -> None:
+        if self.n_items < 1 or self.max_len < 1:
+            raise ValueError("n_items and max_len must be positive")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.loss not in ("bce", "sampled_softmax"):
+            raise ValueError(f"unknown loss {self.loss!r}: bce or sampled_softmax")
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.pre_ln
+        self.attn_norm = nn.LayerNorm(cfg.d_model, eps=1e-8)
+        self.attn = nn.MultiheadAttention(cfg.d_model, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
+        self.ffn_norm = nn.LayerNorm(cfg.d_model, eps=1e-8)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.d_model, cfg.d_model),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.d_model, cfg.d_model),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor, causal: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, D); causal: (T, T) True = masked; keep: (B, T, 1) 1 on real items
+        if self.pre_ln:
+            q = self.attn_norm(x)
+            x = x + self.attn(q, q, q, attn_mask=causal, need_weights=False)[0]
+            x = x + self.ffn(self.ffn_norm(x))
+        else:  # the paper's order: normalise after each residual
+            x = self.attn_norm(x + self.attn(x, x, x, attn_mask=causal, need_weights=False)[0])
+            x = self.ffn_norm(x + self.ffn(x))
+        return x * keep
+
+
+class SASRec(nn.Module):
+    """Next-item model over item-id sequences (left-padded with 0)."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.d_model, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_blocks))
+        self.final_norm = nn.LayerNorm(cfg.d_model, eps=1e-8)
+        causal = torch.triu(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal", causal, persistent=False)
+        self._init()
+
+    def _init(self) -> None:
+        for name, param in self.named_parameters():
+            if param.dim() > 1 and "norm" not in name:
+                nn.init.xavier_normal_(param)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, T, D) of item sequences (B, T), T <= max_len."""
+        t = seq.shape[1]
+        x = self.item_emb(seq) * self.cfg.d_model**0.5  # (B, T, D)
+        x = x + self.pos_emb(torch.arange(t, device=seq.device))[None]
+        keep = (seq > 0).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        x = self.emb_dropout(x) * keep
+        causal = self.causal[:t, :t]
+        for block in self.blocks:
+            x = block(x, causal, keep)
+        return self.final_norm(x)
+
+    def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce."""
+        h = self.encode(seq)  # (B, T, D)
+        mask = pos > 0  # (B, T)
+        if self.cfg.loss == "bce":
+            if neg is None:
+                raise ValueError("the bce loss needs one negative per position")
+            pos_logit = (h * self.item_emb(pos)).sum(-1)  # (B, T)
+            neg_logit = (h * self.item_emb(neg)).sum(-1)
+            loss = F.binary_cross_entropy_with_logits(pos_logit[mask], torch.ones_like(pos_logit[mask]))
+            return loss + F.binary_cross_entropy_with_logits(
+                neg_logit[mask], torch.zeros_like(neg_logit[mask])
+            )
+        negatives = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=seq.device)  # (S,)
+        hidden = h[mask]  # (N, D)
+        pos_logit = (hidden * self.item_emb(pos[mask])).sum(-1, keepdim=True)  # (N, 1)
+        neg_logit = hidden @ self.item_emb(negatives).T  # (N, S)
+        # a sampled "negative" that is the true item is not a negative
+        neg_logit = neg_logit.masked_fill(negatives[None, :] == pos[mask][:, None], float("-inf"))
+        logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
+        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=seq.device))
+
+    def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C) of candidate items (B, C) as the next item after each sequence (B, T)."""
+        last = self.encode(seq)[:, -1]  # (B, D)
+        return (self.item_emb(candidates) * last[:, None]).sum(-1)
+
+    def predict(self, seq: torch.Tensor) -> torch.Tensor:
+        """Scores (B, n_items + 1) of every item as the next one; column 0 (padding) is -inf."""
+        last = self.encode(seq)[:, -1]  # (B, D)
+        scores = last @ self.item_emb.weight.T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.predict(seq)
