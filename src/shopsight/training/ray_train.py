@@ -58,11 +58,6 @@ def _worker(config: dict[str, Any]) -> None:
             METRIC: last_metric["value"],
             **{f"valid_{k}": v for k, v in result.valid.items()},
         }
-        fail_after = config.get("fail_after_epoch")
-        marker = config.get("failure_marker")
-        if fail_after and result.epoch == fail_after and marker and not os.path.exists(marker):
-            Path(marker).write_text("failed once\n")  # the restarted worker must not fail again
-            raise RuntimeError(f"injected worker failure after epoch {fail_after}")
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 state = {
@@ -77,6 +72,13 @@ def _worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
+        # fault injection for tests: fail once, after epoch k is checkpointed, so a restart resumes at k+1
+        fail_after = config.get("fail_after_epoch")
+        marker = config.get("failure_marker")
+        if fail_after and result.epoch == fail_after and marker and not os.path.exists(marker):
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).write_text("failed once\n")  # the restarted worker must not fail again
+            raise RuntimeError(f"injected worker failure after epoch {fail_after}")
 
     train_next_item(
         model,
