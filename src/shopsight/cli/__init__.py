@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shopsight import __version__
-from shopsight.cli import config, data, features
+from shopsight.cli import config, data, features, train
 from shopsight.cli._context import CliState, parse_overrides
 from shopsight.cli._planned import planned_groups
 from shopsight.cli.demo import demo
@@ -66,6 +66,8 @@ app.add_typer(config.app, name="config")
 for _name, _group in planned_groups().items():
     app.add_typer(_group, name=_name)
 app.command("demo")(demo)
+app.command("train")(train.train_command)
+app.command("evaluate")(train.evaluate_command)
 
 
 def main() -> None:

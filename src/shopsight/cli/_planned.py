@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 _PLANNED = {
-    "train": "Train a model (sasrec, lstm, gan) with Ray Train, tracked in MLflow.",
     "tune": "Sweep a model's hyperparameters with Ray Tune (Optuna search, ASHA), "
     "one MLflow child run per trial.",
     "models": "The MLflow model registry: list, show, promote through the quality gate, history, rollback.",

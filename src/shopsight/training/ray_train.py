@@ -34,8 +34,9 @@ def _worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(config.get("threads_per_worker", 1))
     data = SequenceData.from_file(config["data"])
     split = LeaveOneOut.split(data)
-    model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
     loop = LoopConfig(**config["loop"])
+    torch.manual_seed(loop.seed)  # the same initial weights on every worker and every run
+    model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
     start_epoch, optimizer_state, best = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -58,6 +59,8 @@ def _worker(config: dict[str, Any]) -> None:
             METRIC: last_metric["value"],
             **{f"valid_{k}": v for k, v in result.valid.items()},
         }
+        if rank == 0 and config.get("mlflow"):
+            _log_epoch(config["mlflow"], metrics, result.epoch)
         if rank == 0:
             with tempfile.TemporaryDirectory() as folder:
                 state = {
@@ -91,6 +94,19 @@ def _worker(config: dict[str, Any]) -> None:
     )
 
 
+def _log_epoch(mlflow_run: tuple[str, str], metrics: dict, epoch: int) -> None:
+    """Per-epoch metrics into the driver's MLflow run, live (MLflow names allow no '@')."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    uri, run_id = mlflow_run
+    now = int(time.time() * 1000)
+    batch = [Metric(k.replace("@", "_at_"), float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
+    MlflowClient(uri).log_batch(run_id, metrics=batch)
+
+
 def train_with_ray(
     model: str,
     data: Path | str,
@@ -105,10 +121,12 @@ def train_with_ray(
     keep_checkpoints: int = 2,
     threads_per_worker: int = 1,
     fail_after_epoch: int | None = None,
+    mlflow: tuple[str, str] | None = None,
 ):
     """Train ``model`` on a sequence file with Ray Train; returns Ray's ``Result`` (metrics, checkpoint).
 
-    ``fail_after_epoch`` injects one worker failure after that epoch (to test fault tolerance).
+    ``fail_after_epoch`` injects one worker failure after that epoch (to test fault tolerance);
+    ``mlflow`` = (tracking URI, run id) logs every epoch's metrics into that run.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -122,6 +140,7 @@ def train_with_ray(
         "threads_per_worker": threads_per_worker,
         "fail_after_epoch": fail_after_epoch,
         "failure_marker": str(storage_path / name / ".injected_failure") if fail_after_epoch else None,
+        "mlflow": mlflow,  # (tracking URI, run id): rank 0 logs each epoch's metrics there
     }
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
