@@ -14,15 +14,42 @@ from shopsight.data.schema import TAOBAO_BEHAVIOR_MIX
 
 
 @pytest.mark.slow
-def test_demo_simulates_validates_and_summarises(tmp_path):
+@pytest.mark.spark
+@pytest.mark.feast
+@pytest.mark.ray
+@pytest.mark.mlflow
+def test_demo_runs_every_stage(tmp_path):
     shopsight = shutil.which("shopsight", path=str(Path(sys.executable).parent)) or "shopsight"
-    result = subprocess.run(
-        [shopsight, "--data-dir", str(tmp_path / "dd"), "demo", "--users", "500"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
+    data_dir = tmp_path / "dd"
+    try:
+        result = subprocess.run(
+            [
+                shopsight,
+                "--data-dir",
+                str(data_dir),
+                "--set",
+                "ray.num_cpus=2",
+                "demo",
+                "--users",
+                "500",
+                "--train-epochs",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    finally:
+        from shopsight.platform import load_settings
+        from shopsight.platform.mlflow_server import stop_local_server
+
+        stop_local_server(load_settings(overrides={"data_dir": str(data_dir)}, environ={}).settings)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "1. data: simulate" in out and "2. data: validate" in out and "Demo finished" in out
+    for stage in ("1. data: simulate", "2. data: validate", "3. features", "4. features", "5. training"):
+        assert stage in out, stage
+    assert "Demo finished" in out and "Feature catalog" in out and "user_profile_v1" in out
     rows = {
         line.split("│")[1].strip(): line.split("│")[2:4] for line in out.splitlines() if line.count("│") == 4
     }
@@ -38,5 +65,10 @@ def test_demo_simulates_validates_and_summarises(tmp_path):
     assert (
         summary["good rows"] == summary["rows read"] and int(summary["good rows"].replace(",", "")) > 20_000
     )
-    events = tmp_path / "dd" / "demo" / "simulated" / "events"
+    events = data_dir / "demo" / "simulated" / "events"
     assert len(list(events.glob("day=*"))) == 9
+    assert len(list((data_dir / "features" / "user_activity").glob("snapshot_day=*"))) == 8
+    sampled, full = summary["test HR@10 sampled / full"].split(" (")[0].split(" / ")
+    popular = summary["test HR@10 sampled / full"].split("popularity ")[1].rstrip(")").split(" / ")
+    assert float(sampled) > float(popular[0]), "the sequence model beats popularity on the simulator's data"
+    assert "challenger" in summary["next-item model"]
