@@ -70,7 +70,7 @@ def demo(
         settings,
         "sasrec",
         out / "events",
-        model_config={"max_len": 50, "d_model": 48, "n_heads": 2},
+        model_config={"max_len": 50, "d_model": 48, "n_heads": 2, "dropout": 0.2},
         loop=LoopConfig(epochs=train_epochs, eval_every=5, batch_size=128, lr=2e-3),
         log=console.print,
     )

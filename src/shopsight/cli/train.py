@@ -20,8 +20,6 @@ def _ray(settings: Settings) -> None:
             address=settings.ray.address,
             num_cpus=settings.ray.num_cpus,
             include_dashboard=False,
-            log_to_driver=True,
-            configure_logging=False,
         )
 
 
