@@ -24,3 +24,12 @@ def describe_machine() -> dict[str, str]:
         "python": platform.python_version(),
         "os": platform.platform(),
     }
+
+
+def append_report(path, title: str, command: str, lines: list[str]) -> None:
+    """Append a dated section to a results file, creating it with its title on first use."""
+    if not path.exists():
+        path.write_text(f"# {title}\n\n`make bench` ({command}); newest last.\n")
+    with path.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"recorded in {path}")

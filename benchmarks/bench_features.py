@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from benchmarks._machine import describe_machine
+from benchmarks._machine import append_report, describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 EVENTS_PER_USER = 90
@@ -442,14 +442,7 @@ def main() -> None:
                 lines.append(
                     f"| {service} | {name} | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {hundred['p50_ms']:.2f} / {hundred['p99_ms']:.2f} |"
                 )
-    report = RESULTS / "features.md"
-    if not report.exists():
-        report.write_text(
-            "# Feature benchmarks\n\n`make bench` (python -m benchmarks.bench_features); newest last.\n"
-        )
-    with report.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"recorded in {report}")
+    append_report(RESULTS / "features.md", "Feature benchmarks", "python -m benchmarks.bench_features", lines)
 
 
 if __name__ == "__main__":

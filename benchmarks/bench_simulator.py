@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks._machine import describe_machine
+from benchmarks._machine import append_report, describe_machine
 
 RESULTS = Path(__file__).parent / "results"
 EVENTS_PER_USER = 90  # the simulator's mean over 9 days, measured; sizes are approximate
@@ -101,14 +101,9 @@ def main() -> None:
             f"{large['peak_rss_mb'] / small['peak_rss_mb']:.2f}x the peak memory and ran at "
             f"{large['events_per_second'] / small['events_per_second']:.2f}x the speed."
         )
-    report = RESULTS / "simulator.md"
-    if not report.exists():
-        report.write_text(
-            "# Simulator benchmark\n\n`make bench` (python -m benchmarks.bench_simulator); newest last.\n"
-        )
-    with report.open("a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"recorded in {report}")
+    append_report(
+        RESULTS / "simulator.md", "Simulator benchmark", "python -m benchmarks.bench_simulator", lines
+    )
 
 
 if __name__ == "__main__":

@@ -329,19 +329,25 @@ class EventReader:
 # -- row checks ---------------------------------------------------------------------------------
 
 
+class _Rejections:
+    """Reason code and detail per row of a batch ('' = good); the first failing check wins."""
+
+    def __init__(self, rows: int) -> None:
+        self.reasons = np.full(rows, "", dtype=object)
+        self.details = np.full(rows, "", dtype=object)
+
+    def reject(self, bad: np.ndarray, reason: str, detail: str) -> None:
+        fresh = bad & (self.reasons == "")
+        self.reasons[fresh] = reason
+        self.details[fresh] = detail
+
+
 def _check_text_columns(
     columns: dict[str, pa.Array], window: TimeWindow | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reason code and detail per row ('' = good); the first failing check wins."""
-    n = len(next(iter(columns.values())))
-    reasons = np.full(n, "", dtype=object)
-    details = np.full(n, "", dtype=object)
-
-    def reject(bad: np.ndarray, reason: str, detail: str) -> None:
-        fresh = bad & (reasons == "")
-        reasons[fresh] = reason
-        details[fresh] = detail
-
+    rejections = _Rejections(len(next(iter(columns.values()))))
+    reject = rejections.reject
     for name in ID_COLUMNS:
         if name in columns:
             ok = pc.match_substring_regex(columns[name], _ID_PATTERN).to_numpy(zero_copy_only=False)
@@ -355,19 +361,12 @@ def _check_text_columns(
         if window is not None:
             seconds = pc.cast(pc.if_else(pa.array(numeric), columns[TS], "0"), pa.int64()).to_numpy()
             _reject_outside(reject, numeric, seconds, window)
-    return reasons, details
+    return rejections.reasons, rejections.details
 
 
 def _check_typed_columns(batch: pa.RecordBatch, window: TimeWindow | None) -> tuple[np.ndarray, np.ndarray]:
-    n = batch.num_rows
-    reasons = np.full(n, "", dtype=object)
-    details = np.full(n, "", dtype=object)
-
-    def reject(bad: np.ndarray, reason: str, detail: str) -> None:
-        fresh = bad & (reasons == "")
-        reasons[fresh] = reason
-        details[fresh] = detail
-
+    rejections = _Rejections(batch.num_rows)
+    reject = rejections.reject
     for name in EVENT_COLUMNS:
         reject(batch.column(name).is_null().to_numpy(zero_copy_only=False), MISSING_VALUE, f"{name} is null")
     for name in ID_COLUMNS:
@@ -386,7 +385,7 @@ def _check_typed_columns(batch: pa.RecordBatch, window: TimeWindow | None) -> tu
         present = ts.is_valid().to_numpy(zero_copy_only=False)
         seconds = pc.fill_null(pc.cast(ts, pa.int64()), 0).to_numpy() // 1_000_000
         _reject_outside(reject, present, seconds, window)
-    return reasons, details
+    return rejections.reasons, rejections.details
 
 
 def _reject_outside(reject, present: np.ndarray, seconds: np.ndarray, window: TimeWindow) -> None:
