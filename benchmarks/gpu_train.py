@@ -85,7 +85,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model("sasrec", n_items=split.n_items)
     cfg = LoopConfig(
-        epochs=args.epochs, batch_size=args.batch_size, eval_every=20, eval_users=3000, patience=60
+        epochs=args.epochs, batch_size=args.batch_size, eval_every=args.eval_every, eval_users=3000, patience=60
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     history = train_next_item(model, split, cfg, device=device)
