@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 
 import typer
@@ -43,3 +44,11 @@ def state(ctx: typer.Context) -> CliState:
     if root.obj is None:
         root.obj = CliState()
     return root.obj
+
+
+def parse_day(text: str, option: str) -> date:
+    """A YYYY-MM-DD option value, or a usage error naming the option."""
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a day (YYYY-MM-DD)", param_hint=option) from None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import date
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import state
+from shopsight.cli._context import parse_day, state
 from shopsight.data import (
     EventReader,
     EventStats,
@@ -42,7 +41,7 @@ def simulate_command(
         users=users,
         days=days,
         seed=seed,
-        start=_parse_day(start, "--start"),
+        start=parse_day(start, "--start"),
         items=items,
         timezone=settings.data.timezone,
     )
@@ -156,16 +155,9 @@ def print_validation(
     )
 
 
-def _parse_day(text: str, option: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a day (YYYY-MM-DD)", param_hint=option) from None
-
-
 def _window(settings: Settings, since: str | None, until: str | None) -> TimeWindow:
-    first = _parse_day(since, "--since") if since else settings.data.window_start
-    last = _parse_day(until, "--until") if until else settings.data.window_end
+    first = parse_day(since, "--since") if since else settings.data.window_start
+    last = parse_day(until, "--until") if until else settings.data.window_end
     if last < first:
         raise typer.BadParameter(f"{last} is before {first}", param_hint="--until")
     return TimeWindow.from_days(first, last, settings.data.timezone)

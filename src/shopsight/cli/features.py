@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import state
+from shopsight.cli._context import parse_day, state
 from shopsight.platform import Settings, Stopwatch, console, print_summary
 
 app = typer.Typer(
@@ -17,13 +17,6 @@ app = typer.Typer(
     "training sets, the feature server and pushes.",
     no_args_is_help=True,
 )
-
-
-def _day(text: str, option: str) -> date:
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a day (YYYY-MM-DD)", param_hint=option) from None
 
 
 @app.command("build")
@@ -37,7 +30,7 @@ def build_command(
 ) -> None:
     """Compute daily feature snapshots with Spark: activity, sequence, item/category stats, segments."""
     settings = state(ctx).settings
-    run_build(settings, events, _day(start, "--start"), _day(end, "--end"), format=format, out=out)
+    run_build(settings, events, parse_day(start, "--start"), parse_day(end, "--end"), format=format, out=out)
 
 
 def run_build(settings: Settings, events: Path, start: date, end: date, format: str = "auto", out=None):
@@ -168,7 +161,7 @@ def training_set_command(
     watch = Stopwatch()
     with console.status("point-in-time join"):
         path, rows = store.training_set(
-            state(ctx).settings, service, _day(start, "--start"), _day(end, "--end"), out
+            state(ctx).settings, service, parse_day(start, "--start"), parse_day(end, "--end"), out
         )
     print_summary(
         "Training set", {"rows": f"{rows:,}", "written to": str(path), "took": f"{watch.seconds:.1f} s"}
