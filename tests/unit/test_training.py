@@ -115,3 +115,21 @@ def test_models_learn_a_predictable_sequence(name, loss):
     after = evaluate_next_item(scorer(model.eval()), split, "test", 10, n_negatives=20)
     assert after["hr@10_full"] > 0.8 > before["hr@10_full"] + 0.3
     assert after["ndcg@10"] > 0.6
+
+
+def test_training_batches_pair_inputs_with_next_items_and_unseen_negatives():
+    data = _pattern_data(users=50, items=15, length=8)
+    split = LeaveOneOut.split(data)
+    rows = set()
+    clashes = total = 0
+    for seq, pos, neg in training_batches(split.train, 10, 16, np.random.default_rng(1), data.n_items):
+        for s, p, n in zip(seq, pos, neg, strict=True):
+            rows.add((tuple(s[s > 0]), tuple(p[p > 0])))
+            mask = p > 0
+            assert ((s > 0) == mask).all()
+            user_items = set(s[s > 0]) | set(p[p > 0])
+            clashes += sum(int(x) in user_items for x in n[mask])
+            total += int(mask.sum())
+    expected = {(tuple(t[:-1]), tuple(t[1:])) for t in split.train}
+    assert rows == expected
+    assert clashes / total < 0.01  # 6 of 15 items are each user's: without redraws 40% would clash

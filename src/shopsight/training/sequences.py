@@ -134,28 +134,34 @@ def training_batches(
 ):
     """SASRec-style batches: (inputs, next items, one random unseen negative per position), each (B, T).
 
-    Every user with at least 2 training items contributes its last ``max_len`` transitions.
+    Every user with at least 2 training items contributes its last ``max_len`` transitions. Batches are
+    built with whole-array operations (the step is otherwise bound by Python on the CPU, GPU or not).
     """
-    pool = np.flatnonzero(np.array([len(s) >= 2 for s in train])) if users is None else users
+    pool = np.flatnonzero(np.array([len(s) >= 2 for s in train])) if users is None else np.asarray(users)
+    # each user's last max_len + 1 items, right-aligned: inputs are [:-1], next items [1:]
+    tails = np.zeros((len(train), max_len + 1), dtype=np.int64)
+    for u in pool:
+        items = train[u][-(max_len + 1) :]
+        tails[u, max_len + 1 - len(items) :] = items
+    # every (user, item) the user interacted with, as one sorted key, to reject negatives in one go
+    width = n_items + 1
+    seen = (
+        np.unique(np.concatenate([u * width + train[u] for u in pool]))
+        if len(pool)
+        else np.empty(0, np.int64)
+    )
     order = rng.permutation(pool)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        seq = np.zeros((len(chunk), max_len), dtype=np.int64)
-        pos = np.zeros_like(seq)
-        for row, u in enumerate(chunk):
-            items = train[u][-(max_len + 1) :]
-            inp, nxt = items[:-1], items[1:]
-            seq[row, max_len - len(inp) :] = inp
-            pos[row, max_len - len(nxt) :] = nxt
-        neg = rng.integers(1, n_items + 1, size=seq.shape)
-        # resample negatives that hit one of the user's items (rare with many items: two passes suffice)
-        for row, u in enumerate(chunk):
-            user_items = train[u]
-            clash = np.isin(neg[row], user_items)
-            for _ in range(3):
-                if not clash.any():
-                    break
-                neg[row, clash] = rng.integers(1, n_items + 1, size=int(clash.sum()))
-                clash = np.isin(neg[row], user_items)
+        seq = tails[chunk, :-1]
+        pos = np.where(seq > 0, tails[chunk, 1:], 0)
+        neg = rng.integers(1, width, size=seq.shape)
+        for _ in range(8):  # few negatives hit a seen item; a handful of redraws clears nearly all
+            keys = chunk[:, None] * width + neg
+            index = np.minimum(np.searchsorted(seen, keys), len(seen) - 1)
+            clash = seen[index] == keys
+            if not clash.any():
+                break
+            neg[clash] = rng.integers(1, width, size=int(clash.sum()))
         neg[pos == 0] = 0
         yield seq, pos, neg
