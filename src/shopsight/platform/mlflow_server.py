@@ -7,6 +7,7 @@ on first use and reused by later commands (its address is kept in ``<data_dir>/m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -78,6 +79,18 @@ def stop_local_server(settings: Settings) -> bool:
         os.killpg(info["pid"], signal.SIGTERM)
     except ProcessLookupError:
         return False
+    # the server and its job consumers share the process group: wait for all of them, then insist
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        with contextlib.suppress(ChildProcessError):  # reap it when this process started it
+            os.waitpid(info["pid"], os.WNOHANG)
+        try:
+            os.killpg(info["pid"], 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(info["pid"], signal.SIGKILL)
     return True
 
 
