@@ -57,9 +57,13 @@ demo: setup
 test: setup services
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+# The benchmarks compare against the ctgan package: the `bench` extra.
 bench: setup services
+	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable '.[dev,bench]'
 	$(BIN)/python -m benchmarks.bench_simulator
 	$(BIN)/python -m benchmarks.bench_features
+	$(BIN)/python -m benchmarks.bench_purchase
+	$(BIN)/python -m benchmarks.bench_gan
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

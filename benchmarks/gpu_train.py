@@ -31,9 +31,23 @@ def _load(path: str, max_lines: int | None = None) -> LeaveOneOut:
     return LeaveOneOut.split(SequenceData.from_pairs(pairs[:, 0], pairs[:, 1]))
 
 
-def _throughput(split, epochs: int, bf16: bool, device: str, batch_size: int) -> dict:
+def _model_config(pairs: list[str]) -> dict:
+    """``key=value`` pairs (``--set loss=sampled_softmax``), values parsed as JSON where they parse."""
+    config = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
+    return config
+
+
+def _throughput(
+    split, epochs: int, bf16: bool, device: str, batch_size: int, name: str, config: dict
+) -> dict:
     torch.manual_seed(0)
-    model = build_model("sasrec", n_items=split.n_items)
+    model = build_model(name, n_items=split.n_items, **config)
     cfg = LoopConfig(epochs=epochs, batch_size=batch_size, eval_every=10**6, bf16=bf16)
     started = time.perf_counter()
     history = train_next_item(model, split, cfg, device=device, log=lambda line: None)
@@ -57,7 +71,11 @@ def main() -> None:
     parser.add_argument("--max-lines", type=int, default=None, help="read only the first lines (smoke tests)")
     parser.add_argument("--skip-throughput", action="store_true", help="only the quality run")
     parser.add_argument("--eval-every", type=int, default=20)
+    parser.add_argument("--model", default="sasrec")
+    parser.add_argument("--set", action="append", default=[], help="model config key=value (repeatable)")
+    parser.add_argument("--patience", type=int, default=60)
     args = parser.parse_args()
+    config = _model_config(args.set)
     split = _load(args.data, args.max_lines)
     result: dict = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                     "torch": torch.__version__, "users": len(split.train), "items": split.n_items}  # fmt: skip
@@ -69,7 +87,9 @@ def main() -> None:
         torch.distributed.init_process_group(backend)
         result["backend"] = backend
         result["world_size"] = torch.distributed.get_world_size()
-        result["ddp_bf16"] = _throughput(split, args.epochs, True, device, args.batch_size)
+        result["ddp_bf16"] = _throughput(
+            split, args.epochs, True, device, args.batch_size, args.model, config
+        )
         if torch.distributed.get_rank() == 0:
             print(json.dumps(result))
             if args.out:
@@ -79,25 +99,36 @@ def main() -> None:
         return
 
     if not args.skip_throughput:
-        result["fp32"] = _throughput(split, args.throughput_epochs, False, device, args.batch_size)
-        result["bf16"] = _throughput(split, args.throughput_epochs, True, device, args.batch_size)
+        result["fp32"] = _throughput(
+            split, args.throughput_epochs, False, device, args.batch_size, args.model, config
+        )
+        result["bf16"] = _throughput(
+            split, args.throughput_epochs, True, device, args.batch_size, args.model, config
+        )
         print(json.dumps(result), flush=True)
     torch.manual_seed(0)
-    model = build_model("sasrec", n_items=split.n_items)
+    model = build_model(args.model, n_items=split.n_items, **config)
     cfg = LoopConfig(
-        epochs=args.epochs, batch_size=args.batch_size, eval_every=args.eval_every, eval_users=3000, patience=60
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        eval_users=3000,
+        patience=args.patience,
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     history = train_next_item(model, split, cfg, device=device)
     train_cpu_seconds = time.process_time() - cpu_started
     quality = evaluate_next_item(scorer(model.eval()), split, "test", 50, device=device)
     result["quality_run"] = {
+        "model": args.model,
+        "model_config": asdict(model.cfg),
         "loop": asdict(cfg),
         "epochs_run": len(history),
         "wall_seconds": time.perf_counter() - started,
         "train_cpu_seconds": train_cpu_seconds,
         "threads": torch.get_num_threads(),
         "test": {k: v for k, v in quality.items() if not k.startswith("_")},
+        "valid_history": [{"epoch": h.epoch, **h.valid} for h in history if h.valid],
     }
     print(json.dumps(result), flush=True)
     if args.out:

@@ -30,3 +30,41 @@ def taobao_sample() -> Path:
 @pytest.fixture(scope="session")
 def sasrec_games() -> Path:
     return shared_data("sasrec/games.txt")
+
+
+def purchase_frame(users: int = 300, days: int = 4, seed: int = 0):
+    """A small training set in the purchase_propensity_v1 layout with a learnable signal: users who
+    carted in the last day (and whose sequence ends with a cart) buy the next day far more often."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for day in range(days):
+        snapshot = pd.Timestamp("2017-11-25 16:00", tz="UTC") + pd.Timedelta(days=day)
+        for user in range(1, users + 1):
+            n = int(rng.integers(1, 30))
+            carted = rng.random() < 0.3
+            behaviors = ["pv"] * n
+            if carted:
+                behaviors[-1] = "cart"
+            ts = int(snapshot.timestamp()) - np.sort(rng.integers(60, 3 * 86400, n))[::-1]
+            rows.append(
+                {
+                    "user_id": user,
+                    "event_timestamp": snapshot,
+                    "buy_next_1d": bool(rng.random() < (0.6 if carted else 0.1)),
+                    "n_pv_1d": n - int(carted),
+                    "n_cart_1d": int(carted),
+                    "cvr_buy_pv_1d": float(rng.random() / 10),
+                    "hours_since_buy": np.nan if rng.random() < 0.5 else float(rng.integers(1, 200)),
+                    "top_categories": np.array([1, 2, 3]),
+                    "seq_item_ids": rng.integers(1000, 1050, n),
+                    "seq_category_ids": rng.integers(1, 6, n),
+                    "seq_behaviors": np.array(behaviors, dtype=object),
+                    "seq_ts": ts,
+                    "seq_length": n,
+                    "segment_id": int(rng.integers(0, 3)),
+                }
+            )
+    return pd.DataFrame(rows)

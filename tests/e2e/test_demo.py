@@ -34,6 +34,8 @@ def test_demo_runs_every_stage(tmp_path):
                 "500",
                 "--train-epochs",
                 "5",
+                "--purchase-epochs",
+                "3",
             ],
             capture_output=True,
             text=True,
@@ -47,7 +49,15 @@ def test_demo_runs_every_stage(tmp_path):
         stop_local_server(load_settings(overrides={"data_dir": str(data_dir)}, environ={}).settings)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    for stage in ("1. data: simulate", "2. data: validate", "3. features", "4. features", "5. training"):
+    stages = (
+        "1. data: simulate",
+        "2. data: validate",
+        "3. features",
+        "4. features",
+        "5. training",
+        "6. training",
+    )
+    for stage in stages:
         assert stage in out, stage
     assert "Demo finished" in out and "Feature catalog" in out and "user_profile_v1" in out
     rows = {
@@ -72,3 +82,10 @@ def test_demo_runs_every_stage(tmp_path):
     popular = summary["test HR@10 sampled / full"].split("popularity ")[1].rstrip(")").split(" / ")
     assert float(sampled) > float(popular[0]), "the sequence model beats popularity on the simulator's data"
     assert "challenger" in summary["next-item model"]
+    assert "challenger" in summary["purchase model"]
+    # "0.71 (trees 0.70, oracle 0.79)": the model learns something; the oracle is the ceiling
+    model_auc = float(summary["purchase test ROC-AUC"].split(" (")[0])
+    baselines = dict(
+        part.split(" ") for part in summary["purchase test ROC-AUC"].split(" (")[1].rstrip(")").split(", ")
+    )
+    assert 0.6 < model_auc <= float(baselines["oracle"]) + 0.03

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shopsight import __version__
-from shopsight.cli import config, data, features, train
+from shopsight.cli import config, data, features, train, tune
 from shopsight.cli._context import CliState, parse_overrides
 from shopsight.cli._planned import planned_groups
 from shopsight.cli.demo import demo
@@ -68,6 +68,7 @@ for _name, _group in planned_groups().items():
 app.command("demo")(demo)
 app.command("train")(train.train_command)
 app.command("evaluate")(train.evaluate_command)
+app.command("tune")(tune.tune_command)
 
 
 def main() -> None:

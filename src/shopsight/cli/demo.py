@@ -19,10 +19,11 @@ def demo(
     days: Annotated[int, typer.Option(min=2, help="Simulated days.")] = 9,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     train_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the demo's next-item model.")] = 10,
+    purchase_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the demo's purchase model.")] = 6,
 ) -> None:
     """Run the pipeline end to end on this machine: simulate and validate events, build features,
-    register and materialise them in Feast, look one user up online, and train and register a next-item
-    model."""
+    register and materialise them in Feast, look one user up online, train and register a next-item
+    model and a purchase model, each beside its baselines."""
     from shopsight.cli.features import print_online, run_build
     from shopsight.features import store
 
@@ -75,6 +76,24 @@ def demo(
         log=console.print,
     )
 
+    console.rule("[bold]6. training: SASRec purchase model on a point-in-time training set from Feast")
+    from shopsight.training.train_purchase import SERVICE, train_purchase_model
+
+    training_set = settings.data_dir / "demo" / "training_set.parquet"
+    with console.status(f"point-in-time training set of {SERVICE}"):
+        store.training_set(settings, SERVICE, cfg.start, last_day - timedelta(days=1), training_set)
+    purchase = train_purchase_model(
+        settings,
+        "sasrec",
+        training_set,
+        model_config={"d_model": 48, "n_heads": 2, "dropout": 0.2},
+        loop=LoopConfig(epochs=purchase_epochs, batch_size=256, eval_every=1, patience=3, weight_decay=1e-5),
+        truth=out / "truth" / "next_day_buy.parquet",
+        log=console.print,
+    )
+    baselines = ", ".join(f"{name} {r['roc_auc']:.3f}" for name, r in purchase.baselines.items())
+    buy_rate = purchase.test["base_rate"]
+
     print_summary(
         "Demo finished",
         {
@@ -85,8 +104,11 @@ def demo(
             "next-item model": f"{trained.registered_model} v{trained.version} (alias challenger)",
             "test HR@10 sampled / full": f"{trained.test['hr@10']:.3f} / {trained.test['hr@10_full']:.3f} "
             f"(popularity {trained.popularity['hr@10']:.3f} / {trained.popularity['hr@10_full']:.3f})",
+            "purchase model": f"{purchase.registered_model} v{purchase.version} (alias challenger)",
+            "purchase test ROC-AUC": f"{purchase.test['roc_auc']:.3f} ({baselines})",
+            "purchase test PR-AUC": f"{purchase.test['pr_auc']:.3f} (buy rate {buy_rate:.3f})",
             "MLflow UI": tracking_uri(settings),
-            "next stages": "purchase models, serving and clusters arrive with the next issues",
+            "next stages": "serving and clusters arrive with the next issues",
             "took": f"{watch.seconds:.1f} s",
         },
     )

@@ -106,6 +106,36 @@ def materialize_command(
     )
 
 
+@app.command("embed")
+def embed_command(
+    ctx: typer.Context,
+    model_uri: Annotated[
+        str, typer.Option(help="A registered next-item model: models:/NAME@ALIAS or models:/NAME/VERSION.")
+    ] = "models:/shopsight-next-item@champion",
+    day: Annotated[
+        list[str] | None, typer.Option(help="Only this snapshot day, YYYY-MM-DD (repeatable); default all.")
+    ] = None,
+) -> None:
+    """Write each user's sequence embedding from a next-item model into the user_embedding table
+    (served by the Feast view user_embedding, in user_profile_v1; `features materialize` loads it)."""
+    from shopsight.training.embeddings import write_user_embeddings
+
+    settings = state(ctx).settings
+    days = [parse_day(d, "--day") for d in day] if day else None
+    result = write_user_embeddings(settings, model_uri, days)
+    print_summary(
+        "Embedded",
+        {
+            "model": result.model_uri,
+            "rows": f"{result.rows:,} ({len(result.days)} day(s): {result.days[0]} .. {result.days[-1]})",
+            "dimension": str(result.dimension),
+            "written to": str(result.out),
+            "next": "shopsight features materialize",
+            "took": f"{result.seconds:.1f} s",
+        },
+    )
+
+
 @app.command("list")
 def list_command(ctx: typer.Context) -> None:
     """The catalog: feature views and services, owners, online freshness."""

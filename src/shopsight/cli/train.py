@@ -1,4 +1,5 @@
-"""`shopsight train` and `shopsight evaluate`: next-item models with Ray Train, MLflow and the protocol."""
+"""`shopsight train` and `shopsight evaluate`: next-item and purchase models with Ray Train, MLflow and the
+protocols of architecture.md."""
 
 from __future__ import annotations
 
@@ -19,14 +20,29 @@ def _ray(settings: Settings) -> None:
         ray.init(
             address=settings.ray.address,
             num_cpus=settings.ray.num_cpus,
-            include_dashboard=False,
+            # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
+            include_dashboard=True,
         )
+
+
+def _is_training_set(path: Path) -> bool:
+    """A parquet file with the purchase label: a training set of the purchase feature service."""
+    import pyarrow.parquet as pq
+
+    try:
+        return "buy_next_1d" in pq.read_schema(path).names
+    except Exception:  # noqa: BLE001 - not parquet (SASRec text, CSV) or a folder
+        return False
 
 
 def train_command(
     ctx: typer.Context,
     data: Annotated[
-        Path, typer.Option(help="Interactions: SASRec text ('user item' lines), Taobao CSV or parquet.")
+        Path,
+        typer.Option(
+            help="Next item: interactions (SASRec text 'user item' lines, Taobao CSV or parquet). "
+            "Purchase: a training set of purchase_propensity_v1 (`shopsight features training-set`)."
+        ),
     ],
     model: Annotated[str, typer.Option(help="sasrec | lstm.")] = "sasrec",
     workers: Annotated[
@@ -42,19 +58,38 @@ def train_command(
     name: Annotated[
         str | None, typer.Option(help="Run name; the same name resumes an interrupted run.")
     ] = None,
+    task: Annotated[
+        str, typer.Option(help="auto (purchase for a training set, else next-item) | next-item | purchase.")
+    ] = "auto",
+    pos_weight: Annotated[
+        str,
+        typer.Option(help="Purchase: buyers' loss weight, a number or 'balanced' (non-buyers per buyer)."),
+    ] = "balanced",
+    pretrained: Annotated[
+        str | None,
+        typer.Option(help="Purchase: start from this registered next-item model (models:/NAME@ALIAS)."),
+    ] = None,
 ) -> None:
-    """Train a next-item model with Ray Train, track it in MLflow, register it as the `challenger`."""
+    """Train a next-item or purchase model with Ray Train, track it in MLflow, register it as the
+    `challenger`."""
     from shopsight.training.loop import LoopConfig
-    from shopsight.training.models import MODELS
     from shopsight.training.train import train_next_item_model
+    from shopsight.training.train_purchase import SEQUENCE_MODELS
 
     settings = state(ctx).settings
-    if model not in MODELS:
+    if model not in SEQUENCE_MODELS:
         raise typer.BadParameter(
-            f"unknown model {model!r}: choose one of {', '.join(sorted(MODELS))}", param_hint="--model"
+            f"unknown model {model!r}: choose one of {', '.join(SEQUENCE_MODELS)}", param_hint="--model"
         )
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
+    if task not in ("auto", "next-item", "purchase"):
+        raise typer.BadParameter(f"unknown task {task!r}: auto, next-item or purchase", param_hint="--task")
+    if task == "purchase" or (task == "auto" and _is_training_set(data)):
+        _train_purchase(
+            settings, data, model, workers, gpus_per_worker, epochs, lr, name, pos_weight, pretrained
+        )
+        return
     _ray(settings)
     summary = train_next_item_model(
         settings,
@@ -80,6 +115,42 @@ def train_command(
     )
 
 
+def _train_purchase(settings, data, model, workers, gpus, epochs, lr, name, pos_weight, pretrained) -> None:
+    from shopsight.training.loop import LoopConfig
+    from shopsight.training.train_purchase import train_purchase_model
+
+    if pos_weight != "balanced":
+        try:
+            pos_weight = float(pos_weight)
+        except ValueError:
+            raise typer.BadParameter(
+                f"{pos_weight!r} is neither a number nor 'balanced'", param_hint="--pos-weight"
+            ) from None
+    _ray(settings)
+    summary = train_purchase_model(
+        settings,
+        model,
+        data,
+        workers=workers,
+        gpus_per_worker=gpus,
+        loop=LoopConfig(epochs=epochs, batch_size=256, lr=lr, eval_every=1, patience=4, weight_decay=1e-5),
+        pos_weight=pos_weight,
+        pretrained=pretrained,
+        run_name=name,
+        log=console.print,
+    )
+    print_summary(
+        "Trained",
+        {
+            "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
+            "test ROC-AUC / PR-AUC": f"{summary.test['roc_auc']:.4f} / {summary.test['pr_auc']:.4f}",
+            **{name: f"{r['roc_auc']:.4f} / {r['pr_auc']:.4f}" for name, r in summary.baselines.items()},
+            "MLflow run": summary.run_id,
+            "took": f"{summary.seconds:.1f} s ({summary.epochs} epochs)",
+        },
+    )
+
+
 def evaluate_command(
     ctx: typer.Context,
     model_uri: Annotated[
@@ -88,10 +159,22 @@ def evaluate_command(
     data: Annotated[Path, typer.Option(help="Interactions in any supported format.")],
     users: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many users.")] = None,
 ) -> None:
-    """Run the next-item protocol (leave-one-out; sampled and full ranking) and print the table."""
-    from shopsight.training.evaluate import evaluate_model_uri
+    """Run the model's protocol and print the table: next item (leave-one-out; sampled and full ranking)
+    on interactions, purchase (last snapshot day) on a training set."""
+    from shopsight.training.evaluate import evaluate_model_uri, evaluate_purchase_uri
 
     settings = state(ctx).settings
+    if _is_training_set(data):
+        rows = evaluate_purchase_uri(settings, model_uri, data)
+        table = Table(title=f"Purchase protocol on {data.name} (last snapshot day)", title_justify="left")
+        table.add_column("model")
+        keys = ("roc_auc", "pr_auc", "log_loss", "precision", "recall", "f1")
+        for column in ("rows", "ROC-AUC", "PR-AUC", "log-loss", "precision", "recall", "F1"):
+            table.add_column(column, justify="right")
+        for name, m in rows.items():
+            table.add_row(name, f"{int(m['n']):,}", *(f"{m[k]:.4f}" for k in keys))
+        console.print(table)
+        return
     rows = evaluate_model_uri(settings, model_uri, data, max_users=users)
     table = Table(title=f"Next-item protocol on {data.name}", title_justify="left")
     table.add_column("model")

@@ -15,13 +15,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
-from feast.types import Array, Bool, Float64, Int64, String
+from feast.types import Array, Bool, Float32, Float64, Int64, String
 
 from shopsight.data.schema import BEHAVIORS
 from shopsight.features.jobs import CREATED_TS, DAY_PARTS, SNAPSHOT_TS
 from shopsight.platform import Settings
 
 OWNER = "shopsight-features"
+EMBEDDING_OWNER = "shopsight-training"  # written by the training side's embedding job
 # A snapshot row is valid until the next day's row replaces it; two days tolerate a late build.
 SNAPSHOT_TTL = timedelta(days=2)
 
@@ -195,6 +196,26 @@ def repository(settings: Settings) -> list:
         ],
         description="User segments: who is a heavy browser, a loyal buyer, a newcomer.",
     )
+    user_embedding = FeatureView(
+        name="user_embedding",
+        entities=[user],
+        ttl=SNAPSHOT_TTL,
+        source=_source(settings, "user_embedding"),
+        online=True,
+        tags={"owner": EMBEDDING_OWNER},
+        schema=[
+            Field(name="user_id", dtype=Int64),
+            _field(
+                "embedding",
+                Array(Float32),
+                "The user's behaviour sequence encoded by the registered next-item model (its last hidden "
+                "state); compare users by cosine similarity.",
+                EMBEDDING_OWNER,
+            ),
+            _field("embedding_model", String, "The model URI that produced the embedding.", EMBEDDING_OWNER),
+        ],
+        description="User embeddings from the next-item model (`shopsight features embed`).",
+    )
     labels = FeatureView(
         name="labels",
         entities=[user],
@@ -230,7 +251,7 @@ def repository(settings: Settings) -> list:
         ),
         FeatureService(
             name="user_profile_v1",
-            features=[user_activity[profile_fields], user_segment],
+            features=[user_activity[profile_fields], user_segment, user_embedding],
             tags=tags,
             description="A user's portrait for other teams: weekly activity, tastes, segment.",
         ),
@@ -246,6 +267,7 @@ def repository(settings: Settings) -> list:
         item_stats,
         category_stats,
         user_segment,
+        user_embedding,
         labels,
         *services,
     ]

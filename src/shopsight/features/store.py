@@ -122,7 +122,7 @@ def materialize(
     """
     store = feature_store(settings)
     end = end or datetime.now(UTC)
-    views = [fv.name for fv in store.list_feature_views() if fv.online]
+    views = [fv.name for fv in store.list_feature_views() if fv.online and _has_data(fv)]
     if incremental and all(store.get_feature_view(v).most_recent_end_time for v in views):
         store.materialize_incremental(end_date=end, feature_views=views)
     else:
@@ -131,6 +131,15 @@ def materialize(
             start_date=start or datetime(1970, 1, 1, tzinfo=UTC), end_date=end, feature_views=views
         )
     return views
+
+
+def _has_data(view) -> bool:
+    """False for a view whose local table was never written (``user_embedding`` before ``features
+    embed``): there is nothing to load, and Feast would fail on the missing path."""
+    path = getattr(view.batch_source, "path", None)
+    if not path or "://" in str(path):
+        return True  # remote storage: let Feast read it
+    return Path(path).exists() and any(Path(path).glob("*=*"))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""Evaluate a registered next-item model on any interaction file with the protocol of architecture.md."""
+"""Evaluate a registered model with the protocol of architecture.md: a next-item model on any interaction
+file (leave-one-out, sampled and full ranking), a purchase model on a training set of its feature service
+(the last snapshot day, threshold from the day before)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,30 @@ from shopsight.training.loop import scorer
 from shopsight.training.sequences import LeaveOneOut, SequenceData
 
 
-def load_recommender(settings: Settings, model_uri: str):
-    """The registered pyfunc's network and item mapping, loaded from MLflow."""
+def model_dir(settings: Settings, model_uri: str) -> Path:
+    """The folder of a registered Shopsight pyfunc's network (config, weights, mappings)."""
     import mlflow
-
-    from shopsight.training.next_item_model import NextItemRecommender
 
     mlflow.set_tracking_uri(tracking_uri(settings))
     try:
-        folder = Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts" / "model_dir"
+        return Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts" / "model_dir"
     except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing model
         raise ShopsightError(f"cannot load {model_uri}: {str(exc).splitlines()[0]}") from None
+
+
+def is_purchase_model(folder: Path) -> bool:
+    from shopsight.training.purchase_model import FEATURES
+
+    return (folder / FEATURES).exists()
+
+
+def load_recommender(settings: Settings, model_uri: str):
+    """The registered pyfunc's network and item mapping, loaded from MLflow."""
+    from shopsight.training.next_item_model import NextItemRecommender
+
+    folder = model_dir(settings, model_uri)
+    if is_purchase_model(folder):
+        raise ShopsightError(f"{model_uri} is a purchase model, not a next-item model")
     recommender = NextItemRecommender()
     recommender._load(folder)
     return recommender
@@ -56,3 +71,27 @@ def evaluate_model_uri(
     popular = evaluate_next_item(Popularity(split), split, "test", max_len, max_users=max_users, seed=seed)
     strip = lambda m: {k: v for k, v in m.items() if not k.startswith("_")}  # noqa: E731
     return {model_uri: strip(model), "popularity (same data)": strip(popular)}
+
+
+def evaluate_purchase_uri(settings: Settings, model_uri: str, data: Path) -> dict[str, dict[str, float]]:
+    """Test-day metrics of a registered purchase model and of trees fitted on the same training days."""
+    from shopsight.training.purchase import TreeBaseline, predict_purchase, purchase_report
+    from shopsight.training.purchase_data import TimeSplit, read_training_set
+    from shopsight.training.purchase_model import PurchasePropensity
+
+    folder = model_dir(settings, model_uri)
+    if not is_purchase_model(folder):
+        raise ShopsightError(
+            f"{model_uri} is a next-item model; evaluate it on interactions, not a training set"
+        )
+    loaded = PurchasePropensity()
+    loaded._load(folder)
+    split = TimeSplit.of(read_training_set(data), str(data))
+    features = loaded.features
+    valid, test = features.transform(split.valid), features.transform(split.test)
+    tree = TreeBaseline().fit(features.transform(split.train))
+    model = purchase_report(
+        valid.labels, predict_purchase(loaded.model, valid), test.labels, predict_purchase(loaded.model, test)
+    )
+    trees = purchase_report(valid.labels, tree.predict(valid), test.labels, tree.predict(test))
+    return {model_uri: model, "trees (same training days)": trees}

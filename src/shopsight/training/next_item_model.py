@@ -30,6 +30,7 @@ class NextItemRecommender(mlflow.pyfunc.PythonModel):
 
     def _load(self, folder: Path) -> None:
         meta = json.loads((folder / CONFIG).read_text())
+        self.model_name = meta["model"]
         self.model = build_model(meta["model"], **meta["config"])
         self.model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
         self.model.eval()

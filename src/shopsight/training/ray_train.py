@@ -1,5 +1,7 @@
-"""Ray Train around the plain loop: ``TorchTrainer(train_loop_per_worker=...)`` runs
-:func:`shopsight.training.loop.train_next_item` on every worker (DDP: gloo on CPUs, NCCL on GPUs).
+"""Ray Train around the plain loops: ``TorchTrainer(train_loop_per_worker=...)`` runs
+:func:`shopsight.training.loop.train_next_item` (task ``next_item``) or
+:func:`shopsight.training.purchase.train_purchase` (task ``purchase``) on every worker (DDP: gloo on CPUs,
+NCCL on GPUs).
 
 Every epoch the workers report metrics and rank 0 a checkpoint (model, optimizer, epoch, best
 validation state); ``CheckpointConfig`` keeps the best ``keep_checkpoints``. A worker that dies makes
@@ -21,22 +23,49 @@ from shopsight.training.loop import LoopConfig
 
 CHECKPOINT_FILE = "state.pt"
 METRIC = "valid_ndcg@10"
+# the validation metric each task keeps the best checkpoints by (and Tune/early stopping watch)
+TASK_METRICS = {"next_item": "ndcg@10", "purchase": "roc_auc"}
+
+
+def _next_item_task(config: dict[str, Any], loop: LoopConfig):
+    from shopsight.training.loop import train_next_item
+    from shopsight.training.models import build_model
+    from shopsight.training.sequences import LeaveOneOut, SequenceData
+
+    data = SequenceData.from_file(config["data"])
+    split = LeaveOneOut.split(data)
+    model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
+    return model, lambda model, **kw: train_next_item(model, split, loop, **kw)
+
+
+def _purchase_task(config: dict[str, Any], loop: LoopConfig):
+    from shopsight.training.models import build_model
+    from shopsight.training.models._purchase_head import transfer_pretrained
+    from shopsight.training.purchase import train_purchase
+    from shopsight.training.purchase_data import PurchaseFeatures, TimeSplit, read_training_set
+
+    split = TimeSplit.of(read_training_set(config["data"]))
+    features = PurchaseFeatures(**config["features"])  # fitted once on the driver: every rank the same
+    train, valid = features.transform(split.train), features.transform(split.valid)
+    model = build_model(config["model"], **config["model_config"])
+    if config.get("pretrained"):  # overwritten by a checkpoint when the run resumes
+        transfer_pretrained(model, torch.load(config["pretrained"], weights_only=True))
+    pos_weight = config.get("pos_weight", 1.0)
+    return model, lambda model, **kw: train_purchase(model, train, valid, loop, pos_weight=pos_weight, **kw)
 
 
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from shopsight.training.loop import EpochResult, train_next_item
-    from shopsight.training.models import build_model
-    from shopsight.training.sequences import LeaveOneOut, SequenceData
+    from shopsight.training.loop import EpochResult
 
     torch.set_num_threads(config.get("threads_per_worker", 1))
-    data = SequenceData.from_file(config["data"])
-    split = LeaveOneOut.split(data)
     loop = LoopConfig(**config["loop"])
     torch.manual_seed(loop.seed)  # the same initial weights on every worker and every run
-    model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
+    task = config.get("task", "next_item")
+    model, run_loop = (_purchase_task if task == "purchase" else _next_item_task)(config, loop)
+    key = TASK_METRICS[task]
     start_epoch, optimizer_state, best = 0, None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -50,13 +79,13 @@ def _worker(config: dict[str, Any]) -> None:
 
     def on_epoch(result: EpochResult, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if result.valid:
-            last_metric["value"] = result.valid["ndcg@10"]
+            last_metric["value"] = result.valid[key]
         metrics = {
             "epoch": result.epoch,
             "loss": result.loss,
             "samples_per_second": result.samples_per_second,
             "epoch_seconds": result.seconds,
-            METRIC: last_metric["value"],
+            f"valid_{key}": last_metric["value"],
             **{f"valid_{k}": v for k, v in result.valid.items()},
         }
         if rank == 0 and config.get("mlflow"):
@@ -83,10 +112,8 @@ def _worker(config: dict[str, Any]) -> None:
             Path(marker).write_text("failed once\n")  # the restarted worker must not fail again
             raise RuntimeError(f"injected worker failure after epoch {fail_after}")
 
-    train_next_item(
+    run_loop(
         model,
-        split,
-        loop,
         device=ray.train.torch.get_device(),
         start_epoch=start_epoch,
         optimizer_state=optimizer_state,
@@ -122,11 +149,18 @@ def train_with_ray(
     threads_per_worker: int = 1,
     fail_after_epoch: int | None = None,
     mlflow: tuple[str, str] | None = None,
+    callbacks: list | None = None,
+    task: str = "next_item",
+    task_config: dict[str, Any] | None = None,
 ):
     """Train ``model`` on a sequence file with Ray Train; returns Ray's ``Result`` (metrics, checkpoint).
 
     ``fail_after_epoch`` injects one worker failure after that epoch (to test fault tolerance);
-    ``mlflow`` = (tracking URI, run id) logs every epoch's metrics into that run.
+    ``mlflow`` = (tracking URI, run id) logs every epoch's metrics into that run;
+    ``callbacks``: Ray Train ``UserCallback``s (Tune's ``TuneReportCallback`` forwards each epoch to Tune);
+    ``task``: ``next_item`` (``data`` is an event or SASRec-format file) or ``purchase`` (``data`` is a
+    training set; ``task_config`` holds the fitted ``features``, ``pos_weight`` and an optional
+    ``pretrained`` weights file, and ``model_config`` is complete).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -141,6 +175,8 @@ def train_with_ray(
         "fail_after_epoch": fail_after_epoch,
         "failure_marker": str(storage_path / name / ".injected_failure") if fail_after_epoch else None,
         "mlflow": mlflow,  # (tracking URI, run id): rank 0 logs each epoch's metrics there
+        "task": task,
+        **(task_config or {}),
     }
     trainer = TorchTrainer(
         train_loop_per_worker=_worker,
@@ -157,9 +193,12 @@ def train_with_ray(
             name=name,
             storage_path=str(storage_path),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=keep_checkpoints, checkpoint_score_attribute=METRIC, checkpoint_score_order="max"
+                num_to_keep=keep_checkpoints,
+                checkpoint_score_attribute=f"valid_{TASK_METRICS[task]}",
+                checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

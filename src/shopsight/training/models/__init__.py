@@ -3,6 +3,8 @@
 Every model shares one contract over left-padded item-id sequences (B, T):
 ``loss(seq, pos, neg)`` for training, ``score(seq, candidates)`` -> (B, C) and ``predict(seq)`` ->
 (B, n_items + 1) for ranking.
+The ``gan`` model (:class:`~shopsight.training.models.gan.TabularGAN`) is the exception: it generates
+tabular rows, so it has ``fit(frame, condition_column, ...)`` and ``sample(n, condition)`` instead.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 MODELS = {
     "sasrec": ("shopsight.training.models.sasrec", "SASRecConfig", "SASRec"),
     "lstm": ("shopsight.training.models.lstm", "LSTMConfig", "LSTMRec"),
+    "gan": ("shopsight.training.models.gan", "GANConfig", "TabularGAN"),
 }
 
 

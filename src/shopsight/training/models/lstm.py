@@ -2,7 +2,8 @@
 
 Same contract as SASRec (``loss``, ``score``, ``predict`` over left-padded item-id sequences) and the
 same output embedding trick: the next item's score is the dot product of the projected LSTM state
-with the item's embedding.
+with the item's embedding. With ``n_dense > 0`` it has the same purchase head as SASRec
+(:mod:`._purchase_head`), over the LSTM's last state.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from shopsight.training.models._purchase_head import PurchaseHead
 
 
 @dataclass(frozen=True)
@@ -27,15 +30,20 @@ class LSTMConfig:
     dropout: float = 0.3
     loss: Literal["bce", "sampled_softmax"] = "bce"
     n_negatives: int = 256
+    n_dense: int = 0  # dense features of the purchase head; 0: next-item only
+    n_categories: int = 0  # category vocabulary of the purchase head's side embeddings
+    head_hidden: int = 128
 
     def __post_init__(self) -> None:
         if self.n_items < 1 or self.max_len < 1:
             raise ValueError("n_items and max_len must be positive")
+        if self.n_dense < 0 or self.n_categories < 0:
+            raise ValueError("n_dense and n_categories must not be negative")
         if self.loss not in ("bce", "sampled_softmax"):
             raise ValueError(f"unknown loss {self.loss!r}: bce or sampled_softmax")
 
 
-class LSTMRec(nn.Module):
+class LSTMRec(PurchaseHead, nn.Module):
     """Next-item model over item-id sequences (left-padded with 0)."""
 
     def __init__(self, cfg: LSTMConfig) -> None:
@@ -54,10 +62,20 @@ class LSTMRec(nn.Module):
         nn.init.xavier_normal_(self.item_emb.weight)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
+        self.build_purchase_head(cfg)
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, D) of sequences (B, T); left padding keeps the last step the newest."""
-        x = self.dropout(self.item_emb(seq))  # (B, T, D)
+    def encode(
+        self, seq: torch.Tensor, side: torch.Tensor | None = None, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states (B, T, D) of sequences (B, T); left padding keeps the last step the newest.
+
+        ``side`` (B, T, D) is added to the item embeddings (the purchase head's event attributes);
+        ``present`` is accepted for the shared contract: the LSTM reads padding as zeros either way.
+        """
+        x = self.item_emb(seq)  # (B, T, D)
+        if side is not None:
+            x = x + side
+        x = self.dropout(x)
         out, _ = self.lstm(x)  # (B, T, H)
         return self.project(self.dropout(out))  # (B, T, D)
 

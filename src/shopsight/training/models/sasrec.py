@@ -8,6 +8,11 @@ Two losses: the paper's binary cross-entropy with one sampled negative per posit
 sampled softmax whose negatives are shared across the batch (``"sampled_softmax"``: every position
 ranks its true next item against the same ``n_negatives`` items, a much richer signal per step).
 ``pre_ln`` puts LayerNorm before attention and feed-forward (the variant that trains more stably).
+
+With ``n_dense > 0`` the model also has the purchase head of :mod:`._purchase_head` (Behavior Sequence
+Transformer style): ``purchase_loss`` / ``purchase_proba`` over items, categories, behaviours, time gaps
+and the user's dense activity features. The encoder is the same, so a next-item model pretrained on all
+behaviour initialises it (:func:`transfer_pretrained`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from shopsight.training.models._purchase_head import PurchaseHead
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,15 @@ class SASRecConfig:
     pre_ln: bool = True
     loss: Literal["bce", "sampled_softmax"] = "bce"
     n_negatives: int = 256  # shared negatives of the sampled softmax
+    n_dense: int = 0  # dense features of the purchase head; 0: next-item only
+    n_categories: int = 0  # category vocabulary of the purchase head's side embeddings
+    head_hidden: int = 128
 
     def __post_init__(self) -> None:
         if self.n_items < 1 or self.max_len < 1:
             raise ValueError("n_items and max_len must be positive")
+        if self.n_dense < 0 or self.n_categories < 0:
+            raise ValueError("n_dense and n_categories must not be negative")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.loss not in ("bce", "sampled_softmax"):
@@ -70,7 +82,7 @@ class _Block(nn.Module):
         return x * keep
 
 
-class SASRec(nn.Module):
+class SASRec(PurchaseHead, nn.Module):
     """Next-item model over item-id sequences (left-padded with 0)."""
 
     def __init__(self, cfg: SASRecConfig) -> None:
@@ -84,6 +96,7 @@ class SASRec(nn.Module):
         causal = torch.triu(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool), diagonal=1)
         self.register_buffer("causal", causal, persistent=False)
         self._init()
+        self.build_purchase_head(cfg)
 
     def _init(self) -> None:
         for name, param in self.named_parameters():
@@ -92,12 +105,20 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def encode(self, seq: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, T, D) of item sequences (B, T), T <= max_len."""
+    def encode(
+        self, seq: torch.Tensor, side: torch.Tensor | None = None, present: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Hidden states (B, T, D) of item sequences (B, T), T <= max_len.
+
+        ``side`` (B, T, D) is added to the item embeddings (the purchase head's event attributes);
+        ``present`` (B, T) marks real events where item id 0 may also be an unknown item.
+        """
         t = seq.shape[1]
         x = self.item_emb(seq) * self.cfg.d_model**0.5  # (B, T, D)
         x = x + self.pos_emb(torch.arange(t, device=seq.device))[None]
-        keep = (seq > 0).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        if side is not None:
+            x = x + side
+        keep = ((seq > 0) if present is None else present).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         x = self.emb_dropout(x) * keep
         causal = self.causal[:t, :t]
         for block in self.blocks:

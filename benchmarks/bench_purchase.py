@@ -1,0 +1,218 @@
+"""Purchase-propensity quality on simulator data, beside the simulator's oracle.
+
+Simulates users, builds the features, applies the Feast repository and takes the point-in-time training
+set of ``purchase_propensity_v1`` (all through the ``shopsight`` CLI, as a user would), then on the
+time split of architecture.md (train on earlier snapshot days, validate on the one before the last, test
+on the last) compares, on the same test rows:
+
+- the oracle: the simulator's true next-day buy probability (the ceiling);
+- gradient-boosted trees on the Feast activity features: unweighted, class-weighted, and with buyers
+  oversampled by the ``gan`` model (synthetic buyer rows added to the training rows);
+- ``sasrec`` with the purchase head: unweighted, buyer-weighted, and pretrained on next-item prediction
+  (self-supervised on all behaviour before the validation day) then fine-tuned, weighted;
+- ``lstm`` with the purchase head, weighted.
+
+    python -m benchmarks.bench_purchase [--users 4000] [--data-dir DIR (reuse a built one)]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmarks._machine import append_report, describe_machine
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _cli(data_dir: Path, *args: str) -> None:
+    command = [sys.executable, "-m", "shopsight.cli", "--data-dir", str(data_dir), *args]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def prepare(data_dir: Path, users: int) -> Path:
+    """Simulated events -> features -> Feast -> training set (reused when already there)."""
+    out = data_dir / "training_set.parquet"
+    if out.exists():
+        return out
+    _cli(data_dir, "data", "simulate", "--users", str(users))
+    _cli(
+        data_dir, "features", "build", "--events", str(data_dir / "simulated" / "events"),
+        "--start", "2017-11-25", "--end", "2017-12-02",
+    )  # fmt: skip
+    _cli(data_dir, "features", "apply")
+    _cli(
+        data_dir, "features", "training-set", "--service", "purchase_propensity_v1",
+        "--start", "2017-11-25", "--end", "2017-12-02", "--out", str(out),
+    )  # fmt: skip
+    return out
+
+
+def _pretrain(data_dir: Path, before: pd.Timestamp, epochs: int, log) -> tuple[dict, np.ndarray, float]:
+    """SASRec next-item model on every event before ``before``; (weights, item vocabulary, seconds)."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from shopsight.training.loop import LoopConfig, train_next_item
+    from shopsight.training.models import build_model
+    from shopsight.training.sequences import LeaveOneOut, SequenceData
+
+    events = ds.dataset(data_dir / "simulated" / "events", partitioning="hive").to_table()
+    events = events.filter(ds.field("ts") < pa.scalar(before.to_pydatetime(), pa.timestamp("us", tz="UTC")))
+    data = SequenceData.from_events(events)
+    split = LeaveOneOut.split(data)
+    torch.manual_seed(0)
+    model = build_model("sasrec", n_items=data.n_items, d_model=64, dropout=0.2)
+    started = time.perf_counter()
+    train_next_item(model, split, LoopConfig(epochs=epochs, eval_every=5, patience=10), log=log)
+    return model.state_dict(), data.item_ids, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--users", type=int, default=4000)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--pretrain-epochs", type=int, default=40)
+    parser.add_argument("--gan-epochs", type=int, default=30)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+
+    from shopsight.training.loop import LoopConfig
+    from shopsight.training.models import build_model
+    from shopsight.training.models._purchase_head import transfer_pretrained
+    from shopsight.training.purchase import (
+        TreeBaseline,
+        balanced_pos_weight,
+        oracle_probabilities,
+        predict_purchase,
+        purchase_report,
+        train_purchase,
+    )
+    from shopsight.training.purchase_data import SNAPSHOT, PurchaseFeatures, TimeSplit, read_training_set
+
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-purchase-"))
+    started = time.perf_counter()
+    path = prepare(data_dir, args.users)
+    prepare_seconds = time.perf_counter() - started
+    split = TimeSplit.of(read_training_set(path))
+    print(json.dumps(split.describe(), indent=1), flush=True)
+    valid_snapshot = pd.to_datetime(split.valid[SNAPSHOT], utc=True).min()
+    weights, item_ids, pretrain_seconds = _pretrain(
+        data_dir, valid_snapshot, args.pretrain_epochs, log=lambda line: print("  pretrain", line)
+    )
+    features = PurchaseFeatures.fit(split.train, item_ids=item_ids[1:])
+    train, valid, test = (features.transform(f) for f in (split.train, split.valid, split.test))
+    rows: dict[str, dict] = {}
+
+    def record(name: str, valid_proba, test_proba, seconds: float, note: str = "") -> None:
+        rows[name] = {**purchase_report(valid.labels, valid_proba, test.labels, test_proba),
+                      "train_seconds": seconds, "note": note}  # fmt: skip
+        r = rows[name]
+        print(f"{name:<40} roc_auc {r['roc_auc']:.4f} pr_auc {r['pr_auc']:.4f} f1 {r['f1']:.4f} "
+              f"({seconds:.0f} s)", flush=True)  # fmt: skip
+
+    oracle_test = oracle_probabilities(data_dir / "simulated" / "truth" / "next_day_buy.parquet", test)
+    oracle_valid = oracle_probabilities(data_dir / "simulated" / "truth" / "next_day_buy.parquet", valid)
+    record("oracle (true probability)", oracle_valid, oracle_test, 0.0)
+
+    for weight in (None, "balanced"):
+        t0 = time.perf_counter()
+        tree = TreeBaseline(class_weight=weight).fit(train)
+        record(
+            f"trees, {weight or 'unweighted'}",
+            tree.predict(valid),
+            tree.predict(test),
+            time.perf_counter() - t0,
+        )
+
+    try:
+        from shopsight.training.models import build_model as _bm
+
+        gan = _bm("gan", epochs=args.gan_epochs)
+    except Exception as exc:  # the gan model lands separately; report its absence instead of failing
+        print(f"GAN oversampling skipped: {exc}")
+        gan = None
+    if gan is not None:
+        t0 = time.perf_counter()
+        cols = [f"f{k}" for k in range(train.dense.shape[1])]
+        frame = pd.DataFrame(train.dense, columns=cols).assign(label=train.labels.astype(int))
+        gan.fit(frame, "label", numeric=cols, categorical=[], log=lambda line: None)
+        n_extra = int(len(train) - 2 * train.labels.sum())  # as many buyers as non-buyers
+        synthetic = gan.sample(max(n_extra, 0), condition=1)
+        extra = (synthetic[cols].to_numpy(np.float32), np.ones(len(synthetic), np.float32))
+        tree = TreeBaseline().fit(train, extra=extra)
+        record("trees, GAN-oversampled buyers", tree.predict(valid), tree.predict(test), time.perf_counter() - t0,
+               f"{len(synthetic):,} synthetic buyers")  # fmt: skip
+
+    balanced = balanced_pos_weight(train.labels)
+    loop = LoopConfig(
+        epochs=args.epochs, batch_size=256, lr=1e-3, eval_every=1, patience=4, weight_decay=1e-5
+    )
+    common = {"n_items": features.n_items, "n_dense": features.n_dense, "n_categories": features.n_categories}
+    runs = [
+        ("sasrec, unweighted", "sasrec", {"d_model": 64, "dropout": 0.2}, 1.0, False),
+        ("sasrec, weighted", "sasrec", {"d_model": 64, "dropout": 0.2}, balanced, False),
+        (
+            "sasrec, pretrained + fine-tuned, weighted",
+            "sasrec",
+            {"d_model": 64, "dropout": 0.2},
+            balanced,
+            True,
+        ),
+        ("lstm, weighted", "lstm", {"d_model": 64, "dropout": 0.2}, balanced, False),
+    ]
+    for name, model_name, config, pos_weight, pretrained in runs:
+        torch.manual_seed(0)
+        model = build_model(model_name, **common, **config)
+        note = f"pos_weight {pos_weight:.2f}"
+        if pretrained:
+            copied = transfer_pretrained(model, weights)
+            note += f"; {len(copied)} tensors from next-item pretraining ({pretrain_seconds:.0f} s)"
+        t0 = time.perf_counter()
+        train_purchase(model, train, valid, loop, pos_weight=pos_weight, log=lambda line: print("  ", line))
+        record(
+            name,
+            predict_purchase(model, valid),
+            predict_purchase(model, test),
+            time.perf_counter() - t0,
+            note,
+        )
+
+    result = {"machine": describe_machine(), "split": split.describe(), "rows": rows,
+              "prepare_seconds": prepare_seconds, "users": args.users, "loop": loop.__dict__}  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "purchase.json").write_text(json.dumps(result, indent=2, default=str))
+    lines = [
+        f"Split: train {split.describe()['train']}; valid {split.describe()['valid']}; "
+        f"test {split.describe()['test']}.",
+        "",
+        "| model | ROC-AUC | PR-AUC | log-loss | precision | recall | F1 | train s | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['roc_auc']:.4f} | {r['pr_auc']:.4f} | {r['log_loss']:.4f} | {r['precision']:.3f} "
+            f"| {r['recall']:.3f} | {r['f1']:.3f} | {r['train_seconds']:.0f} | {r['note']} |"
+        )
+    lines += ["", "Threshold of precision/recall/F1: the F1-best one on the validation day."]
+    append_report(
+        RESULTS / "purchase.md",
+        f"Purchase propensity, {args.users:,} simulated users",
+        f"python -m benchmarks.bench_purchase --users {args.users}",
+        lines,
+    )
+
+
+if __name__ == "__main__":
+    main()
