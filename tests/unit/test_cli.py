@@ -116,3 +116,26 @@ def test_usage_errors_are_reported_by_the_parser(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     result = _shopsight("data", "simulate", "--start", "yesterday", cwd=tmp_path)
     assert result.returncode == 2 and "is not a day" in result.stderr + result.stdout
+
+
+def test_training_errors_name_the_problem(tmp_path):
+    """Unknown model, an empty dataset, a training set missing columns: clear errors, no traceback."""
+    from tests.conftest import purchase_frame
+
+    (tmp_path / "pairs.txt").write_text("1 10\n1 11\n1 12\n")
+    result = _shopsight("train", "--model", "gpt", "--data", "pairs.txt", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown model 'gpt'" in result.stdout + result.stderr
+    result = _shopsight("train", "--model", "gan", "--data", "pairs.txt", cwd=tmp_path)
+    assert result.returncode == 2 and "choose one of sasrec, lstm" in result.stdout + result.stderr
+
+    frame = purchase_frame(users=20, days=4)
+    frame.iloc[:0].to_parquet(tmp_path / "empty.parquet")
+    frame.drop(columns=["seq_behaviors"]).to_parquet(tmp_path / "partial.parquet")
+    for name, message in (
+        ("empty.parquet", "is empty"),
+        ("partial.parquet", "missing column(s) seq_behaviors"),
+    ):
+        result = _shopsight("train", "--task", "purchase", "--data", name, cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
+        errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and name in errors[0] and message in errors[0], result.stdout

@@ -117,8 +117,10 @@ def train_command(
 
 def _train_purchase(settings, data, model, workers, gpus, epochs, lr, name, pos_weight, pretrained) -> None:
     from shopsight.training.loop import LoopConfig
+    from shopsight.training.purchase_data import TimeSplit, read_training_set
     from shopsight.training.train_purchase import train_purchase_model
 
+    TimeSplit.of(read_training_set(data), str(data))  # bad data fails before Ray and MLflow start
     if pos_weight != "balanced":
         try:
             pos_weight = float(pos_weight)
