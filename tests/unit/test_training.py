@@ -133,3 +133,19 @@ def test_training_batches_pair_inputs_with_next_items_and_unseen_negatives():
     expected = {(tuple(t[:-1]), tuple(t[1:])) for t in split.train}
     assert rows == expected
     assert clashes / total < 0.01  # 6 of 15 items are each user's: without redraws 40% would clash
+
+
+def test_sequences_from_the_feature_table_take_each_users_latest_snapshot(tmp_path):
+    import pandas as pd
+
+    from shopsight.training.sequences import SequenceData
+
+    table = tmp_path / "user_sequence"
+    for day, sequences in (("2017-11-25", {1: [5, 6], 2: [7]}), ("2017-11-26", {1: [5, 6, 9]})):
+        folder = table / f"snapshot_day={day}"
+        folder.mkdir(parents=True)
+        frame = pd.DataFrame({"user_id": list(sequences), "seq_item_ids": list(sequences.values())})
+        frame.to_parquet(folder / "part-00000.parquet")
+    data = SequenceData.from_file(table)
+    assert data.user_ids.tolist() == [1, 2]
+    assert [data.item_ids[s].tolist() for s in data.sequences] == [[5, 6, 9], [7]]

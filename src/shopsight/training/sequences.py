@@ -70,10 +70,44 @@ class SequenceData:
 
     @classmethod
     def from_file(cls, path: Path | str, format: str = "auto") -> SequenceData:
-        """Sequences from any event file the data contract reads (SASRec text, Taobao CSV, parquet)."""
+        """Sequences from any event file the data contract reads (SASRec text, Taobao CSV, parquet), or
+        from the ``user_sequence`` feature table (``<data_dir>/features/user_sequence``)."""
         from shopsight.data import EventReader
 
+        if _is_sequence_table(Path(path)):
+            return cls.from_sequence_table(path)
         return cls.from_events(EventReader(path, format).read_all())  # type: ignore[arg-type]
+
+    @classmethod
+    def from_sequence_table(cls, path: Path | str) -> SequenceData:
+        """Sequences from the ``user_sequence`` feature table: each user's sequence at their latest
+        snapshot day (its last 50 events, every behaviour), oldest first."""
+        import pandas as pd
+
+        from shopsight.platform import ShopsightError
+
+        frame = pd.read_parquet(path, columns=["user_id", "snapshot_day", "seq_item_ids"])
+        if frame.empty:
+            raise ShopsightError(f"{path}: the sequence table is empty")
+        frame["snapshot_day"] = frame["snapshot_day"].astype(str)
+        latest = frame.sort_values(["user_id", "snapshot_day"]).groupby("user_id", sort=True).tail(1)
+        lengths = latest["seq_item_ids"].map(len).to_numpy()
+        users = np.repeat(latest["user_id"].to_numpy(np.int64), lengths)
+        items = np.concatenate([np.asarray(s, np.int64) for s in latest["seq_item_ids"]])
+        return cls._from_sorted(users, items)
+
+
+def _is_sequence_table(path: Path) -> bool:
+    """A parquet folder (or file) with the sequence feature's columns."""
+    import pyarrow.parquet as pq
+
+    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    if not files or files[0].suffix != ".parquet":
+        return False
+    try:
+        return "seq_item_ids" in pq.read_schema(files[0]).names
+    except Exception:  # noqa: BLE001 - not parquet after all: the event readers say what it is
+        return False
 
 
 @dataclass
