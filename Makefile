@@ -64,6 +64,8 @@ bench: setup services
 	$(BIN)/python -m benchmarks.bench_features
 	$(BIN)/python -m benchmarks.bench_purchase
 	$(BIN)/python -m benchmarks.bench_gan
+	$(BIN)/python -m benchmarks.bench_training
+	$(BIN)/python -m benchmarks.bench_serving
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shopsight import __version__
-from shopsight.cli import config, data, features, train, tune
+from shopsight.cli import config, data, features, models, serve, train, tune
 from shopsight.cli._context import CliState, parse_overrides
 from shopsight.cli._planned import planned_groups
 from shopsight.cli.demo import demo
@@ -63,6 +63,8 @@ def root(
 app.add_typer(data.app, name="data")
 app.add_typer(features.app, name="features")
 app.add_typer(config.app, name="config")
+app.add_typer(models.app, name="models")
+app.add_typer(serve.app, name="serve")
 for _name, _group in planned_groups().items():
     app.add_typer(_group, name=_name)
 app.command("demo")(demo)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import typer
 
 _PLANNED = {
-    "models": "The MLflow model registry: list, show, promote through the quality gate, history, rollback.",
-    "serve": "Deploy, inspect and shut down the Ray Serve application of the champion models.",
     "jobs": "Submit feature builds, training runs and sweeps to a Ray cluster and follow them.",
 }
 

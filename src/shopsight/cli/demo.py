@@ -20,10 +20,14 @@ def demo(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     train_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the demo's next-item model.")] = 10,
     purchase_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the demo's purchase model.")] = 6,
+    keep_serving: Annotated[
+        bool, typer.Option(help="Keep the served models up until Ctrl-C instead of stopping at the end.")
+    ] = False,
 ) -> None:
     """Run the pipeline end to end on this machine: simulate and validate events, build features,
     register and materialise them in Feast, look one user up online, train and register a next-item
-    model and a purchase model, each beside its baselines."""
+    model and a purchase model, each beside its baselines, then serve the champions with Ray Serve and
+    send them a few requests."""
     from shopsight.cli.features import print_online, run_build
     from shopsight.features import store
 
@@ -94,6 +98,12 @@ def demo(
     baselines = ", ".join(f"{name} {r['roc_auc']:.3f}" for name, r in purchase.baselines.items())
     buy_rate = purchase.test["base_rate"]
 
+    console.rule("[bold]7. serving: the champions on Ray Serve (live Feast features, MLflow by alias)")
+    from shopsight.cli.serve import demo_serving, stop_serving
+
+    top_users = [int(u) for u, _ in stats.events_per_user.most_common(3)]
+    serving = demo_serving(settings, top_users, [trained.registered_model, purchase.registered_model])
+
     print_summary(
         "Demo finished",
         {
@@ -108,7 +118,9 @@ def demo(
             "purchase test ROC-AUC": f"{purchase.test['roc_auc']:.3f} ({baselines})",
             "purchase test PR-AUC": f"{purchase.test['pr_auc']:.3f} (buy rate {buy_rate:.3f})",
             "MLflow UI": tracking_uri(settings),
-            "next stages": "serving and clusters arrive with the next issues",
+            **serving,
+            "next stages": "clusters arrive with the next issues",
             "took": f"{watch.seconds:.1f} s",
         },
     )
+    stop_serving(settings, keep_serving)

@@ -134,6 +134,27 @@ class MlflowSettings(_Section):
     port: int = Field(5000, gt=0, lt=65536, description="Port of the local tracking server.")
 
 
+class PromotionSettings(_Section):
+    """The promotion gate (`shopsight models promote`)."""
+
+    tolerance: float = Field(
+        0.005,
+        ge=0,
+        description="Largest drop of the primary metric (next item: NDCG@10 sampled; purchase: ROC-AUC), "
+        "absolute, a candidate may show against the champion and still be promoted.",
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=50, description="Resamples of the paired bootstrap interval of the metric difference."
+    )
+    seed: int = Field(0, description="Seed of the evaluation (sampled negatives) and of the bootstrap.")
+    lock_ttl_s: float = Field(
+        3600.0, gt=0, description="Seconds after which the lock of a promotion that died expires."
+    )
+    lock_settle_s: float = Field(
+        1.0, ge=0, description="Wait between taking the promotion lock and checking it is still ours."
+    )
+
+
 class ObjectStoreSettings(_Section):
     """S3-compatible storage shared by the cluster (checkpoints, artifacts, offline store)."""
 
@@ -141,6 +162,72 @@ class ObjectStoreSettings(_Section):
         None, description="S3 endpoint, e.g. http://minio:9000; null = local disk."
     )
     bucket: str | None = Field(None, description="Bucket for Shopsight's files.")
+
+
+class AutoscalingSettings(_Section):
+    """Ray Serve autoscaling of each model deployment (used instead of serving.replicas when set)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas of a model deployment.")
+    max_replicas: int = Field(2, gt=0, description="Most replicas of a model deployment.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests in flight per replica that the autoscaler aims at."
+    )
+
+
+class ServingSettings(_Section):
+    """The Ray Serve application of the champion models (`shopsight serve deploy`)."""
+
+    app_name: str = Field("shopsight", description="Ray Serve application name.")
+    host: str = Field("127.0.0.1", description="Address Ray Serve's HTTP proxy binds to.")
+    port: int = Field(8000, gt=0, lt=65536, description="Port of Ray Serve's HTTP proxy.")
+    layout: Literal["combined", "split"] = Field(
+        "combined",
+        description="combined: one deployment holds the HTTP API and both models (one hop less); "
+        "split: an HTTP ingress plus a deployment per model, scaled apart (e.g. GPU model replicas).",
+    )
+    replicas: int = Field(1, gt=0, description="Replicas of each model deployment (without autoscaling).")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per model replica (also its torch threads).")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per model replica (0: CPU inference).")
+    autoscaling: AutoscalingSettings | None = Field(
+        None, description="Autoscaling of the model deployments; null: a fixed serving.replicas."
+    )
+    ingress_replicas: int = Field(1, gt=0, description="Replicas of the HTTP ingress (auth, validation).")
+    ingress_num_cpus: float = Field(0.0, ge=0, description="CPUs reserved per ingress replica.")
+    max_ongoing_requests: int = Field(64, gt=0, description="Requests a replica accepts at once.")
+    max_batch_size: int = Field(16, gt=0, description="@serve.batch: most requests scored in one call.")
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="@serve.batch: longest wait for a batch to fill, seconds (0: take what is queued; "
+        "under load requests queue while the previous batch is scored, so batches still form).",
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="How often replicas resolve the champion/challenger aliases in MLflow."
+    )
+    canary_share: float = Field(
+        0.0, ge=0, le=1, description="Share of requests answered by the challenger (0: none)."
+    )
+    shadow: bool = Field(
+        False, description="The challenger also scores every champion request; logged, never returned."
+    )
+    routing_seed: int = Field(0, description="Seed of the canary draw (reproducible traffic split).")
+    max_user_ids: int = Field(100, gt=0, le=10_000, description="Most user ids in one propensity request.")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="Team -> sha256 hex of its API key (`shopsight serve key TEAM` makes one); "
+        "empty: every /v1 request is refused.",
+    )
+    metrics_open: bool = Field(True, description="Serve /metrics without an API key (scrapers).")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for team, digest in value.items():
+            if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
+                raise ValueError(
+                    f"serving.api_keys.{team} must be the sha256 hex digest of the key, never the key itself"
+                )
+        return value
 
 
 class Settings(_Section):
@@ -156,7 +243,9 @@ class Settings(_Section):
     ray: RaySettings = Field(default_factory=RaySettings)
     feast: FeastSettings = Field(default_factory=FeastSettings)
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
 
 
 @dataclass(frozen=True)

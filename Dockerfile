@@ -1,0 +1,95 @@
+# syntax=docker/dockerfile:1
+# The Shopsight platform image: the `shopsight` command with Spark (Java 17), Ray, Feast and MLflow, as the
+# Kubernetes manifests in infra/k8s run it (Ray head and workers, RayJob and RayService, Spark driver and
+# executors, the MLflow server, the Feast feature server). Two variants, chosen by one build argument:
+#
+#   docker build -t REGISTRY/shopsight:0.1.0-cpu .                         # CPU: torch's CPU build
+#   docker build --build-arg VARIANT=cuda -t REGISTRY/shopsight:0.1.0-cuda .  # CUDA: torch's CUDA build
+#
+# Versions come from requirements/lock.txt (a pip constraint), the same pins as `make` installs locally.
+# The CUDA variant takes torch ${TORCH_VERSION} from PyTorch's wheel index for ${TORCH_CUDA}; that wheel
+# brings its own CUDA libraries, the base image the rest of the CUDA runtime; the node needs only the driver.
+
+ARG VARIANT=cpu
+ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
+ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+# --- cpu: Debian with Python 3.11 --------------------------------------------------------------------
+FROM ${CPU_BASE_IMAGE} AS base-cpu
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini procps wget ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+ENV PYTHON_BIN=/usr/local/bin/python3.11
+
+# --- cuda: NVIDIA's CUDA runtime on Ubuntu, Python 3.11 from the deadsnakes archive -------------------------
+FROM ${CUDA_BASE_IMAGE} AS base-cuda
+ARG DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends software-properties-common gpg-agent ca-certificates \
+ && add-apt-repository -y ppa:deadsnakes/ppa \
+ && apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+      openjdk-17-jre-headless tini procps wget \
+ && apt-get purge -y software-properties-common gpg-agent \
+ && apt-get autoremove -y \
+ && rm -rf /var/lib/apt/lists/*
+ENV PYTHON_BIN=/usr/bin/python3.11
+
+# --- the platform, on the chosen base ---------------------------------------------------------------------
+FROM base-${VARIANT} AS platform
+ARG VARIANT
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_CUDA=cu128
+
+# PYTHONSAFEPATH: never put a script's folder (or the working directory) first on sys.path, so that no file
+# in the image shadows an installed module (architecture.md: `platform` vs the standard library).
+ENV PYTHONSAFEPATH=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH} \
+    JAVA_HOME=/usr/lib/jvm/java-17 \
+    SPARK_HOME=/opt/venv/lib/python3.11/site-packages/pyspark
+
+# One JAVA_HOME whatever the architecture's folder name; a virtualenv for everything Python, first on PATH
+# for login shells too: KubeRay starts Ray with `bash -lc`, and Debian's /etc/profile resets PATH.
+RUN ln -s "$(dirname "$(dirname "$(readlink -f "$(command -v java)")")")" "${JAVA_HOME}" \
+ && "${PYTHON_BIN}" -m venv "${VIRTUAL_ENV}" \
+ && echo "export PATH=\"${VIRTUAL_ENV}/bin:\$PATH\"" > /etc/profile.d/shopsight-venv.sh \
+ && pip install --upgrade pip
+
+WORKDIR /opt/shopsight
+
+# torch first, from the wheel index of the variant: the install below then finds torch==2.13.0 satisfied
+# (2.13.0+cpu or 2.13.0+cu128) and keeps it.
+RUN case "${VARIANT}" in \
+      cpu)  index="https://download.pytorch.org/whl/cpu" ;; \
+      cuda) index="https://download.pytorch.org/whl/${TORCH_CUDA}" ;; \
+      *)    echo "VARIANT must be cpu or cuda, not '${VARIANT}'" >&2; exit 1 ;; \
+    esac \
+ && pip install --index-url "${index}" "torch==${TORCH_VERSION}"
+
+# The package, pinned by the lock file; boto3 (pinned there too) lets the MLflow server write to S3.
+COPY requirements/lock.txt requirements/lock.txt
+COPY pyproject.toml README.md ./
+COPY src/ src/
+RUN pip install --constraint requirements/lock.txt . boto3 \
+ && python -c "import torch, sys; cuda = torch.version.cuda is not None; \
+sys.exit(0 if cuda == ('${VARIANT}' == 'cuda') else 'torch build does not match VARIANT=${VARIANT}')" \
+ && shopsight --version
+
+# Spark on Kubernetes: the driver and executor entry point, and the feature-build driver script.
+COPY infra/spark/ infra/spark/
+RUN chmod 0755 infra/spark/entrypoint.sh \
+ && groupadd --gid 10001 shopsight \
+ && useradd --uid 10001 --gid 10001 --create-home --shell /bin/bash shopsight \
+ && mkdir -p /data \
+ && chown shopsight:shopsight /data
+
+# Non-root, by number so that Kubernetes' runAsNonRoot can check it (the manifests run as 10001 too).
+USER 10001:10001
+ENTRYPOINT ["/opt/shopsight/infra/spark/entrypoint.sh"]
+CMD ["shopsight", "--help"]

@@ -1,0 +1,349 @@
+"""`shopsight serve`: deploy, inspect and shut down the Ray Serve application of the champion models.
+
+``deploy`` needs a Ray cluster that outlives the command: with ``ray.address`` unset (the local profile)
+it joins the Ray head already running on this machine, or starts one (``ray start --head``, recorded under
+``<data_dir>/serve``) that keeps serving after the command returns; ``shutdown --stop-ray`` stops it
+again. With ``ray.address`` set to a ``ray://`` client address it deploys to that cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shopsight.cli._context import state
+from shopsight.platform import Settings, ShopsightError, console, print_summary
+
+app = typer.Typer(
+    help="Deploy, inspect and shut down the Ray Serve application of the champion models.",
+    no_args_is_help=True,
+)
+
+
+def _marker(settings: Settings) -> Path:
+    return Path(settings.data_dir).absolute() / "serve" / "ray_head.json"
+
+
+def connect(settings: Settings, start: bool) -> str | None:
+    """Connect this process to the Ray cluster that serves; returns the Ray dashboard URL (if any).
+
+    Raises:
+        ShopsightError: no cluster runs (and ``start`` is false), or ``ray.address`` is a jobs URL.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return _ray_dashboard()
+    address = settings.ray.address
+    if address and address.startswith(("http://", "https://")):
+        raise ShopsightError(
+            f"ray.address {address} is the jobs API: deploy from inside the cluster (as a Ray job) or set "
+            "ray.address to the head's client address, ray://HEAD:10001"
+        )
+    try:
+        ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
+        return _ray_dashboard()
+    except ConnectionError:
+        if address or not start:
+            raise ShopsightError(
+                f"no Ray cluster is running{' at ' + address if address else ' on this machine'}: "
+                "nothing is served (`shopsight serve deploy` starts it)"
+            ) from None
+    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    command = [ray_cli, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+               "--disable-usage-stats"]  # fmt: skip
+    if settings.ray.num_cpus:
+        command.append(f"--num-cpus={settings.ray.num_cpus}")
+    with console.status("starting a local Ray head (it keeps serving after this command)"):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    if result.returncode != 0:
+        raise ShopsightError(f"`ray start --head` failed: {(result.stderr or result.stdout).strip()[-500:]}")
+    marker = _marker(settings)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"started_by": "shopsight serve deploy"}) + "\n")
+    ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
+    return _ray_dashboard()
+
+
+def served_lines(served: dict) -> dict[str, str]:
+    """``model -> "champion vN, challenger vM"`` from :func:`shopsight.serving.deploy.status`'s ``served``."""
+    lines = {}
+    for kind, info in served.items():
+        if "error" in info and "name" not in info:
+            lines[kind] = f"unknown ({info['error']})"
+            continue
+        parts = [
+            f"{alias} v{info[alias]['version']}" if info.get(alias) else f"{alias}: none"
+            for alias in ("champion", "challenger")
+        ]
+        routing = []
+        if info.get("canary_share"):
+            routing.append(f"canary {info['canary_share']:.0%}")
+        if info.get("shadow"):
+            routing.append("shadow")
+        text = f"{info['name']}: " + ", ".join(parts) + (f" ({', '.join(routing)})" if routing else "")
+        if info.get("error"):
+            text += f" [problem: {info['error']}]"
+        lines[kind] = text
+    return lines
+
+
+@app.command("deploy")
+def deploy_command(
+    ctx: typer.Context,
+    canary_share: Annotated[
+        float | None,
+        typer.Option(
+            min=0, max=1, help="Share of requests for the challenger [default: serving.canary_share]."
+        ),
+    ] = None,
+    shadow: Annotated[
+        bool | None,
+        typer.Option(
+            "--shadow/--no-shadow", help="Score every request with the challenger too, logged only."
+        ),
+    ] = None,
+) -> None:
+    """Deploy the serving application (or update it in place): the champions of shopsight-next-item and
+    shopsight-purchase behind an HTTP API, with live features from the Feast online store."""
+    from shopsight.platform.mlflow_server import tracking_uri
+    from shopsight.serving.deploy import deploy, status
+
+    settings = state(ctx).settings
+    dashboard = connect(settings, start=True)
+    if not settings.serving.api_keys:
+        console.print(
+            "[yellow]warning:[/yellow] serving.api_keys is empty: every /v1 request will get 401. "
+            "Make a key with `shopsight serve key TEAM`."
+        )
+    with console.status("deploying (each replica loads its champion)"):
+        deployed = deploy(settings, canary_share=canary_share, shadow=shadow)
+        info = status(settings)
+    print_summary(
+        "Serving",
+        {
+            "API": deployed.url,
+            "API docs": deployed.docs,
+            **served_lines(info["served"]),
+            "MLflow UI": tracking_uri(settings),
+            "Ray dashboard": dashboard or "-",
+            "stop with": "shopsight serve shutdown",
+        },
+    )
+
+
+@app.command("status")
+def status_command(ctx: typer.Context) -> None:
+    """Show the application's status, its deployments' replicas and the model versions they serve."""
+    from shopsight.serving.deploy import status
+
+    settings = state(ctx).settings
+    connect(settings, start=False)
+    info = status(settings)
+    table = Table(title=f"Application {info['application']}: {info['status']}", title_justify="left")
+    for column in ("deployment", "status", "replicas", "message"):
+        table.add_column(column)
+    for name, d in info["deployments"].items():
+        replicas = ", ".join(f"{n} {s.lower()}" for s, n in d["replicas"].items()) or "-"
+        table.add_row(name, d["status"], replicas, d["message"] or "")
+    console.print(table)
+    url = f"http://{settings.serving.host}:{settings.serving.port}"
+    print_summary("Served", {**served_lines(info["served"]), "API docs": f"{url}/docs"})
+
+
+@app.command("shutdown")
+def shutdown_command(
+    ctx: typer.Context,
+    stop_ray: Annotated[
+        bool,
+        typer.Option(
+            "--stop-ray",
+            help="Also stop the local Ray head that `serve deploy` started (`ray stop`: every Ray process "
+            "of this machine).",
+        ),
+    ] = False,
+) -> None:
+    """Delete the serving application (and, with --stop-ray, the local Ray head deploy started)."""
+    import ray
+
+    from shopsight.serving.deploy import shutdown
+
+    settings = state(ctx).settings
+    connect(settings, start=False)
+    stopped = shutdown(settings)
+    console.print(
+        f"serving application {settings.serving.app_name!r} " + ("deleted" if stopped else "was not deployed")
+    )
+    marker = _marker(settings)
+    if stop_ray:
+        ray.shutdown()
+        if not marker.exists():
+            console.print("the Ray head was not started by `shopsight serve deploy`: left running")
+            return
+        ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        subprocess.run([ray_cli, "stop"], capture_output=True, text=True, timeout=120)
+        marker.unlink()
+        console.print("local Ray head stopped")
+
+
+@app.command("key")
+def key_command(
+    team: Annotated[str, typer.Argument(help="Team name (lowercase letters, digits, _).")],
+) -> None:
+    """Make a new API key for a team: prints the key (give it to the team) and the setting that stores
+    only its sha256 digest."""
+    import re
+
+    from shopsight.serving.app import hash_key
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", team):
+        raise typer.BadParameter("use lowercase letters, digits and _ (it becomes a settings key)")
+    key = secrets.token_urlsafe(32)
+    print_summary(
+        f"API key for {team}",
+        {
+            "key (shown once)": key,
+            "setting": f"serving.api_keys.{team}={hash_key(key)}",
+            "YAML (--config)": f"serving: {{api_keys: {{{team}: {hash_key(key)}}}}}",
+        },
+    )
+
+
+# ------------------------------------------------------------------------------------- the demo's stage
+
+
+def _ensure_champion(settings: Settings, client, name: str) -> str:
+    """The champion version of ``name``; without one, the challenger is promoted (through the gate of
+    ``shopsight.serving.promotion`` where it exists, else by setting the alias)."""
+    from mlflow.exceptions import MlflowException
+
+    def alias(which: str) -> str | None:
+        try:
+            return str(client.get_model_version_by_alias(name, which).version)
+        except MlflowException:
+            return None
+
+    champion = alias("champion")
+    if champion:
+        return champion
+    challenger = alias("challenger")
+    if challenger is None:
+        raise ShopsightError(f"{name} has neither a champion nor a challenger to serve")
+    try:
+        from shopsight.serving.promotion import promote
+    except ImportError:
+        promote = None
+    if promote is not None:
+        try:
+            result = promote(settings, name, log=console.print)
+            if result.promoted:
+                return str(result.candidate)
+            console.print(f"[yellow]{name}: the gate refused version {challenger}:[/yellow] {result.reasons}")
+        except ShopsightError as exc:
+            console.print(f"[yellow]{name}: promotion failed ({exc})[/yellow]")
+    client.set_registered_model_alias(name, "champion", challenger)
+    console.print(f"{name}: alias champion set to version {challenger} directly (demo)")
+    return challenger
+
+
+def _free_or(port: int) -> int:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_serving(settings: Settings, users: list[int], models: list[str]) -> dict[str, str]:
+    """The demo's serving stage, on the Ray this process already runs: champions (promoted if needed),
+    the application deployed with a one-off demo API key, a few requests and their answers printed.
+    Returns summary rows (URLs, key, versions)."""
+    import requests
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+    from shopsight.serving.app import hash_key
+    from shopsight.serving.deploy import deploy
+
+    client = MlflowClient(tracking_uri(settings))
+    versions = {name: _ensure_champion(settings, client, name) for name in models}
+    key = secrets.token_urlsafe(16)
+    serving = settings.serving.model_copy(
+        update={
+            "api_keys": {**settings.serving.api_keys, "demo": hash_key(key)},
+            "port": _free_or(settings.serving.port),
+        }
+    )
+    settings = settings.model_copy(update={"serving": serving})
+    with console.status("deploying the champions on Ray Serve (each replica loads its model)"):
+        deployed = deploy(settings, log_level="WARNING")
+    headers = {"X-API-Key": key}
+    table = Table(title="A few requests and their answers", title_justify="left")
+    for column in ("request", "answer", "model version"):
+        table.add_column(column, overflow="fold")
+    for user, k in [(users[0], 5), (users[-1], 5), (10**12, 5)]:
+        body = {"user_id": user, "k": k}
+        answer = requests.post(f"{deployed.url}/v1/recommendations", json=body, headers=headers, timeout=30)
+        answer.raise_for_status()
+        data = answer.json()
+        items = ", ".join(f"{i['item_id']} ({i['score']:.2f})" for i in data["items"])
+        note = f" [{data['source']} fallback]" if data["fallback"] else ""
+        table.add_row(f"POST /v1/recommendations {body}", items + note, f"v{data['model']['version']}")
+    body = {"user_ids": users[:3]}
+    answer = requests.post(f"{deployed.url}/v1/purchase-propensity", json=body, headers=headers, timeout=30)
+    answer.raise_for_status()
+    data = answer.json()
+    probabilities = ", ".join(f"{p['user_id']}: {p['probability']:.3f}" for p in data["predictions"])
+    table.add_row(f"POST /v1/purchase-propensity {body}", probabilities, f"v{data['model']['version']}")
+    console.print(table)
+    return {
+        "served": ", ".join(f"{name} v{version} (champion)" for name, version in versions.items()),
+        "API docs": deployed.docs,
+        "API key (demo)": key,
+        "try": f"curl -H 'X-API-Key: {key}' -d '{{\"user_id\": {users[0]}, \"k\": 5}}' "
+        f"{deployed.url}/v1/recommendations",
+        "Ray dashboard": _ray_dashboard() or "-",
+    }
+
+
+def _ray_dashboard() -> str | None:
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:  # noqa: BLE001 - no dashboard in this Ray
+        return None
+    if not url:
+        return None
+    return url if url.startswith("http") else f"http://{url}"
+
+
+def stop_serving(settings: Settings, keep: bool) -> None:
+    """End of the demo: keep serving until Ctrl-C (``keep``), then delete the application."""
+    import time
+
+    from shopsight.serving.deploy import shutdown
+
+    if keep:
+        console.print("serving until Ctrl-C (the Ray of this process ends with it) ...")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    shutdown(settings)
+    console.print("serving stopped" + ("" if keep else " (run the demo with --keep-serving to keep it up)"))

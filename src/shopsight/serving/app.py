@@ -1,0 +1,396 @@
+"""The HTTP API (FastAPI): routes, API keys, error bodies, Prometheus metrics, OpenAPI docs at ``/docs``.
+
+:func:`build_app` takes a *backend* that answers typed requests with :class:`Outcome` objects: in Ray
+Serve, handles to the model deployments (:mod:`shopsight.serving.deploy`); in tests or one process,
+:class:`LocalBackend` over the predictors. The app itself knows nothing of Ray.
+
+Routes: ``POST /v1/recommendations``, ``POST /v1/purchase-propensity``, ``GET /v1/models`` (API key
+needed), ``GET /healthz`` (open), ``GET /metrics`` (open unless ``serving.metrics_open`` is false),
+``/docs`` and ``/openapi.json`` (open).
+
+API keys: ``serving.api_keys`` maps a team to the sha256 hex digest of its key, so the settings never hold
+a key itself. A request sends the key as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``; its digest is
+compared with every team's by :func:`hmac.compare_digest`. The check runs before the body is read, so a
+request without a valid key gets 401 whatever it sends. With no keys configured every keyed route is 401.
+
+Metrics are recorded here, in the ingress, from what the model deployments return (versions, fallbacks,
+stage timings, shadow agreement): one process sees every request, so a plain ``prometheus_client``
+registry serves them without Ray's metrics pipeline. With several ingress replicas each exposes its own
+counts (sum them in Prometheus; Ray Serve's own ``ray_serve_*`` metrics on Ray's metrics port cover the
+deployments cluster-wide).
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Mapping
+from typing import Protocol
+
+from fastapi import FastAPI, Security
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from shopsight import __version__
+from shopsight.serving.predictor import Outcome, PropensityPredictor, RecommendationPredictor
+from shopsight.serving.schemas import (
+    ErrorResponse,
+    HealthResponse,
+    ModelsResponse,
+    PropensityRequest,
+    PropensityResponse,
+    RecommendationRequest,
+    RecommendationResponse,
+    propensity_request_model,
+)
+
+log = logging.getLogger("shopsight.serving")
+
+RECOMMENDATIONS = "/v1/recommendations"
+PROPENSITY = "/v1/purchase-propensity"
+MODELS = "/v1/models"
+ENDPOINTS = (RECOMMENDATIONS, PROPENSITY, MODELS, "/healthz", "/metrics", "/docs", "/openapi.json")
+KEYED_PREFIX = "/v1/"
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Backend(Protocol):
+    """What the routes call; each answer is an :class:`Outcome`."""
+
+    async def recommend(self, request: RecommendationRequest) -> Outcome: ...
+
+    async def propensity(self, request: PropensityRequest) -> Outcome: ...
+
+    async def models(self) -> ModelsResponse: ...
+
+
+class LocalBackend:
+    """The predictors in this process, one request at a time (tests; no Ray)."""
+
+    def __init__(self, next_item: RecommendationPredictor, purchase: PropensityPredictor) -> None:
+        self.next_item = next_item
+        self.purchase = purchase
+
+    async def recommend(self, request: RecommendationRequest) -> Outcome:
+        return self.next_item.recommend([request])[0]
+
+    async def propensity(self, request: PropensityRequest) -> Outcome:
+        return self.purchase.propensity([request])[0]
+
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse(next_item=self.next_item.describe(), purchase=self.purchase.describe())
+
+
+def hash_key(key: str) -> str:
+    """The digest stored in ``serving.api_keys`` for an API key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def authenticate(headers: Mapping[str, str], keys: Mapping[str, str]) -> str | None:
+    """The team whose key the request carries (``X-API-Key`` or ``Authorization: Bearer``); else None."""
+    key = headers.get("x-api-key")
+    if key is None:
+        scheme, _, token = (headers.get("authorization") or "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" else None
+    if not key:
+        return None
+    digest = hash_key(key)
+    team = None
+    for name, expected in keys.items():  # every team is compared: the time does not tell which matched
+        if hmac.compare_digest(digest, expected) and team is None:
+            team = name
+    return team
+
+
+class ServingMetrics:
+    """The Prometheus metrics of the API, in their own registry (one per app)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "shopsight_requests",
+            "HTTP requests by endpoint, status, team.",
+            ["endpoint", "status", "team"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "shopsight_request_latency_seconds",
+            "Time in the ingress per request.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stages = Histogram(
+            "shopsight_stage_seconds",
+            "Time of each stage of a scored batch (features, model, shadow).",
+            ["endpoint", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "shopsight_batch_size",
+            "Requests scored together (@serve.batch).",
+            ["endpoint"],
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "shopsight_fallbacks",
+            "Users answered without history (popularity or empty-history fallback).",
+            ["endpoint"],
+            registry=r,
+        )
+        self.responses = Counter(
+            "shopsight_responses_by_version",
+            "Answers by the model version that produced them.",
+            ["model", "alias", "version"],
+            registry=r,
+        )
+        self.served = Gauge(
+            "shopsight_served_version",
+            "1 for the model version last seen answering under each alias.",
+            ["model", "alias", "version"],
+            registry=r,
+        )
+        self.shadow = Counter(
+            "shopsight_shadow_comparisons",
+            "Shadow challenger vs champion: agreement.",
+            ["endpoint", "agree"],
+            registry=r,
+        )
+        self.shadow_difference = Histogram(
+            "shopsight_shadow_difference",
+            "Champion vs shadow challenger: 1 - top-k overlap, or mean |dp|.",
+            ["endpoint"],
+            buckets=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
+            registry=r,
+        )
+        self._current: dict[tuple[str, str], str] = {}
+
+    def version(self, model: str, alias: str, version: str) -> None:
+        previous = self._current.get((model, alias))
+        if previous != version:
+            if previous is not None:
+                self.served.labels(model, alias, previous).set(0)
+            self.served.labels(model, alias, version).set(1)
+            self._current[(model, alias)] = version
+
+    def outcome(self, endpoint: str, outcome: Outcome) -> None:
+        if outcome.status != 200:
+            return
+        for stage, seconds in outcome.timings.items():
+            self.stages.labels(endpoint, stage).observe(seconds)
+        self.batch_size.labels(endpoint).observe(outcome.batch_size)
+        if outcome.fallbacks:
+            self.fallbacks.labels(endpoint).inc(outcome.fallbacks)
+        model = outcome.response.model
+        self.responses.labels(model.name, model.alias, model.version).inc()
+        self.version(model.name, model.alias, model.version)
+        if outcome.shadow is not None:
+            self.shadow.labels(endpoint, str(outcome.shadow.agree).lower()).inc()
+            self.shadow_difference.labels(endpoint).observe(outcome.shadow.difference)
+
+
+class _Gate:
+    """ASGI middleware: the API key check (before the body is read) and per-request metrics."""
+
+    def __init__(self, app, keys: Mapping[str, str], metrics: ServingMetrics, metrics_open: bool) -> None:
+        self.app = app
+        self.keys = dict(keys)
+        self.metrics = metrics
+        self.metrics_open = metrics_open
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = [500]
+        team = "-"
+        if path.startswith(KEYED_PREFIX) or (path == "/metrics" and not self.metrics_open):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            team = authenticate(headers, self.keys)
+            if team is None:
+                reason = (
+                    "missing API key"
+                    if not ("x-api-key" in headers or "authorization" in headers)
+                    else "wrong API key"
+                )
+                message = f"{reason}: send X-API-Key: <key> or Authorization: Bearer <key>"
+                await _send_json(send, 401, {"error": message}, [(b"www-authenticate", b"Bearer")])
+                self._record(endpoint, 401, "-", started)
+                return
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self._record(endpoint, status[0], team, started)
+
+    def _record(self, endpoint: str, status: int, team: str, started: float) -> None:
+        self.metrics.requests.labels(endpoint, str(status), team).inc()
+        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+_ERRORS = {
+    401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
+    422: {"description": "The request does not match the schema (the body names the field)."},
+    503: {"model": ErrorResponse, "description": "No champion model is loaded yet, or the service is busy."},
+}
+
+
+def build_app(
+    backend: Backend,
+    api_keys: Mapping[str, str],
+    *,
+    max_user_ids: int = 100,
+    metrics_open: bool = True,
+    metrics: ServingMetrics | None = None,
+    timeout_s: float = 30.0,
+) -> FastAPI:
+    """The FastAPI app of the serving API over ``backend``.
+
+    Args:
+        api_keys: team -> sha256 hex of its key (``serving.api_keys``).
+        max_user_ids: most users in one propensity request (``serving.max_user_ids``).
+        metrics_open: serve ``/metrics`` without an API key.
+        timeout_s: a backend answer slower than this is a 503.
+    """
+    metrics = metrics or ServingMetrics()
+    app = FastAPI(
+        title="Shopsight serving API",
+        version=__version__,
+        description="Next-item recommendations and purchase propensity from the champion models, with "
+        "live features from the Feast online store. Send your team's key as `X-API-Key` (or "
+        "`Authorization: Bearer`). Every answer names the model version that produced it.",
+        redoc_url=None,
+    )
+    app.state.metrics = metrics
+    keyed = [
+        Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="Your team's API key.")),
+        Security(HTTPBearer(auto_error=False, description="The API key as a bearer token.")),
+    ]
+    propensity_model = propensity_request_model(max_user_ids)
+
+    async def call(endpoint: str, coroutine) -> Response:
+        try:
+            outcome = await asyncio.wait_for(coroutine, timeout_s)
+        except TimeoutError:
+            return _error(503, f"no answer within {timeout_s:g} s: the service is overloaded, retry later")
+        except Exception as exc:  # noqa: BLE001 - Ray's back-pressure and unavailable replicas: retryable
+            if type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError"):
+                return _error(503, f"the service is busy or restarting ({type(exc).__name__}), retry later")
+            raise
+        metrics.outcome(endpoint, outcome)
+        if outcome.status != 200:
+            return _error(outcome.status, outcome.error or "unavailable")
+        return Response(
+            content=outcome.response.model_dump_json(),
+            media_type="application/json",
+            headers={"Server-Timing": _server_timing(outcome)},
+        )
+
+    @app.post(
+        RECOMMENDATIONS,
+        response_model=RecommendationResponse,
+        responses=_ERRORS,
+        dependencies=keyed,
+        summary="Top-k next items of a user, from the next-item champion",
+    )
+    async def recommendations(body: RecommendationRequest) -> Response:
+        return await call(RECOMMENDATIONS, backend.recommend(body))
+
+    async def purchase_propensity(body) -> Response:
+        return await call(PROPENSITY, backend.propensity(body))
+
+    purchase_propensity.__annotations__ = {"body": propensity_model, "return": Response}
+    app.post(
+        PROPENSITY,
+        response_model=PropensityResponse,
+        responses=_ERRORS,
+        dependencies=keyed,
+        summary="Probability that each user buys tomorrow, from the purchase champion",
+    )(purchase_propensity)
+
+    @app.get(MODELS, response_model=ModelsResponse, responses=_ERRORS, dependencies=keyed,
+             summary="The model versions being served")  # fmt: skip
+    async def models() -> ModelsResponse:
+        answer = await backend.models()
+        for served in (answer.next_item, answer.purchase):
+            for alias in ("champion", "challenger"):
+                version = getattr(served, alias)
+                if version is not None:
+                    metrics.version(served.name, alias, version.version)
+        return answer
+
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness, and whether champions are loaded")
+    async def healthz() -> HealthResponse:
+        try:
+            answer = await asyncio.wait_for(backend.models(), 5.0)
+        except Exception as exc:  # noqa: BLE001 - the ingress is alive; say what is not
+            log.warning("healthz: models unavailable: %s", exc)
+            return HealthResponse(status="degraded", models={})
+        served = {
+            s.name: (s.champion.version if s.champion else None) for s in (answer.next_item, answer.purchase)
+        }
+        return HealthResponse(status="ok" if all(served.values()) else "degraded", models=served)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("latin-1")})
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        message = f"invalid request: {where}: {first.get('msg', 'does not match the schema')}"
+        return JSONResponse({"error": message, "detail": errors}, status_code=422)
+
+    app.add_middleware(_Gate, keys=api_keys, metrics=metrics, metrics_open=metrics_open)
+    return app
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _server_timing(outcome: Outcome) -> str:
+    parts = [f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in outcome.timings.items()]
+    parts.append(f'batch;desc="{outcome.batch_size}"')
+    return ", ".join(parts)

