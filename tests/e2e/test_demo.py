@@ -39,7 +39,7 @@ def test_demo_runs_every_stage(tmp_path):
             ],
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=1500,
             env={**os.environ, "COLUMNS": "200"},
         )
     finally:
