@@ -207,14 +207,11 @@ def key_command(
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", team):
         raise typer.BadParameter("use lowercase letters, digits and _ (it becomes a settings key)")
     key = secrets.token_urlsafe(32)
-    print_summary(
-        f"API key for {team}",
-        {
-            "key (shown once)": key,
-            "setting": f"serving.api_keys.{team}={hash_key(key)}",
-            "YAML (--config)": f"serving: {{api_keys: {{{team}: {hash_key(key)}}}}}",
-        },
-    )
+    # plain lines, not a table: a table narrower than the terminal would cut the key or the digest
+    typer.echo(f"API key for {team}")
+    typer.echo(f"key (shown once): {key}")
+    typer.echo(f"setting: serving.api_keys.{team}={hash_key(key)}")
+    typer.echo(f"YAML (--config): serving: {{api_keys: {{{team}: {hash_key(key)}}}}}")
 
 
 # ------------------------------------------------------------------------------------- the demo's stage
