@@ -397,7 +397,7 @@ def test_promotion_under_load_drops_nothing_and_switches_within_30s(world):
 
 
 def test_schemathesis_against_the_live_openapi_spec_finds_no_5xx(world):
-    from tests.unit.test_serving import fuzz
+    from tests.unit.test_serving_core import fuzz
 
     statuses = fuzz(
         lambda case: case.call(base_url=world["url"], headers=AUTH, timeout=30),
