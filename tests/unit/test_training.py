@@ -93,7 +93,7 @@ def test_bad_sequence_inputs():
 
 
 @pytest.mark.parametrize("name", ["sasrec", "lstm"])
-@pytest.mark.parametrize("loss", ["bce", "sampled_softmax"])
+@pytest.mark.parametrize("loss", ["bce", "sampled_softmax", "softmax"])
 def test_models_learn_a_predictable_sequence(name, loss):
     torch.manual_seed(0)
     data = _pattern_data()

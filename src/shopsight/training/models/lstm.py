@@ -13,8 +13,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from shopsight.training.models._next_item_loss import check_loss, next_item_loss
 from shopsight.training.models._purchase_head import PurchaseHead
 
 
@@ -28,7 +28,7 @@ class LSTMConfig:
     hidden: int = 128
     n_layers: int = 1
     dropout: float = 0.3
-    loss: Literal["bce", "sampled_softmax"] = "bce"
+    loss: Literal["bce", "sampled_softmax", "softmax"] = "bce"
     n_negatives: int = 256
     n_dense: int = 0  # dense features of the purchase head; 0: next-item only
     n_categories: int = 0  # category vocabulary of the purchase head's side embeddings
@@ -39,8 +39,7 @@ class LSTMConfig:
             raise ValueError("n_items and max_len must be positive")
         if self.n_dense < 0 or self.n_categories < 0:
             raise ValueError("n_dense and n_categories must not be negative")
-        if self.loss not in ("bce", "sampled_softmax"):
-            raise ValueError(f"unknown loss {self.loss!r}: bce or sampled_softmax")
+        check_loss(self.loss)
 
 
 class LSTMRec(PurchaseHead, nn.Module):
@@ -80,24 +79,8 @@ class LSTMRec(PurchaseHead, nn.Module):
         return self.project(self.dropout(out))  # (B, T, D)
 
     def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.encode(seq)
-        mask = pos > 0
-        if self.cfg.loss == "bce":
-            if neg is None:
-                raise ValueError("the bce loss needs one negative per position")
-            pos_logit = (h * self.item_emb(pos)).sum(-1)[mask]
-            neg_logit = (h * self.item_emb(neg)).sum(-1)[mask]
-            return F.binary_cross_entropy_with_logits(
-                pos_logit, torch.ones_like(pos_logit)
-            ) + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
-        negatives = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=seq.device)
-        hidden = h[mask]  # (N, D)
-        pos_logit = (hidden * self.item_emb(pos[mask])).sum(-1, keepdim=True)
-        neg_logit = (hidden @ self.item_emb(negatives).T).masked_fill(
-            negatives[None, :] == pos[mask][:, None], float("-inf")
-        )
-        logits = torch.cat([pos_logit, neg_logit], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=seq.device))
+        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce."""
+        return next_item_loss(self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives)
 
     def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         last = self.encode(seq)[:, -1]  # (B, D)

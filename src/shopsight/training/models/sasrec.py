@@ -4,9 +4,9 @@ A causal Transformer over the user's item sequence: item embeddings (scaled by s
 positions, ``blocks`` self-attention blocks that only look backwards, and the next item scored by the dot
 product of the last hidden state with the item's embedding (shared input/output embeddings).
 
-Two losses: the paper's binary cross-entropy with one sampled negative per position (``"bce"``), and a
-sampled softmax whose negatives are shared across the batch (``"sampled_softmax"``: every position
-ranks its true next item against the same ``n_negatives`` items, a much richer signal per step).
+Losses (:mod:`._next_item_loss`): the paper's binary cross-entropy with one sampled negative per position
+(``"bce"``), a sampled softmax whose negatives are shared across the batch (``"sampled_softmax"``), and
+cross-entropy over the whole catalogue (``"softmax"``).
 ``pre_ln`` puts LayerNorm before attention and feed-forward (the variant that trains more stably).
 
 With ``n_dense > 0`` the model also has the purchase head of :mod:`._purchase_head` (Behavior Sequence
@@ -22,8 +22,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
+from shopsight.training.models._next_item_loss import check_loss, next_item_loss
 from shopsight.training.models._purchase_head import PurchaseHead
 
 
@@ -38,7 +38,7 @@ class SASRecConfig:
     n_blocks: int = 2
     dropout: float = 0.5
     pre_ln: bool = True
-    loss: Literal["bce", "sampled_softmax"] = "bce"
+    loss: Literal["bce", "sampled_softmax", "softmax"] = "bce"
     n_negatives: int = 256  # shared negatives of the sampled softmax
     n_dense: int = 0  # dense features of the purchase head; 0: next-item only
     n_categories: int = 0  # category vocabulary of the purchase head's side embeddings
@@ -51,8 +51,7 @@ class SASRecConfig:
             raise ValueError("n_dense and n_categories must not be negative")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
-        if self.loss not in ("bce", "sampled_softmax"):
-            raise ValueError(f"unknown loss {self.loss!r}: bce or sampled_softmax")
+        check_loss(self.loss)
 
 
 class _Block(nn.Module):
@@ -127,25 +126,7 @@ class SASRec(PurchaseHead, nn.Module):
 
     def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
         """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce."""
-        h = self.encode(seq)  # (B, T, D)
-        mask = pos > 0  # (B, T)
-        if self.cfg.loss == "bce":
-            if neg is None:
-                raise ValueError("the bce loss needs one negative per position")
-            pos_logit = (h * self.item_emb(pos)).sum(-1)  # (B, T)
-            neg_logit = (h * self.item_emb(neg)).sum(-1)
-            loss = F.binary_cross_entropy_with_logits(pos_logit[mask], torch.ones_like(pos_logit[mask]))
-            return loss + F.binary_cross_entropy_with_logits(
-                neg_logit[mask], torch.zeros_like(neg_logit[mask])
-            )
-        negatives = torch.randint(1, self.cfg.n_items + 1, (self.cfg.n_negatives,), device=seq.device)  # (S,)
-        hidden = h[mask]  # (N, D)
-        pos_logit = (hidden * self.item_emb(pos[mask])).sum(-1, keepdim=True)  # (N, 1)
-        neg_logit = hidden @ self.item_emb(negatives).T  # (N, S)
-        # a sampled "negative" that is the true item is not a negative
-        neg_logit = neg_logit.masked_fill(negatives[None, :] == pos[mask][:, None], float("-inf"))
-        logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
-        return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=seq.device))
+        return next_item_loss(self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives)
 
     def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Scores (B, C) of candidate items (B, C) as the next item after each sequence (B, T)."""

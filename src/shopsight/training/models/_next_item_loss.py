@@ -1,0 +1,56 @@
+"""The next-item losses shared by every sequence model (one definition, so `sasrec` and `lstm` train alike).
+
+- ``"bce"``: the SASRec paper's binary cross-entropy, one sampled negative per position.
+- ``"sampled_softmax"``: every position ranks its true next item against ``n_negatives`` uniformly sampled
+  items shared across the batch.
+- ``"softmax"``: cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023, found it lifts
+  SASRec well past BCE). Logits are computed only at real positions, so the cost is
+  (real positions x items x d) per batch: cheap for catalogues of tens of thousands of items.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOSSES = ("bce", "sampled_softmax", "softmax")
+
+
+def check_loss(name: str) -> None:
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}: one of {', '.join(LOSSES)}")
+
+
+def next_item_loss(
+    h: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor | None,
+    item_emb: nn.Embedding,
+    loss: str,
+    n_negatives: int,
+) -> torch.Tensor:
+    """Loss of hidden states ``h`` (B, T, D) predicting next items ``pos`` (B, T; 0 = padding)."""
+    mask = pos > 0
+    if loss == "bce":
+        if neg is None:
+            raise ValueError("the bce loss needs one negative per position")
+        pos_logit = (h * item_emb(pos)).sum(-1)[mask]
+        neg_logit = (h * item_emb(neg)).sum(-1)[mask]
+        return F.binary_cross_entropy_with_logits(
+            pos_logit, torch.ones_like(pos_logit)
+        ) + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
+    hidden = h[mask]  # (N, D)
+    targets = pos[mask]  # (N,)
+    if loss == "softmax":
+        logits = hidden @ item_emb.weight.T  # (N, n_items + 1)
+        logits[:, 0] = float("-inf")  # padding is never the next item
+        return F.cross_entropy(logits, targets)
+    negatives = torch.randint(1, item_emb.num_embeddings, (n_negatives,), device=h.device)  # (S,)
+    pos_logit = (hidden * item_emb(targets)).sum(-1, keepdim=True)  # (N, 1)
+    # a sampled "negative" that is the true item is not a negative
+    neg_logit = (hidden @ item_emb(negatives).T).masked_fill(
+        negatives[None, :] == targets[:, None], float("-inf")
+    )
+    logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=h.device))
