@@ -1,4 +1,5 @@
-"""Real local engines, shared per test session: one Spark (local[2], loopback)."""
+"""Real local engines, shared per test session: one Spark (local[2], loopback), a redis-server and a
+throwaway PostgreSQL cluster (both on free loopback ports, removed at the end)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,75 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     process.terminate()
     process.wait(timeout=10)
+
+
+def _postgres_bin() -> str | None:
+    """The folder of PostgreSQL's server binaries (initdb, pg_ctl), the newest version's, or None."""
+    import glob
+    import shutil
+    from pathlib import Path
+
+    def version(folder: str) -> tuple[int, str]:
+        name = Path(folder).parent.name
+        return (int(name) if name.isdigit() else 0, name)
+
+    folders = [f for f in glob.glob("/usr/lib/postgresql/*/bin") if Path(f, "initdb").exists()]
+    if folders:
+        return max(folders, key=version)
+    initdb = shutil.which("initdb")
+    return str(Path(initdb).parent) if initdb else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throwaway PostgreSQL cluster (initdb on a free loopback port, trust auth), with the databases
+    ``mlflow`` and ``feast``; yields ``url(database) -> "postgresql+psycopg://postgres@127.0.0.1:PORT/db"``.
+    Stopped and deleted at the end of the session. Skips where PostgreSQL is absent (fails under CI)."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    folder_bin = _postgres_bin()
+    if folder_bin is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql): no initdb / pg_ctl"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    as_user: list[str] = []
+    root = tempfile.mkdtemp(prefix="shopsight-pg-")  # not under pytest's 0700 tree: postgres must reach it
+    if os.geteuid() == 0:  # initdb refuses root: run the cluster as the postgres user
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(root)
+            pytest.fail("running as root and there is no postgres user to run PostgreSQL as")
+        os.chown(root, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, log = f"{root}/data", f"{root}/server.log"
+    port = _free_port()
+
+    def run(*command: str) -> None:
+        result = subprocess.run([*as_user, *command], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            tail = Path(log).read_text()[-2000:] if Path(log).exists() else ""
+            pytest.fail(f"{Path(command[0]).name} failed: {result.stderr or result.stdout}\n{tail}")
+
+    pg_ctl = f"{folder_bin}/pg_ctl"
+    started = False
+    try:
+        run(f"{folder_bin}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        options = f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} -c fsync=off"
+        run(pg_ctl, "-D", data, "-l", log, "-w", "-t", "60", "-o", options, "start")
+        started = True
+        for database in ("mlflow", "feast"):
+            run(f"{folder_bin}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database)
+        yield lambda database: f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}"
+    finally:
+        if started:
+            stop = [*as_user, pg_ctl, "-D", data, "-m", "fast", "-w", "stop"]
+            subprocess.run(stop, capture_output=True, timeout=120)
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,19 +10,8 @@ import typer
 from rich.table import Table
 
 from shopsight.cli._context import state
-from shopsight.platform import Settings, console, print_summary
-
-
-def _ray(settings: Settings) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray.address,
-            num_cpus=settings.ray.num_cpus,
-            # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
-            include_dashboard=True,
-        )
+from shopsight.platform import console, print_summary
+from shopsight.platform.ray_cluster import connect
 
 
 def _is_training_set(path: Path) -> bool:
@@ -53,7 +42,9 @@ def train_command(
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step and worker.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     max_len: Annotated[int, typer.Option(min=1, help="Longest history the model reads.")] = 50,
-    loss: Annotated[str, typer.Option(help="bce (the SASRec paper's) | sampled_softmax.")] = "bce",
+    loss: Annotated[
+        str, typer.Option(help="bce (the SASRec paper's) | sampled_softmax | softmax (full catalogue).")
+    ] = "bce",
     eval_every: Annotated[int, typer.Option(min=1, help="Validate every N epochs.")] = 5,
     name: Annotated[
         str | None, typer.Option(help="Run name; the same name resumes an interrupted run.")
@@ -90,7 +81,7 @@ def train_command(
             settings, data, model, workers, gpus_per_worker, epochs, lr, name, pos_weight, pretrained
         )
         return
-    _ray(settings)
+    connect(settings)
     summary = train_next_item_model(
         settings,
         model,
@@ -128,7 +119,7 @@ def _train_purchase(settings, data, model, workers, gpus, epochs, lr, name, pos_
             raise typer.BadParameter(
                 f"{pos_weight!r} is neither a number nor 'balanced'", param_hint="--pos-weight"
             ) from None
-    _ray(settings)
+    connect(settings)
     summary = train_purchase_model(
         settings,
         model,

@@ -8,6 +8,8 @@ The store is configured in code from the settings (no feature_store.yaml to keep
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -22,6 +24,10 @@ from shopsight.platform import ConfigError, Settings, ShopsightError
 
 # Dask, under Feast's file offline store, warns on every call about a pandas downcast it does itself.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"dask\..*")
+
+# Feast writes the time bounds of its Spark queries as UTC wall-clock text (``TIMESTAMP('2017-12-02
+# 16:00:00')``), which Spark reads in the session's time zone: its queries must run in UTC.
+_FEAST_SPARK_TIMEZONE = "UTC"
 
 
 def feast_dir(settings: Settings) -> Path:
@@ -47,7 +53,7 @@ def repo_config(settings: Settings):
         online = {"type": "sqlite", "path": str(folder / "online.db")}
     offline: dict = {"type": "file"}
     if feast.offline_store == "spark":
-        offline = {"type": "spark", "spark_conf": {"spark.master": settings.spark.master}}
+        offline = {"type": "spark", "spark_conf": _spark_conf(settings)}
     return RepoConfig(
         project=feast.project,
         provider="local",
@@ -57,6 +63,44 @@ def repo_config(settings: Settings):
         entity_key_serialization_version=3,
         repo_path=str(folder),
     )
+
+
+def _spark_conf(settings: Settings) -> dict[str, str]:
+    """The Spark configuration of a session Feast starts itself (where none runs in its thread): the same
+    master, loopback binding and extra settings as the feature jobs', in UTC (see _FEAST_SPARK_TIMEZONE)."""
+    spark = settings.spark
+    return {
+        "spark.master": spark.master,
+        "spark.app.name": "shopsight-feast",
+        "spark.driver.memory": spark.driver_memory,
+        "spark.driver.bindAddress": spark.bind_address,
+        "spark.driver.host": spark.bind_address,
+        "spark.sql.shuffle.partitions": str(spark.shuffle_partitions),
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        **spark.conf,
+        "spark.sql.session.timeZone": _FEAST_SPARK_TIMEZONE,
+    }
+
+
+@contextmanager
+def _offline_engine(settings: Settings) -> Iterator[None]:
+    """Around Feast calls that read the offline store: with the Spark offline store, Feast's queries run on
+    the profile's Spark session (built from the settings like the feature jobs', so with the venv's Python
+    workers and the configured bind address) switched to UTC while they run, and switched back after (the
+    feature jobs' sessions count days in the shop's time zone). A no-op for the file offline store."""
+    if settings.feast.offline_store != "spark":
+        yield
+        return
+    from shopsight.features._spark import build_spark
+
+    session = build_spark(settings, app_name="shopsight-feast")  # the running session, if there is one
+    previous = session.conf.get("spark.sql.session.timeZone")
+    session.conf.set("spark.sql.session.timeZone", _FEAST_SPARK_TIMEZONE)
+    try:
+        yield
+    finally:
+        session.conf.set("spark.sql.session.timeZone", previous)
 
 
 def redis_connection_string(url: str) -> str:
@@ -80,6 +124,14 @@ def feature_store(settings: Settings):
     from feast import FeatureStore
 
     _read_sources_as_one_partition()
+    if settings.feast.offline_store == "spark":
+        # Feast's Spark store and source say on every call that they are experimental; the filter goes in
+        # after their import, whose own `simplefilter("once")` would otherwise come first.
+        import feast.infra.offline_stores.contrib.spark_offline_store.spark  # noqa: F401
+
+        warnings.filterwarnings(
+            "ignore", category=RuntimeWarning, module=r"feast\.infra\.offline_stores\.contrib\.spark.*"
+        )
     return FeatureStore(config=repo_config(settings))
 
 
@@ -107,8 +159,9 @@ def apply(settings: Settings) -> list[str]:
     """Register the repository's objects; returns the names of the feature views and services."""
     from shopsight.features.definitions import repository
 
+    store = feature_store(settings)  # first: it quiets the Spark source's warnings that repository() raises
     objects = repository(settings)
-    feature_store(settings).apply(objects)
+    store.apply(objects)
     return [o.name for o in objects if type(o).__name__ in ("FeatureView", "FeatureService")]
 
 
@@ -123,13 +176,14 @@ def materialize(
     store = feature_store(settings)
     end = end or datetime.now(UTC)
     views = [fv.name for fv in store.list_feature_views() if fv.online and _has_data(fv)]
-    if incremental and all(store.get_feature_view(v).most_recent_end_time for v in views):
-        store.materialize_incremental(end_date=end, feature_views=views)
-    else:
-        # Feast's first incremental run starts at now - ttl, which misses older snapshots: go full.
-        store.materialize(
-            start_date=start or datetime(1970, 1, 1, tzinfo=UTC), end_date=end, feature_views=views
-        )
+    with _offline_engine(settings):
+        if incremental and all(store.get_feature_view(v).most_recent_end_time for v in views):
+            store.materialize_incremental(end_date=end, feature_views=views)
+        else:
+            # Feast's first incremental run starts at now - ttl, which misses older snapshots: go full.
+            store.materialize(
+                start_date=start or datetime(1970, 1, 1, tzinfo=UTC), end_date=end, feature_views=views
+            )
     return views
 
 
@@ -263,7 +317,8 @@ def training_set(settings: Settings, service: str, start: date, end: date, out: 
     if labels.empty:
         raise ShopsightError(f"no labelled snapshot days between {start} and {end} under {labels_path}")
     entity_df = labels[[USER_ID, SNAPSHOT_TS, "buy_next_1d"]].rename(columns={SNAPSHOT_TS: "event_timestamp"})
-    frame = historical_features(store, entity_df, service)
+    with _offline_engine(settings):
+        frame = historical_features(store, entity_df, service)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
