@@ -66,6 +66,7 @@ bench: setup services
 	$(BIN)/python -m benchmarks.bench_gan
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_serving
+	$(BIN)/python -m benchmarks.bench_cluster
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

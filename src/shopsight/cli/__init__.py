@@ -9,9 +9,8 @@ from typing import Annotated
 import typer
 
 from shopsight import __version__
-from shopsight.cli import config, data, features, models, serve, train, tune
+from shopsight.cli import cluster, config, data, features, jobs, mlflow, models, serve, train, tune
 from shopsight.cli._context import CliState, parse_overrides
-from shopsight.cli._planned import planned_groups
 from shopsight.cli.demo import demo
 from shopsight.platform import ShopsightError, console
 
@@ -65,8 +64,9 @@ app.add_typer(features.app, name="features")
 app.add_typer(config.app, name="config")
 app.add_typer(models.app, name="models")
 app.add_typer(serve.app, name="serve")
-for _name, _group in planned_groups().items():
-    app.add_typer(_group, name=_name)
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(cluster.app, name="cluster")
+app.add_typer(mlflow.app, name="mlflow")
 app.command("demo")(demo)
 app.command("train")(train.train_command)
 app.command("evaluate")(train.evaluate_command)

@@ -65,12 +65,12 @@ def demo(
     print_online(store.online_features(settings, "user_profile_v1", [{"user_id": user}]))
 
     console.rule("[bold]5. training: SASRec next-item model (Ray Train, tracked and registered in MLflow)")
-    from shopsight.cli.train import _ray
     from shopsight.platform.mlflow_server import tracking_uri
+    from shopsight.platform.ray_cluster import connect
     from shopsight.training.loop import LoopConfig
     from shopsight.training.train import train_next_item_model
 
-    _ray(settings)
+    connect(settings)
     trained = train_next_item_model(
         settings,
         "sasrec",

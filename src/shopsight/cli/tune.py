@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from shopsight.cli._context import state
-from shopsight.cli.train import _ray
 from shopsight.platform import ShopsightError, console, print_summary
+from shopsight.platform.ray_cluster import connect
 
 
 def tune_command(
@@ -41,7 +41,7 @@ def tune_command(
     if not data.exists():
         raise ShopsightError(f"{data} does not exist")
     settings = state(ctx).settings
-    _ray(settings)
+    connect(settings)
     summary = tune_next_item_model(
         settings,
         data,

@@ -103,7 +103,26 @@ class RaySettings(_Section):
     )
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the local head; null lets Ray detect them.")
     auth_token_path: str | None = Field(
-        None, description="File with the cluster's token (Ray token authentication); null: none."
+        None,
+        description="File with the cluster's token (Ray token authentication); null: the local head's, "
+        "under data_dir/ray.",
+    )
+    head_port: int = Field(6379, gt=0, lt=65536, description="GCS port of the local head (`cluster up`).")
+    dashboard_port: int = Field(
+        8265, gt=0, lt=65536, description="Dashboard and Jobs API port of the local head (`cluster up`)."
+    )
+    head_resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom resources the local head offers, name -> amount."
+    )
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources each Ray Train worker needs, name -> amount: pins training to the "
+        "nodes that offer them (e.g. {trainer: 1} with one trainer per node spreads workers over nodes).",
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Checkpoints and Ray Train/Tune results, on storage every node sees (a shared mount "
+        "or s3://...); null: data_dir/ray_results.",
     )
 
 
@@ -126,12 +145,26 @@ class MlflowSettings(_Section):
         None, description="Tracking server URL; null = a local server under data_dir."
     )
     backend_store_uri: str | None = Field(
-        None, description="Server's SQL backend; null = SQLite under data_dir."
+        None,
+        description="Local server's SQL backend (sqlite:///..., postgresql+psycopg://USER@HOST:5432/mlflow; "
+        "a password is better given as PGPASSWORD); null = SQLite under data_dir.",
     )
     artifact_root: str | None = Field(
-        None, description="Server's artifact root; null = a folder under data_dir."
+        None,
+        description="Local server's artifact root (a folder or s3://...), served to clients through the "
+        "server; null = a folder under data_dir.",
     )
-    port: int = Field(5000, gt=0, lt=65536, description="Port of the local tracking server.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the local tracking server (`shopsight mlflow up`) binds to; 0.0.0.0 for all.",
+    )
+    port: int = Field(
+        5000,
+        gt=0,
+        lt=65536,
+        description="Port of the local tracking server; when another process holds it on loopback, the "
+        "server starts on a free port instead (and says so).",
+    )
 
 
 class PromotionSettings(_Section):

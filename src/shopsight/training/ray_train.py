@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ def _purchase_task(config: dict[str, Any], loop: LoopConfig):
 
 
 def _worker(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -75,6 +77,12 @@ def _worker(config: dict[str, Any]) -> None:
         optimizer_state, start_epoch, best = state["optimizer"], state["epoch"], state.get("best")
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    # where each rank runs, and where it starts: the job log shows placement and resumption
+    node = ray.get_runtime_context().get_node_id()
+    now = datetime.now().isoformat(sep=" ", timespec="milliseconds")
+    print(f"worker rank {rank} of {context.get_world_size()} on node {node}, starting {now}", flush=True)
+    if checkpoint:
+        print(f"worker rank {rank} resumes after epoch {start_epoch} ({checkpoint.path})", flush=True)
     last_metric = {"value": best[0] if best else 0.0}
 
     def on_epoch(result: EpochResult, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -142,6 +150,7 @@ def train_with_ray(
     storage_path: Path | str,
     workers: int = 1,
     gpus_per_worker: float = 0,
+    worker_resources: dict[str, float] | None = None,
     model_config: dict[str, Any] | None = None,
     loop: LoopConfig | None = None,
     max_failures: int = 2,
@@ -157,6 +166,7 @@ def train_with_ray(
 
     ``fail_after_epoch`` injects one worker failure after that epoch (to test fault tolerance);
     ``mlflow`` = (tracking URI, run id) logs every epoch's metrics into that run;
+    ``worker_resources``: custom Ray resources each worker needs (pins workers to the nodes offering them);
     ``callbacks``: Ray Train ``UserCallback``s (Tune's ``TuneReportCallback`` forwards each epoch to Tune);
     ``task``: ``next_item`` (``data`` is an event or SASRec-format file) or ``purchase`` (``data`` is a
     training set; ``task_config`` holds the fitted ``features``, ``pos_weight`` and an optional
@@ -165,7 +175,7 @@ def train_with_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage_path = Path(storage_path).absolute()
+    storage_path = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).absolute())
     config = {
         "model": model,
         "data": str(Path(data).absolute()),
@@ -173,7 +183,7 @@ def train_with_ray(
         "loop": asdict(loop or LoopConfig()),
         "threads_per_worker": threads_per_worker,
         "fail_after_epoch": fail_after_epoch,
-        "failure_marker": str(storage_path / name / ".injected_failure") if fail_after_epoch else None,
+        "failure_marker": f"{storage_path}/{name}/.injected_failure" if fail_after_epoch else None,
         "mlflow": mlflow,  # (tracking URI, run id): rank 0 logs each epoch's metrics there
         "task": task,
         **(task_config or {}),
@@ -187,11 +197,12 @@ def train_with_ray(
             resources_per_worker={
                 "CPU": threads_per_worker,
                 **({"GPU": gpus_per_worker} if gpus_per_worker else {}),
+                **(worker_resources or {}),
             },
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage_path),
+            storage_path=storage_path,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=keep_checkpoints,
                 checkpoint_score_attribute=f"valid_{TASK_METRICS[task]}",

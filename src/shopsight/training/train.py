@@ -22,6 +22,7 @@ import torch
 
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform.mlflow_server import tracking_uri
+from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.evaluation import evaluate_next_item
 from shopsight.training.loop import LoopConfig, scorer
 from shopsight.training.sequences import LeaveOneOut, SequenceData
@@ -123,8 +124,9 @@ def train_next_item_model(
             model_name,
             data,
             name=run_name,
-            storage_path=Path(settings.data_dir).absolute() / "ray_results",
+            storage_path=storage_path(settings),
             workers=workers,
+            worker_resources=settings.ray.worker_resources,
             gpus_per_worker=gpus_per_worker,
             model_config=model_config,
             loop=loop,

@@ -23,6 +23,7 @@ import torch
 
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform.mlflow_server import tracking_uri
+from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.loop import LoopConfig
 from shopsight.training.purchase import (
     TreeBaseline,
@@ -111,7 +112,7 @@ def train_purchase_model(
     frame = read_training_set(data)
     split = TimeSplit.of(frame, str(data))
     run_name = run_name or f"purchase-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(settings.data_dir).absolute() / "ray_results"
+    storage = Path(settings.data_dir).absolute() / "ray_results"  # the driver's scratch (pretrained weights)
     (storage / run_name).mkdir(parents=True, exist_ok=True)
     config = {"d_model": 64, "dropout": 0.2, **(model_config or {})}
     item_vocab, pretrained_path = None, None
@@ -152,8 +153,9 @@ def train_purchase_model(
             model_name,
             data,
             name=run_name,
-            storage_path=storage,
+            storage_path=storage_path(settings),
             workers=workers,
+            worker_resources=settings.ray.worker_resources,
             gpus_per_worker=gpus_per_worker,
             model_config=config,
             loop=loop,

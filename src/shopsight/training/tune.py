@@ -32,6 +32,7 @@ import torch
 
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform.mlflow_server import tracking_uri
+from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.loop import LoopConfig
 from shopsight.training.ray_train import CHECKPOINT_FILE, METRIC
 from shopsight.training.sequences import LeaveOneOut, SequenceData
@@ -132,6 +133,7 @@ def _trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
         storage_path=fixed["storage_path"],
         workers=fixed["workers"],
         gpus_per_worker=fixed["gpus_per_worker"],
+        worker_resources=fixed.get("worker_resources"),
         model_config=model_config,
         loop=loop,
         callbacks=[TuneReportCallback()],
@@ -373,7 +375,7 @@ def tune_next_item_model(
     experiment = mlflow.set_experiment(EXPERIMENT)
     run_name = run_name or f"tune-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     identity = dataset_identity(data)
-    storage = Path(settings.data_dir).absolute() / "ray_results"
+    storage = storage_path(settings)
     fixed = {
         "model": model,
         "data": str(Path(data).absolute()),
@@ -381,7 +383,8 @@ def tune_next_item_model(
         "loop": asdict(loop),
         "workers": workers,
         "gpus_per_worker": gpus_per_worker,
-        "storage_path": str(storage / f"{run_name}-trials"),
+        "storage_path": f"{storage}/{run_name}-trials",
+        "worker_resources": settings.ray.worker_resources,
     }
     concurrent = max_concurrent or max_concurrent_trials(workers, gpus_per_worker)
     with mlflow.start_run(run_name=run_name) as parent:

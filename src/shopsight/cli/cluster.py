@@ -1,0 +1,90 @@
+"""`shopsight cluster up | down | status`: the local profile's Ray head (jobs go there)."""
+
+from __future__ import annotations
+
+import typer
+
+from shopsight.cli._context import state
+from shopsight.platform import ShopsightError, console, print_summary
+from shopsight.platform.ray_cluster import local_head, start_local_head, stop_local_head
+
+app = typer.Typer(
+    help="Start, inspect and stop the local Ray head that `shopsight jobs` submits to (local profile).",
+    no_args_is_help=True,
+)
+
+
+@app.command("up")
+def up_command(ctx: typer.Context) -> None:
+    """Start a Ray head on this machine (token authentication on), or reuse the running one."""
+    settings = state(ctx).settings
+    with console.status("starting the local Ray head"):
+        head, started = start_local_head(settings)
+    print_summary(
+        "Ray head " + ("started" if started else "already running"),
+        {
+            "Jobs API / dashboard": head.dashboard_url,
+            "join another node": f"ray start --address={head.gcs_address} (with RAY_AUTH_MODE=token and "
+            f"RAY_AUTH_TOKEN_PATH={head.token_path})",
+            "token": head.token_path,
+            "submit work": "shopsight jobs submit train --data ...",
+        },
+    )
+
+
+@app.command("status")
+def status_command(ctx: typer.Context) -> None:
+    """Whether the local head runs, its nodes and their resources; exit 1 when it is down."""
+    settings = state(ctx).settings
+    if settings.ray.address:
+        console.print(f"this profile uses the cluster at {settings.ray.address} (`shopsight jobs list`)")
+        return
+    head = local_head(settings)
+    if head is None:
+        console.print("local Ray head: not running (`shopsight cluster up` starts it)")
+        raise typer.Exit(1)
+    summary = {"Jobs API / dashboard": head.dashboard_url, "GCS": head.gcs_address, "token": head.token_path}
+    try:
+        for i, node in enumerate(_nodes(head.dashboard_url, head.token_path)):
+            summary[f"node {i}"] = node
+    except ShopsightError as exc:
+        summary["nodes"] = str(exc)
+    print_summary("local Ray head: running", summary)
+
+
+def _nodes(dashboard_url: str, token_path: str) -> list[str]:
+    """Alive nodes and their resources, from the dashboard's State API."""
+    from pathlib import Path
+
+    import requests
+
+    token = Path(token_path).read_text().strip()
+    try:
+        response = requests.get(
+            f"{dashboard_url}/api/v0/nodes",
+            params={"detail": "1", "limit": "100"},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        raise ShopsightError(f"cannot list nodes: {exc}") from None
+    lines = []
+    for node in response.json()["data"]["result"]["result"]:
+        if node.get("state") != "ALIVE":
+            continue
+        resources = ", ".join(
+            f"{k} {v:g}" for k, v in sorted(node.get("resources_total", {}).items())
+            if not k.startswith(("node:", "memory", "object_store_memory"))
+        )  # fmt: skip
+        role = "head" if node.get("is_head_node") else "worker"
+        lines.append(f"{node['node_id'][:12]} ({role}, {node.get('node_ip')}): {resources}")
+    return lines
+
+
+@app.command("down")
+def down_command(ctx: typer.Context) -> None:
+    """Stop the local head this data directory started (other Ray clusters on the machine are left alone)."""
+    settings = state(ctx).settings
+    stopped = stop_local_head(settings)
+    console.print("local Ray head stopped" if stopped else "no local Ray head was running")

@@ -1,0 +1,334 @@
+"""The Ray cluster of a profile: where jobs go, and the local head of the ``local`` profile.
+
+``local``: ``shopsight cluster up`` starts a Ray head on this machine (``ray start --head`` on 127.0.0.1,
+token authentication on) that outlives the command and is reused by later commands; its addresses are kept
+in ``<data_dir>/ray/head.json``. ``cluster``: ``ray.address`` is the cluster's jobs API
+(``http://head:8265``), and ``ray.auth_token_path`` the file holding its token.
+
+Ray 2.60 authenticates with a token: a Ray process joins a token-protected cluster only when
+``RAY_AUTH_MODE=token`` is in its environment and it finds the token (``RAY_AUTH_TOKEN_PATH``); an HTTP
+client of the Jobs API sends it as a bearer header.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shopsight.platform._errors import ShopsightError
+from shopsight.platform._settings import Settings
+
+_START_TIMEOUT_S = 180
+
+
+@dataclass(frozen=True)
+class Head:
+    """A running Ray head: the GCS address workers join and the dashboard that takes jobs."""
+
+    gcs_address: str  # 127.0.0.1:6379: `ray start --address` / ray.init
+    dashboard_url: str  # http://127.0.0.1:8265: the Jobs API
+    token_path: str
+    started_by: str
+
+
+def token_path(settings: Settings) -> Path:
+    """The token file: ``ray.auth_token_path``, or, in the local profile, one under ``data_dir``."""
+    if settings.ray.auth_token_path:
+        return Path(settings.ray.auth_token_path).expanduser()
+    return Path(settings.data_dir).absolute() / "ray" / "auth_token"
+
+
+def read_token(path: Path) -> str:
+    if not path.is_file():
+        raise ShopsightError(
+            f"the Ray token file {path} does not exist: copy the cluster's token there "
+            "(`ray get-auth-token` on the head prints it) or set ray.auth_token_path"
+        )
+    return path.read_text().strip()
+
+
+def token_env(path: Path) -> dict[str, str]:
+    """Environment that makes a Ray process (``ray start``, ``ray.init``) use the token in ``path``."""
+    read_token(path)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+@dataclass(frozen=True)
+class JobsEndpoint:
+    """Where the Jobs API of the profile's cluster is, with the header that authenticates to it."""
+
+    address: str
+    headers: dict[str, str]
+
+    def client(self):
+        from ray.job_submission import JobSubmissionClient
+
+        try:
+            return JobSubmissionClient(self.address, headers=self.headers)
+        except Exception as exc:  # noqa: BLE001 - connection, HTTP and auth errors all mean: cannot submit
+            raise ShopsightError(
+                f"cannot reach the Ray cluster at {self.address}: {_first_line(exc)}"
+            ) from None
+
+
+def jobs_endpoint(settings: Settings) -> JobsEndpoint:
+    """The Jobs API of the profile's cluster: ``ray.address``, or the local head (which must be up).
+
+    The token goes in an explicit ``Authorization`` header rather than the process environment, so one
+    process can talk to several clusters and leaves Ray's own process-wide token cache alone.
+    """
+    if settings.ray.address:
+        address = settings.ray.address
+        if not address.startswith(("http://", "https://")):
+            raise ShopsightError(
+                f"ray.address {address!r} is not a jobs API URL: jobs go to the head's dashboard, "
+                "http://HEAD:8265"
+            )
+        path = token_path(settings)
+        headers = {"Authorization": f"Bearer {read_token(path)}"} if path.exists() else {}
+        if settings.ray.auth_token_path and not headers:
+            read_token(path)  # a configured token file that is missing is an error, not "no auth"
+        return JobsEndpoint(address.rstrip("/"), headers)
+    head = local_head(settings)
+    if head is None:
+        raise ShopsightError("no local Ray head is running: start one with `shopsight cluster up`")
+    return JobsEndpoint(head.dashboard_url, {"Authorization": f"Bearer {read_token(Path(head.token_path))}"})
+
+
+def connect(settings: Settings) -> None:
+    """``ray.init`` for a command that runs Ray work from this process (train, tune).
+
+    Inside a submitted job Ray has set ``RAY_ADDRESS``: join that cluster. In the local profile, join the
+    head of `shopsight cluster up` when it runs, else start a private one for this command only. A
+    ``cluster`` profile's jobs URL cannot be joined from outside: such work goes through `jobs submit`.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        return
+    if settings.ray.address:
+        raise ShopsightError(
+            f"ray.address is {settings.ray.address}: run this on the cluster with "
+            "`shopsight jobs submit ...` (or from a Ray job)"
+        )
+    head = local_head(settings)
+    if head is not None:
+        os.environ.update(token_env(Path(head.token_path)))
+        ray.init(address=head.gcs_address)
+        return
+    # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
+    ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _state_file(settings: Settings) -> Path:
+    return Path(settings.data_dir).absolute() / "ray" / "head.json"
+
+
+def local_head(settings: Settings) -> Head | None:
+    """The local head this data directory started, if it still answers."""
+    state = _state_file(settings)
+    if not state.exists():
+        return None
+    head = Head(**json.loads(state.read_text()))
+    return head if _dashboard_up(head.dashboard_url) else None
+
+
+def start_local_head(settings: Settings, started_by: str = "shopsight cluster up") -> tuple[Head, bool]:
+    """Start the local profile's Ray head, or return the running one; returns (head, started now)."""
+    if settings.ray.address:
+        raise ShopsightError(
+            f"ray.address is {settings.ray.address}: this profile uses that cluster, not a local head"
+        )
+    running = local_head(settings)
+    if running:
+        return running, False
+    for port in (settings.ray.head_port, settings.ray.dashboard_port):
+        if _port_in_use(port):
+            raise ShopsightError(
+                f"port {port} on 127.0.0.1 is taken by another process (another Ray head?): stop it, or set "
+                "ray.head_port / ray.dashboard_port to free ports"
+            )
+    token = token_path(settings)
+    if not token.exists():
+        token.parent.mkdir(parents=True, exist_ok=True)
+        token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
+    command = [
+        _ray_cli(), "start", "--head", "--node-ip-address=127.0.0.1",
+        f"--port={settings.ray.head_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={settings.ray.dashboard_port}", "--disable-usage-stats",
+        # ports Ray would otherwise fix (another cluster on this machine may hold them)
+        f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+        f"--resources={json.dumps(settings.ray.head_resources)}",
+    ]  # fmt: skip
+    if settings.ray.num_cpus:
+        command.append(f"--num-cpus={settings.ray.num_cpus}")
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=_START_TIMEOUT_S, env=_node_env(token)
+    )
+    if result.returncode != 0:
+        raise ShopsightError(f"`ray start --head` failed: {(result.stderr or result.stdout).strip()[-800:]}")
+    head = Head(
+        gcs_address=f"127.0.0.1:{settings.ray.head_port}",
+        dashboard_url=f"http://127.0.0.1:{settings.ray.dashboard_port}",
+        token_path=str(token),
+        started_by=started_by,
+    )
+    deadline = time.time() + 60
+    while not _dashboard_up(head.dashboard_url):
+        if time.time() > deadline:
+            raise ShopsightError(
+                f"the Ray head started but its dashboard {head.dashboard_url} does not answer"
+            )
+        time.sleep(0.5)
+    state = _state_file(settings)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps(asdict(head)) + "\n")
+    return head, True
+
+
+def stop_local_head(settings: Settings) -> bool:
+    """Stop the local head this data directory started (only its processes, not other Ray clusters)."""
+    state = _state_file(settings)
+    if not state.exists():
+        return False
+    head = Head(**json.loads(state.read_text()))
+    state.unlink()
+    port = head.gcs_address.rsplit(":", 1)[1]
+    killed = kill_ray_processes(port)
+    # `ray start` left its address for ray.init() to find: a later ray.init() would try to join the dead head
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+    return killed > 0
+
+
+def kill_ray_processes(gcs_port: str | int, node_manager_port: int | None = None) -> int:
+    """Kill the Ray processes of one cluster (by its GCS port), or of one node of it (by its raylet's
+    ``node_manager_port``) with every process the raylet started. ``ray stop`` would kill every Ray
+    process on the machine, other clusters included. Returns how many processes were signalled."""
+    import re
+
+    import psutil
+
+    mark = (
+        re.compile(rf"--node[-_]manager[-_]port={node_manager_port}\b")
+        if node_manager_port
+        else re.compile(
+            rf"(--gcs_server_port={gcs_port}|--gcs-address=\S+:{gcs_port}|--address=\S+:{gcs_port})\b"
+        )
+    )
+    victims: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if process.pid != os.getpid() and mark.search(cmdline):
+            victims[process.pid] = process
+            with contextlib.suppress(psutil.Error):
+                victims.update({child.pid: child for child in process.children(recursive=True)})
+    victims.pop(os.getpid(), None)
+    for process in victims.values():
+        with contextlib.suppress(psutil.Error):
+            process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(list(victims.values()), timeout=10)
+    return len(victims)
+
+
+def _node_env(token: Path) -> dict[str, str]:
+    """A node's environment: token auth on, and this interpreter's folder first on PATH, so the
+    ``python`` of a job's entrypoint is this environment's (with Shopsight's dependencies)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, **token_env(token), "PATH": path}
+
+
+def _ray_cli() -> str:
+    return shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+
+
+def _dashboard_up(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url}/api/version", timeout=3).status_code in (200, 401, 403)
+    except requests.RequestException:
+        return False
+
+
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def storage_path(settings: Settings) -> str:
+    """Where Ray Train and Tune keep checkpoints and results: ``ray.storage_path`` (a path every node
+    sees, or ``s3://...``), else ``<data_dir>/ray_results``."""
+    if settings.ray.storage_path:
+        path = settings.ray.storage_path
+        return path if "://" in path else str(Path(path).expanduser().absolute())
+    return str(Path(settings.data_dir).absolute() / "ray_results")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class WorkerNode:
+    """A Ray worker node started on this machine: its raylet port identifies it (kill_ray_processes)."""
+
+    node_manager_port: int
+    temp_dir: str
+
+
+def start_worker_node(head: Head, num_cpus: int, resources: dict[str, float]) -> WorkerNode:
+    """Join another node to the local head on this machine (tests and benchmarks of multi-node runs).
+
+    It gets its own short temp dir: nodes sharing one would share (and clean up) each other's runtime-env
+    folders, and Ray's unix socket paths below it may not exceed 107 bytes.
+    """
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="shopsight-ray-", dir="/tmp")
+    command = [
+        _ray_cli(), "start", f"--address={head.gcs_address}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}", f"--node-manager-port={port}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    env = _node_env(Path(head.token_path))
+    result = subprocess.run(command, capture_output=True, text=True, timeout=_START_TIMEOUT_S, env=env)
+    if result.returncode != 0:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        reason = (result.stderr or result.stdout).strip()[-800:]
+        raise ShopsightError(f"`ray start --address` failed: {reason}")
+    return WorkerNode(port, temp_dir)
+
+
+def stop_worker_node(node: WorkerNode, remove: bool = True) -> int:
+    """Kill a worker node's raylet and every process it started (as a machine failure would)."""
+    killed = kill_ray_processes(0, node_manager_port=node.node_manager_port)
+    if remove:
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+    return killed
