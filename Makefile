@@ -40,8 +40,17 @@ java:
 		fi; \
 	fi
 
-# Servers the tests start themselves on loopback (Redis for the online store).
+# Servers the tests start themselves on loopback: Redis (the online store) and PostgreSQL (MLflow's and
+# Feast's SQL backends; the tests create a throwaway cluster with its initdb).
 services:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "PostgreSQL not found; installing it"; \
+			apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; \
+			service postgresql stop >/dev/null 2>&1 || true; \
+		else \
+			echo "warning: PostgreSQL not found; its tests will skip (install postgresql)" >&2; \
+		fi; }
 	@command -v redis-server >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "redis-server not found; installing it"; \

@@ -147,7 +147,8 @@ def main() -> None:
         "Cluster jobs: submission overhead and two-node throughput",
         "python -m benchmarks.bench_cluster " + " ".join(sys.argv[1:]),
         [
-            f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}; {machine['date']}. "
+            f"## {machine['date']}: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}",
+            "",
             f"Data: {result['data']}; SASRec, {args.epochs} epochs, batch 128, 1 thread per worker.",
             "",
             "| measure | value |",

@@ -99,7 +99,10 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "training_speed.json").write_text(json.dumps(result, indent=2))
+    machine = result["machine"]
     lines = [
+        f"## {machine['date']}: {machine['cpu']}, {machine['cores']} cores, {machine['memory']}",
+        "",
         f"SASRec (d=50, 2 blocks, batch 128, BCE) on `{args.data.name}`, {args.epochs} epochs each, 1 thread "
         "per worker; samples/s and s/epoch are steady-state epochs (the first is left out).",
         "",
