@@ -81,7 +81,6 @@ def _job(config: Path, *args: str) -> tuple[str, float]:
 def main() -> None:
     from shopsight.platform import load_settings
     from shopsight.platform.mlflow_server import stop_local_server
-    from shopsight.platform.ray_cluster import local_head, start_worker_node, stop_worker_node
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -99,11 +98,22 @@ def main() -> None:
     # 1. submission overhead, and 2b. one node with two CPUs
     one_node = _settings_file(root, num_cpus=2, trainers=2)
     settings = load_settings(config_file=one_node, environ={}).settings
+    try:
+        _measure(result, root, one_node, train, args.repeats)
+    finally:
+        stop_local_server(settings)
+    _report(result, args)
+
+
+def _measure(result: dict, root: Path, one_node: Path, train: list[str], repeats: int) -> None:
+    from shopsight.platform import load_settings
+    from shopsight.platform.ray_cluster import local_head, start_worker_node, stop_worker_node
+
     assert _shopsight(one_node, "cluster", "up").returncode == 0
     try:
         _shopsight(one_node, "mlflow", "up")  # both ways find the tracking server running
         submit, direct = [], []
-        for i in range(args.repeats):
+        for i in range(repeats):
             log, submitted = _job(one_node, *train, "--name", f"submit-{i}")
             submit.append(_first_step(log) - submitted)
             started = time.time()
@@ -121,7 +131,8 @@ def main() -> None:
     # 2a. two nodes, one CPU each
     two_nodes = _settings_file(root, num_cpus=1, trainers=1)
     assert _shopsight(two_nodes, "cluster", "up").returncode == 0
-    node = start_worker_node(local_head(settings), num_cpus=1, resources={"trainer": 1})
+    head = local_head(load_settings(config_file=two_nodes, environ={}).settings)
+    node = start_worker_node(head, num_cpus=1, resources={"trainer": 1})
     try:
         log, _ = _job(two_nodes, *train, "--workers", "2", "--name", "two-nodes")
         placed = set(re.findall(r"worker rank \d of 2 on node (\w+)", log))
@@ -130,8 +141,9 @@ def main() -> None:
     finally:
         stop_worker_node(node)
         _shopsight(two_nodes, "cluster", "down")
-        stop_local_server(settings)
 
+
+def _report(result: dict, args) -> None:
     ratio = result["two_nodes_2_workers"] / result["one_node_2_workers"]
     sub, direct = (
         np.median(result["submission"]["jobs_submit_s"]),

@@ -126,11 +126,21 @@ def connect(settings: Settings) -> None:
         )
     head = local_head(settings)
     if head is not None:
-        os.environ.update(token_env(Path(head.token_path)))
+        _use_token_in_this_process(Path(head.token_path))
         ray.init(address=head.gcs_address)
         return
     # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
     ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=True)
+
+
+def _use_token_in_this_process(path: Path) -> None:
+    """Token auth for this process's own Ray client. Ray reads RAY_AUTH_MODE into its config when it is
+    imported, and caches the token on first use: both are refreshed, as Ray's own ``ray start`` does."""
+    os.environ.update(token_env(path))
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _first_line(exc: BaseException) -> str:
