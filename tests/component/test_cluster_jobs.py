@@ -199,3 +199,17 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
     assert "last lines of its log" in status.stdout and "empty.txt" in status.stdout
     unknown = _shopsight("jobs", "status", "shopsight-train-nope", config=cluster.config)
     assert unknown.returncode == 1 and "no job 'shopsight-train-nope'" in unknown.stdout
+
+    # a running job stopped: STOPPED, and `jobs status` exits 1 for it too
+    long_run = tmp_path / "long.txt"
+    long_run.write_text("".join(f"{u} {i}\n" for u in range(1, 200) for i in range(1, 30)))
+    job = _job_id(submit("train", "--data", str(long_run), "--epochs", "500").stdout)
+    _wait_for(
+        lambda: "RUNNING" in _shopsight("jobs", "status", job, config=cluster.config).stdout, 120, "RUNNING"
+    )
+    stop = _shopsight("jobs", "stop", job, config=cluster.config)
+    assert stop.returncode == 0 and "stop requested (STOPPED)" in stop.stdout, stop.stdout
+    status = _shopsight("jobs", "status", job, config=cluster.config)
+    assert status.returncode == 1 and "STOPPED" in status.stdout
+    again = _shopsight("jobs", "stop", job, config=cluster.config)
+    assert again.returncode == 0 and "had already ended" in again.stdout
