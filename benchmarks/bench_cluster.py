@@ -58,7 +58,7 @@ def _first_step(log: str) -> float:
 
 
 def _steady_samples_per_second(log: str) -> float:
-    # Ray Train V2 prints each worker line twice; keep one per epoch
+    # one value per epoch (a line printed twice, as Ray Train V2 did before its print patch was turned off, counts once)
     per_epoch = {int(e): float(s.replace(",", "")) for e, s in EPOCH.findall(log)}
     values = [per_epoch[e] for e in sorted(per_epoch)][1:] or list(per_epoch.values())
     return float(np.mean(values))

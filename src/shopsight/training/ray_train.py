@@ -175,6 +175,10 @@ def train_with_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train V2 patches the workers' print() into a logger that also echoes to stdout: every epoch line
+    # reached the driver twice. Plain print (Ray forwards worker stdout to the driver) says it once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+
     storage_path = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).absolute())
     config = {
         "model": model,
