@@ -74,6 +74,11 @@ def main() -> None:
     parser.add_argument("--model", default="sasrec")
     parser.add_argument("--set", action="append", default=[], help="model config key=value (repeatable)")
     parser.add_argument("--patience", type=int, default=60)
+    parser.add_argument(
+        "--test-only",
+        default=None,
+        help="skip training: the test protocol on the weights of a --out .best.pt",
+    )
     args = parser.parse_args()
     config = _model_config(args.set)
     split = _load(args.data, args.max_lines)
@@ -108,6 +113,20 @@ def main() -> None:
         print(json.dumps(result), flush=True)
     torch.manual_seed(0)
     model = build_model(args.model, n_items=split.n_items, **config)
+    if args.test_only:
+        model.load_state_dict(torch.load(args.test_only, weights_only=True))
+        quality = evaluate_next_item(scorer(model.eval()), split, "test", 50, device=device)
+        print(json.dumps({k: v for k, v in quality.items() if not k.startswith("_")}), flush=True)
+        return
+    best_path = f"{args.out}.best.pt" if args.out else None
+    best_ndcg = [-1.0]
+
+    def keep_best(result, model, optimizer) -> None:
+        # hours-long CPU runs: the best weights so far survive an interrupted run (--test-only evaluates them)
+        if best_path and result.valid and result.valid["ndcg@10"] > best_ndcg[0]:
+            best_ndcg[0] = result.valid["ndcg@10"]
+            torch.save(model.state_dict(), best_path)
+
     cfg = LoopConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -116,7 +135,7 @@ def main() -> None:
         patience=args.patience,
     )
     started, cpu_started = time.perf_counter(), time.process_time()
-    history = train_next_item(model, split, cfg, device=device)
+    history = train_next_item(model, split, cfg, device=device, on_epoch=keep_best)
     train_cpu_seconds = time.process_time() - cpu_started
     quality = evaluate_next_item(scorer(model.eval()), split, "test", 50, device=device)
     result["quality_run"] = {
