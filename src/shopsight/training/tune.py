@@ -311,6 +311,11 @@ def max_concurrent_trials(workers: int, gpus_per_worker: float, threads_per_work
     resources = ray.cluster_resources()
     per_trial_cpus = workers * threads_per_worker + TRIAL_CPUS
     limit = int(resources.get("CPU", 1) // per_trial_cpus)
+    if limit == 0:  # else every trial's workers wait for CPUs that never come
+        raise ShopsightError(
+            f"a trial needs {per_trial_cpus:g} CPUs ({workers} workers x {threads_per_worker} threads, "
+            f"plus the trial's own {TRIAL_CPUS:g}) but the Ray cluster has {resources.get('CPU', 0):g}"
+        )
     if gpus_per_worker > 0:
         limit = min(limit, int(resources.get("GPU", 0) // (workers * gpus_per_worker)))
     return max(1, limit)
