@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--model", default="sasrec")
     parser.add_argument("--set", action="append", default=[], help="model config key=value (repeatable)")
     parser.add_argument("--patience", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the training batches")
     parser.add_argument(
         "--test-only",
         default=None,
@@ -111,7 +112,7 @@ def main() -> None:
             split, args.throughput_epochs, True, device, args.batch_size, args.model, config
         )
         print(json.dumps(result), flush=True)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build_model(args.model, n_items=split.n_items, **config)
     if args.test_only:
         model.load_state_dict(torch.load(args.test_only, weights_only=True))
@@ -133,6 +134,7 @@ def main() -> None:
         eval_every=args.eval_every,
         eval_users=3000,
         patience=args.patience,
+        seed=args.seed,
     )
     started, cpu_started = time.perf_counter(), time.process_time()
     history = train_next_item(model, split, cfg, device=device, on_epoch=keep_best)

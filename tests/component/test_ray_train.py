@@ -71,3 +71,56 @@ def test_running_again_with_the_same_name_resumes(ray_local, pattern_file, tmp_p
     assert _epochs(first) == [1, 2, 3]
     second = _train(pattern_file, tmp_path, "resumable", epochs=5)
     assert _epochs(second) == [1, 2, 3, 4, 5]  # 4 and 5 added to the first run's checkpoints
+
+
+GAN = {"epochs": 4, "batch_size": 100, "noise_dim": 16, "generator_hidden": (64, 64),
+       "critic_hidden": (64, 64), "n_critic": 2, "lr_generator": 1e-3, "lr_critic": 1e-3}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def purchase_set(tmp_path_factory):
+    from tests.conftest import purchase_frame
+
+    path = tmp_path_factory.mktemp("gan") / "training_set.parquet"
+    purchase_frame(users=200, days=3).to_parquet(path, coerce_timestamps="us")
+    return path
+
+
+def _fit_gan(purchase_set, tmp_path, name, **kwargs):
+    from shopsight.training.ray_train import train_with_ray
+
+    return train_with_ray(
+        "gan", purchase_set, name=name, storage_path=tmp_path, model_config=GAN, loop=LoopConfig(epochs=4),
+        keep_checkpoints=10, task="gan", task_config={"split_seed": 0}, **kwargs,
+    )  # fmt: skip
+
+
+def _generator(result) -> dict:
+    import torch
+
+    from shopsight.training.ray_train import CHECKPOINT_FILE
+
+    last = max(result.best_checkpoints, key=lambda pair: pair[1]["epoch"])[0]
+    with last.as_directory() as folder:
+        return torch.load(f"{folder}/{CHECKPOINT_FILE}", weights_only=False)["gan"]["generator"]
+
+
+def test_a_failed_gan_worker_resumes_to_the_weights_of_an_uninterrupted_run(
+    ray_local, purchase_set, tmp_path
+):
+    whole = _fit_gan(purchase_set, tmp_path, "gan-whole")
+    flaky = _fit_gan(purchase_set, tmp_path, "gan-flaky", fail_after_epoch=2, max_failures=2)
+    assert whole.error is None and flaky.error is None
+    assert (tmp_path / "gan-flaky" / ".injected_failure").exists(), "the failure was injected"
+    assert _epochs(whole) == _epochs(flaky) == [1, 2, 3, 4]  # epochs 3-4 ran once, after the restart
+    assert 0 < flaky.metrics["valid_ks"] < 1 and flaky.metrics["samples_per_second"] > 0
+    # both networks, both optimizers and the random generators came back: the same weights as no failure
+    a, b = _generator(whole), _generator(flaky)
+    assert all(__import__("torch").equal(a[k], b[k]) for k in a)
+
+
+def test_the_gan_refuses_several_workers(purchase_set, tmp_path):
+    from shopsight.platform import ShopsightError
+
+    with pytest.raises(ShopsightError, match="one worker, not 2: .*double backward"):
+        _fit_gan(purchase_set, tmp_path, "gan-two", workers=2)

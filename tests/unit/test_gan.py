@@ -3,7 +3,9 @@ rows in the fitted schema, save/load, and clear errors."""
 
 from __future__ import annotations
 
+import copy
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -218,10 +220,112 @@ def test_clear_errors():
         gan.fit(frame.assign(buy=True), "buy", **fit)
     with pytest.raises(ShopsightError, match="'device' has dtype object; list it as categorical"):
         gan.fit(frame, "buy", numeric=["views", "device"], log=None)
-    with pytest.raises(ShopsightError, match="'spend' has 1 missing values"):
-        gan.fit(frame.assign(spend=frame.spend.where(frame.index != 3)), "buy", **fit)
+    with pytest.raises(ShopsightError, match="'device' has 1 missing values"):
+        gan.fit(frame.assign(device=frame.device.where(frame.index != 3)), "buy", **fit)
+    with pytest.raises(ShopsightError, match="'spend' has no values, only missing ones"):
+        gan.fit(frame.assign(spend=np.nan), "buy", **fit)
     gan.fit(frame, "buy", **fit)
     with pytest.raises(ShopsightError, match="unknown condition 'yes'"):
         gan.sample(3, "yes")
     with pytest.raises(ShopsightError, match="non-negative integer"):
         gan.sample(-1)
+
+
+def test_missing_numeric_values_are_learned_and_sampled_as_missing():
+    """Hours since the last purchase are missing for users who never bought: mostly the non-buyers."""
+    frame = _users(400, seed=1)
+    never = np.random.default_rng(0).random(len(frame)) < np.where(frame.buy, 0.1, 0.8)
+    frame["hours_since_buy"] = np.where(never, np.nan, np.round(frame.spend % 48, 1))
+    frame["coupons"] = pd.array(np.where(never, None, frame.views % 3), dtype="Int64")
+    numeric = [*NUMERIC, "hours_since_buy", "coupons"]
+    gan = TabularGAN(_small_config(epochs=30))
+    gan.fit(frame, "buy", numeric=numeric, categorical=CATEGORICAL, log=None)
+    buyers, others = gan.sample(1000, True, seed=0), gan.sample(1000, False, seed=0)
+    assert list(buyers.columns) == list(frame.columns)  # no indicator column comes out
+    assert buyers.coupons.dtype == "Int64" and buyers.hours_since_buy.dtype == np.float64
+    # the missing share follows the condition, as in the real rows (0.1 vs 0.8)
+    assert buyers.hours_since_buy.isna().mean() < 0.35 < 0.55 < others.hours_since_buy.isna().mean()
+    assert (buyers.hours_since_buy.isna() == buyers.coupons.isna()).mean() > 0.8  # missing together
+    present = others.hours_since_buy.dropna()
+    assert present.between(frame.hours_since_buy.min(), frame.hours_since_buy.max()).all()
+    # the metrics take missing values: their share is a column of its own
+    distances = column_distances(frame, gan.sample(1000, seed=1), numeric, CATEGORICAL)
+    assert distances["hours_since_buy is missing"]["tvd"] < 0.1
+    report = synthetic_report(
+        frame,
+        gan.sample(400, seed=2),
+        _users(200, seed=3).assign(hours_since_buy=np.nan, coupons=pd.array([None] * 200, dtype="Int64")),
+        "buy",
+        numeric,
+        CATEGORICAL,
+    )
+    assert math.isfinite(report["dcr"]["median_ratio"]) and math.isfinite(report["correlation"]["mean_abs"])
+
+
+def test_an_interrupted_fit_resumes_to_the_same_weights():
+    torch.set_num_threads(1)
+    frame = _users(200, seed=2)
+    fit = dict(numeric=NUMERIC, categorical=CATEGORICAL, log=None)
+    whole = TabularGAN(_small_config(epochs=4))
+    whole.fit(frame, "buy", **fit)
+    states: dict[int, dict] = {}
+    first = TabularGAN(_small_config(epochs=4))
+
+    def keep(entry, state):
+        states[int(entry["epoch"])] = copy.deepcopy(state)
+        if entry["epoch"] == 2:
+            raise KeyboardInterrupt  # the process dies after epoch 2 was saved
+
+    with pytest.raises(KeyboardInterrupt):
+        first.fit(frame, "buy", on_epoch=keep, **fit)
+    resumed = TabularGAN(_small_config(epochs=4))
+    history = resumed.fit(frame, "buy", resume=states[2], **fit)
+    assert [h["epoch"] for h in history] == [3.0, 4.0]  # epochs 1-2 are not run again
+    for net in ("generator", "critic"):
+        a, b = getattr(whole, net).state_dict(), getattr(resumed, net).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), net
+    pd.testing.assert_frame_equal(whole.sample(50, seed=0), resumed.sample(50, seed=0))
+    with pytest.raises(ShopsightError, match="cannot resume: the saved fit had columns"):
+        TabularGAN(_small_config(epochs=4)).fit(frame, "buy", numeric=["views"], resume=states[2], log=None)
+
+
+def test_gan_data_splits_users_and_picks_the_generated_columns(tmp_path):
+    from tests.conftest import purchase_frame
+
+    from shopsight.training.train_gan import GanData
+
+    path = tmp_path / "training_set.parquet"
+    purchase_frame(users=200, days=3).to_parquet(path)
+    data = GanData.read(path)
+    assert data.numeric == ["n_pv_1d", "n_cart_1d", "cvr_buy_pv_1d", "hours_since_buy", "seq_length"]
+    assert data.categorical == ["segment_id"] and data.label == "buy_next_1d"
+    users = [set(part.user_id) for part in (data.train, data.valid, data.test)]
+    assert [len(u) for u in users] == [140, 20, 40]  # 70/10/20 of 200 users, every row of a user together
+    assert not (users[0] & users[1] or users[0] & users[2] or users[1] & users[2])
+    assert len(data.train) + len(data.valid) + len(data.test) == 600
+    assert GanData.read(path, seed=1).test.user_id.tolist() != data.test.user_id.tolist()
+    assert GanData.read(path).test.equals(data.test)  # seeded: the driver and the worker agree
+
+
+def test_gan_data_errors_name_the_file_and_the_problem(tmp_path):
+    from tests.conftest import purchase_frame
+
+    from shopsight.training.train_gan import GanData
+
+    frame = purchase_frame(users=50, days=2)
+    cases = {
+        "missing.parquet": (None, "no such training set"),
+        "empty.parquet": (frame.iloc[:0], "the training set is empty"),
+        "unlabelled.parquet": (frame.drop(columns=["buy_next_1d"]), "missing column(s) buy_next_1d"),
+        "ids.parquet": (frame[["user_id", "buy_next_1d", "segment_id"]], "no numeric feature columns"),
+        "few.parquet": (
+            purchase_frame(users=3, days=2),
+            "users (4 rows) lack buyers or non-buyers; 3 users are too few",
+        ),
+    }
+    for name, (rows, message) in cases.items():
+        if rows is not None:
+            rows.to_parquet(tmp_path / name)
+        with pytest.raises(ShopsightError, match=re.escape(message)) as caught:
+            GanData.read(tmp_path / name)
+        assert name in str(caught.value)

@@ -33,14 +33,21 @@ def train_command(
             "Purchase: a training set of purchase_propensity_v1 (`shopsight features training-set`)."
         ),
     ],
-    model: Annotated[str, typer.Option(help="sasrec | lstm.")] = "sasrec",
+    model: Annotated[
+        str, typer.Option(help="sasrec | lstm | gan (synthetic users, from a purchase training set).")
+    ] = "sasrec",
     workers: Annotated[
         int, typer.Option(min=1, help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")
     ] = 1,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 20,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step and worker.")] = 128,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(min=1, help="Rows per step and worker [default: 128; purchase 256; gan 500]."),
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate [default: 1e-3; gan 2e-4 for both networks].")
+    ] = None,
     max_len: Annotated[int, typer.Option(min=1, help="Longest history the model reads.")] = 50,
     loss: Annotated[
         str, typer.Option(help="bce (the SASRec paper's) | sampled_softmax | softmax (full catalogue).")
@@ -68,18 +75,22 @@ def train_command(
     from shopsight.training.train_purchase import SEQUENCE_MODELS
 
     settings = state(ctx).settings
-    if model not in SEQUENCE_MODELS:
+    if model not in (*SEQUENCE_MODELS, "gan"):
         raise typer.BadParameter(
-            f"unknown model {model!r}: choose one of {', '.join(SEQUENCE_MODELS)}", param_hint="--model"
+            f"unknown model {model!r}: choose one of {', '.join(SEQUENCE_MODELS)}, gan", param_hint="--model"
         )
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
+    if model == "gan":
+        _train_gan(settings, data, workers, gpus_per_worker, epochs, batch_size, lr, name)
+        return
     if task not in ("auto", "next-item", "purchase"):
         raise typer.BadParameter(f"unknown task {task!r}: auto, next-item or purchase", param_hint="--task")
     if task == "purchase" or (task == "auto" and _is_training_set(data)):
         _train_purchase(
-            settings, data, model, workers, gpus_per_worker, epochs, lr, name, pos_weight, pretrained
-        )
+            settings, data, model, workers, gpus_per_worker, epochs, lr or 1e-3, batch_size or 256, name,
+            pos_weight, pretrained,
+        )  # fmt: skip
         return
     connect(settings)
     summary = train_next_item_model(
@@ -89,7 +100,7 @@ def train_command(
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         model_config={"max_len": max_len, "loss": loss},
-        loop=LoopConfig(epochs=epochs, batch_size=batch_size, lr=lr, eval_every=eval_every),
+        loop=LoopConfig(epochs=epochs, batch_size=batch_size or 128, lr=lr or 1e-3, eval_every=eval_every),
         run_name=name,
         log=console.print,
     )
@@ -106,7 +117,9 @@ def train_command(
     )
 
 
-def _train_purchase(settings, data, model, workers, gpus, epochs, lr, name, pos_weight, pretrained) -> None:
+def _train_purchase(
+    settings, data, model, workers, gpus, epochs, lr, batch_size, name, pos_weight, pretrained
+) -> None:
     from shopsight.training.loop import LoopConfig
     from shopsight.training.purchase_data import TimeSplit, read_training_set
     from shopsight.training.train_purchase import train_purchase_model
@@ -126,7 +139,9 @@ def _train_purchase(settings, data, model, workers, gpus, epochs, lr, name, pos_
         data,
         workers=workers,
         gpus_per_worker=gpus,
-        loop=LoopConfig(epochs=epochs, batch_size=256, lr=lr, eval_every=1, patience=4, weight_decay=1e-5),
+        loop=LoopConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, eval_every=1, patience=4, weight_decay=1e-5
+        ),
         pos_weight=pos_weight,
         pretrained=pretrained,
         run_name=name,
@@ -140,6 +155,41 @@ def _train_purchase(settings, data, model, workers, gpus, epochs, lr, name, pos_
             **{name: f"{r['roc_auc']:.4f} / {r['pr_auc']:.4f}" for name, r in summary.baselines.items()},
             "MLflow run": summary.run_id,
             "took": f"{summary.seconds:.1f} s ({summary.epochs} epochs)",
+        },
+    )
+
+
+def _train_gan(settings, data, workers, gpus, epochs, batch_size, lr, name) -> None:
+    from shopsight.training.train_gan import GanData, train_gan_model
+
+    if workers != 1:
+        raise typer.BadParameter(
+            "the GAN trains on one worker: its gradient penalty needs a double backward, which "
+            "DistributedDataParallel does not support",
+            param_hint="--workers",
+        )
+    GanData.read(data)  # bad data fails before Ray and MLflow start
+    config: dict = {"epochs": epochs}
+    if batch_size:
+        config["batch_size"] = batch_size
+    if lr:
+        config.update(lr_generator=lr, lr_critic=lr)
+    connect(settings)
+    summary = train_gan_model(
+        settings, data, gpus_per_worker=gpus, model_config=config, run_name=name, log=console.print
+    )
+    report = summary.report
+    print_summary(
+        "Trained",
+        {
+            "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
+            "TSTR / TRTR": f"{report['tstr']['ratio']:.4f} "
+            f"({report['tstr']['tstr_auc']:.4f} / {report['tstr']['trtr_auc']:.4f} ROC-AUC)",
+            "mean KS / TVD": f"{report['columns']['mean'].get('ks', float('nan')):.4f} / "
+            f"{report['columns']['mean'].get('tvd', float('nan')):.4f}",
+            "DCR median ratio": f"{report['dcr']['median_ratio']:.3f}",
+            "MLflow run": summary.run_id,
+            "took": f"{summary.seconds:.1f} s (best epoch {summary.epochs})",
         },
     )
 

@@ -221,8 +221,11 @@ class TimeSplit:
         }
 
 
-def read_training_set(path: Path | str) -> pd.DataFrame:
-    """A training-set parquet file (or folder), with a clear error when it is not one."""
+def read_training_set(path: Path | str, check: bool = True) -> pd.DataFrame:
+    """A training-set parquet file (or folder), with a clear error when it is not one.
+
+    ``check=False`` leaves the columns to the caller (the GAN needs only the label and some features).
+    """
     path = Path(path)
     if not path.exists():
         raise ShopsightError(
@@ -232,5 +235,6 @@ def read_training_set(path: Path | str) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several kinds for a file that is not parquet
         raise ShopsightError(f"{path}: not a parquet training set ({type(exc).__name__}: {exc})") from None
-    check_columns(frame, str(path))
+    if check:
+        check_columns(frame, str(path))
     return frame

@@ -1,7 +1,9 @@
 """Ray Train around the plain loops: ``TorchTrainer(train_loop_per_worker=...)`` runs
 :func:`shopsight.training.loop.train_next_item` (task ``next_item``) or
 :func:`shopsight.training.purchase.train_purchase` (task ``purchase``) on every worker (DDP: gloo on CPUs,
-NCCL on GPUs).
+NCCL on GPUs), or :meth:`TabularGAN.fit <shopsight.training.models.gan.TabularGAN.fit>` (task ``gan``) on
+one worker: the gradient penalty differentiates the critic's gradient, a double backward that
+DistributedDataParallel does not support.
 
 Every epoch the workers report metrics and rank 0 a checkpoint (model, optimizer, epoch, best
 validation state); ``CheckpointConfig`` keeps the best ``keep_checkpoints``. A worker that dies makes
@@ -11,6 +13,7 @@ Running again with the same ``name`` and ``storage_path`` resumes the run instea
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import asdict
@@ -20,12 +23,14 @@ from typing import Any
 
 import torch
 
+from shopsight.platform import ShopsightError
 from shopsight.training.loop import LoopConfig
 
 CHECKPOINT_FILE = "state.pt"
 METRIC = "valid_ndcg@10"
 # the validation metric each task keeps the best checkpoints by (and Tune/early stopping watch)
-TASK_METRICS = {"next_item": "ndcg@10", "purchase": "roc_auc"}
+TASK_METRICS = {"next_item": "ndcg@10", "purchase": "roc_auc", "gan": "ks"}
+LOWER_IS_BETTER = {"ks"}
 
 
 def _next_item_task(config: dict[str, Any], loop: LoopConfig):
@@ -55,34 +60,81 @@ def _purchase_task(config: dict[str, Any], loop: LoopConfig):
     return model, lambda model, **kw: train_purchase(model, train, valid, loop, pos_weight=pos_weight, **kw)
 
 
+class _Reporter:
+    """What every task does after an epoch: metrics to Ray (and MLflow), rank 0's checkpoint, and the
+    injected failure of the fault-tolerance tests."""
+
+    def __init__(self, config: dict[str, Any], rank: int) -> None:
+        self.config, self.rank = config, rank
+
+    def announce(self, world_size: int, checkpoint, start_epoch: int) -> None:
+        """Where this rank runs and where it starts: the job log shows placement and resumption."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        now = datetime.now().isoformat(sep=" ", timespec="milliseconds")
+        print(f"worker rank {self.rank} of {world_size} on node {node}, starting {now}", flush=True)
+        if checkpoint:
+            print(
+                f"worker rank {self.rank} resumes after epoch {start_epoch} ({checkpoint.path})", flush=True
+            )
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+        import ray.train
+
+        epoch = int(metrics["epoch"])
+        if self.rank == 0 and self.config.get("mlflow"):
+            _log_epoch(self.config["mlflow"], metrics, epoch)
+        if self.rank == 0:
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+        else:
+            ray.train.report(metrics)
+        # fault injection for tests: fail once, after epoch k is checkpointed, so a restart resumes at k+1
+        fail_after = self.config.get("fail_after_epoch")
+        marker = self.config.get("failure_marker")
+        if fail_after and epoch == fail_after and marker and not os.path.exists(marker):
+            Path(marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(marker).write_text("failed once\n")  # the restarted worker must not fail again
+            raise RuntimeError(f"injected worker failure after epoch {fail_after}")
+
+
+def _load_checkpoint() -> tuple[Any, dict[str, Any] | None]:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return None, None
+    with checkpoint.as_directory() as folder:
+        return checkpoint, torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+
+
 def _worker(config: dict[str, Any]) -> None:
-    import ray
     import ray.train
     import ray.train.torch
 
     from shopsight.training.loop import EpochResult
 
+    # Ray Train logs two INFO lines per checkpoint on every worker; the epoch line says what matters
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     torch.set_num_threads(config.get("threads_per_worker", 1))
     loop = LoopConfig(**config["loop"])
     torch.manual_seed(loop.seed)  # the same initial weights on every worker and every run
     task = config.get("task", "next_item")
+    if task == "gan":
+        _gan_worker(config)
+        return
     model, run_loop = (_purchase_task if task == "purchase" else _next_item_task)(config, loop)
     key = TASK_METRICS[task]
     start_epoch, optimizer_state, best = 0, None, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
+    checkpoint, state = _load_checkpoint()
+    if state:
         model.load_state_dict(state["model"])
         optimizer_state, start_epoch, best = state["optimizer"], state["epoch"], state.get("best")
     context = ray.train.get_context()
-    rank = context.get_world_rank()
-    # where each rank runs, and where it starts: the job log shows placement and resumption
-    node = ray.get_runtime_context().get_node_id()
-    now = datetime.now().isoformat(sep=" ", timespec="milliseconds")
-    print(f"worker rank {rank} of {context.get_world_size()} on node {node}, starting {now}", flush=True)
-    if checkpoint:
-        print(f"worker rank {rank} resumes after epoch {start_epoch} ({checkpoint.path})", flush=True)
+    reporter = _Reporter(config, context.get_world_rank())
+    reporter.announce(context.get_world_size(), checkpoint, start_epoch)
     last_metric = {"value": best[0] if best else 0.0}
 
     def on_epoch(result: EpochResult, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -96,35 +148,73 @@ def _worker(config: dict[str, Any]) -> None:
             f"valid_{key}": last_metric["value"],
             **{f"valid_{k}": v for k, v in result.valid.items()},
         }
-        if rank == 0 and config.get("mlflow"):
-            _log_epoch(config["mlflow"], metrics, result.epoch)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as folder:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": result.epoch,
-                    "best": None,
-                    "model_name": config["model"],
-                    "model_config": config["model_config"],
-                }
-                torch.save(state, Path(folder) / CHECKPOINT_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-        else:
-            ray.train.report(metrics)
-        # fault injection for tests: fail once, after epoch k is checkpointed, so a restart resumes at k+1
-        fail_after = config.get("fail_after_epoch")
-        marker = config.get("failure_marker")
-        if fail_after and result.epoch == fail_after and marker and not os.path.exists(marker):
-            Path(marker).parent.mkdir(parents=True, exist_ok=True)
-            Path(marker).write_text("failed once\n")  # the restarted worker must not fail again
-            raise RuntimeError(f"injected worker failure after epoch {fail_after}")
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": result.epoch,
+            "best": None,
+            "model_name": config["model"],
+            "model_config": config["model_config"],
+        }
+        reporter.report(metrics, state)
 
     run_loop(
         model,
         device=ray.train.torch.get_device(),
         start_epoch=start_epoch,
         optimizer_state=optimizer_state,
+        on_epoch=on_epoch,
+    )
+
+
+def _gan_worker(config: dict[str, Any]) -> None:
+    """The GAN's fit on one worker, checkpointed every epoch with everything a resume needs (both
+    networks, both optimizers, the random generators); validated by the mean Kolmogorov-Smirnov distance
+    of 2,000 synthetic rows to the validation users' rows."""
+    import ray.train
+    import ray.train.torch
+
+    from shopsight.training.models import build_model
+    from shopsight.training.synthetic import column_distances
+    from shopsight.training.train_gan import GanData
+
+    data = GanData.read(config["data"], seed=config["split_seed"])
+    device = ray.train.torch.get_device()
+    gan = build_model("gan", **{**config["model_config"], "device": str(device), "log_every": 1})
+    checkpoint, resume = _load_checkpoint()
+    reporter = _Reporter(config, ray.train.get_context().get_world_rank())
+    reporter.announce(1, checkpoint, resume["epoch"] if resume else 0)
+    reference = data.valid.sample(min(len(data.valid), 2000), random_state=0)
+
+    def on_epoch(entry: dict[str, float], state: dict[str, Any]) -> None:
+        epoch = int(entry["epoch"])
+        synthetic = gan.sample(len(reference), list(reference[data.label]), seed=epoch)
+        distances = column_distances(reference, synthetic, data.numeric, data.categorical)["mean"]
+        metrics = {
+            "epoch": epoch,
+            "loss": entry["critic_loss"],
+            "generator_loss": entry["generator_loss"],
+            "wasserstein": entry["wasserstein"],
+            "samples_per_second": len(data.train) / entry["seconds"],
+            "epoch_seconds": entry["seconds"],
+            "valid_ks": distances["ks"],
+            "valid_tvd": distances.get("tvd", 0.0),
+        }
+        print(
+            f"epoch {epoch:>3}  critic {entry['critic_loss']:.4f}  generator {entry['generator_loss']:.4f}  "
+            f"wasserstein {entry['wasserstein']:.4f}  valid KS {distances['ks']:.4f}  "
+            f"{metrics['samples_per_second']:>9,.0f} rows/s  {entry['seconds']:.1f} s",
+            flush=True,
+        )
+        reporter.report(metrics, state)
+
+    gan.fit(
+        data.train,
+        data.label,
+        numeric=data.numeric,
+        categorical=data.categorical,
+        log=None,
+        resume=resume,
         on_epoch=on_epoch,
     )
 
@@ -168,9 +258,10 @@ def train_with_ray(
     ``mlflow`` = (tracking URI, run id) logs every epoch's metrics into that run;
     ``worker_resources``: custom Ray resources each worker needs (pins workers to the nodes offering them);
     ``callbacks``: Ray Train ``UserCallback``s (Tune's ``TuneReportCallback`` forwards each epoch to Tune);
-    ``task``: ``next_item`` (``data`` is an event or SASRec-format file) or ``purchase`` (``data`` is a
+    ``task``: ``next_item`` (``data`` is an event or SASRec-format file), ``purchase`` (``data`` is a
     training set; ``task_config`` holds the fitted ``features``, ``pos_weight`` and an optional
-    ``pretrained`` weights file, and ``model_config`` is complete).
+    ``pretrained`` weights file, and ``model_config`` is complete) or ``gan`` (``data`` is a training set,
+    ``model_config`` the GANConfig's fields, ``task_config`` the ``split_seed``; one worker only).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -179,6 +270,11 @@ def train_with_ray(
     # reached the driver twice. Plain print (Ray forwards worker stdout to the driver) says it once.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
+    if task == "gan" and workers != 1:
+        raise ShopsightError(
+            f"the GAN trains on one worker, not {workers}: its gradient penalty needs a double backward, "
+            "which DistributedDataParallel does not support"
+        )
     storage_path = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).absolute())
     config = {
         "model": model,
@@ -210,7 +306,7 @@ def train_with_ray(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=keep_checkpoints,
                 checkpoint_score_attribute=f"valid_{TASK_METRICS[task]}",
-                checkpoint_score_order="max",
+                checkpoint_score_order="min" if TASK_METRICS[task] in LOWER_IS_BETTER else "max",
             ),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks,

@@ -7,7 +7,9 @@
 * Fidelity, per column: numeric columns by the two-sample Kolmogorov-Smirnov statistic (largest gap
   between the two empirical CDFs, 0..1) and the 1-Wasserstein distance of the values standardised by the
   real column's mean and standard deviation (in real standard deviations); categorical columns by the
-  total variation distance (half the L1 distance between the two category distributions, 0..1).
+  total variation distance (half the L1 distance between the two category distributions, 0..1). A numeric
+  column with missing values is compared on its present values, and its missing share as a category
+  (``"<column> is missing"``: the TVD of present/missing, the gap between the two shares).
 * Fidelity, jointly: the absolute difference of the Pearson correlation matrices over numeric columns,
   mean and largest over the pairs.
 * Privacy: distance to closest record (DCR). For each synthetic row, the distance to its nearest real
@@ -50,11 +52,16 @@ def _binary_labels(values: pd.Series, positive, what: str) -> np.ndarray:
     return y
 
 
+def _floats(column: pd.Series) -> np.ndarray:
+    """A numeric column as float64, missing values (NaN, None, pd.NA) as NaN."""
+    return column.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def _design(
     frame: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str], levels: dict
 ) -> np.ndarray:
     """Numeric columns as floats, categorical ones as codes of the real training levels (NaN if unseen)."""
-    parts = [frame[c].to_numpy(dtype=np.float64) for c in numeric]
+    parts = [_floats(frame[c]) for c in numeric]  # missing stay NaN: the trees route them on their own
     for c in categorical:
         codes = pd.Categorical(frame[c], categories=levels[c]).codes.astype(np.float64)
         parts.append(np.where(codes < 0, np.nan, codes))
@@ -142,8 +149,14 @@ def column_distances(
             raise ShopsightError(f"the {what} frame is empty")
     out: dict[str, dict[str, float]] = {}
     for c in numeric:
-        r = real[c].to_numpy(dtype=np.float64)
-        s = synthetic[c].to_numpy(dtype=np.float64)
+        r, s = _floats(real[c]), _floats(synthetic[c])
+        r_missing, s_missing = np.isnan(r), np.isnan(s)
+        if r_missing.any() or s_missing.any():
+            # whether a value is missing is a binary category: its TVD is the gap between the shares
+            out[f"{c} is missing"] = {"tvd": float(abs(r_missing.mean() - s_missing.mean()))}
+            r, s = r[~r_missing], s[~s_missing]
+        if len(r) == 0 or len(s) == 0:
+            continue  # no values on one side: the missing shares above say all there is
         scale = r.std() or 1.0  # a constant real column: distances in its own units
         out[c] = {
             "ks": float(ks_2samp(r, s).statistic),
@@ -177,9 +190,8 @@ def correlation_difference(
         _require_columns(frame, numeric, what)
 
     def corr(frame: pd.DataFrame) -> np.ndarray:
-        values = frame[numeric].to_numpy(dtype=np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            matrix = np.corrcoef(values, rowvar=False)
+        # pairwise over the rows where both values are present (missing values are allowed)
+        matrix = frame[numeric].astype(np.float64).corr().to_numpy()
         return np.nan_to_num(matrix, nan=0.0)
 
     upper = np.triu_indices(len(numeric), k=1)
@@ -188,17 +200,33 @@ def correlation_difference(
 
 
 class _Scaler:
-    """Real training rows' scaling for distances: z-scores, and one-hot categories weighted 1/sqrt(2)."""
+    """Real training rows' scaling for distances: z-scores, and one-hot categories weighted 1/sqrt(2).
+
+    A missing numeric value counts as the real column's median plus a "missing" indicator worth one
+    standard deviation, so a missing value differs from a present one by at least one unit.
+    """
 
     def __init__(self, frame: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str]) -> None:
         self.numeric, self.categorical = list(numeric), list(categorical)
-        values = frame[self.numeric].to_numpy(dtype=np.float64)
+        values = self._values(frame)
+        with np.errstate(all="ignore"):
+            self.fill = np.nan_to_num(np.nanmedian(values, axis=0)) if values.size else np.zeros(0)
+        values = np.where(np.isnan(values), self.fill, values)
         self.mean = values.mean(axis=0)
         self.std = np.where(values.std(axis=0) > 0, values.std(axis=0), 1.0)
         self.levels = {c: np.sort(frame[c].dropna().unique()) for c in self.categorical}
 
+    def _values(self, frame: pd.DataFrame) -> np.ndarray:
+        return (
+            np.column_stack([_floats(frame[c]) for c in self.numeric])
+            if self.numeric
+            else np.empty((len(frame), 0))
+        )
+
     def __call__(self, frame: pd.DataFrame) -> np.ndarray:
-        parts = [(frame[self.numeric].to_numpy(dtype=np.float64) - self.mean) / self.std]
+        values = self._values(frame)
+        missing = np.isnan(values)
+        parts = [(np.where(missing, self.fill, values) - self.mean) / self.std, missing.astype(np.float64)]
         for c in self.categorical:
             codes = pd.Categorical(frame[c], categories=self.levels[c]).codes
             onehot = np.zeros((len(frame), len(self.levels[c])))

@@ -121,6 +121,11 @@ class _QuantileNormal:
         return np.interp(ndtr(z), self.levels, self.values)
 
 
+def _floats(column: pd.Series) -> np.ndarray:
+    """A numeric column as float64, missing values (NaN, None, pd.NA) as NaN."""
+    return column.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
 def _to_normal(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
     """Standard-normal values (B, n_num) from CDF bounds (B, n_num)."""
     # a fresh uniform position inside each tie every time: discrete columns look continuous to the critic
@@ -202,10 +207,13 @@ class TabularGAN:
             raise _error(f"the frame lacks column(s) {', '.join(map(repr, missing))}")
         if len(set(named)) < len(named):
             raise _error("a column is named twice among numeric, categorical and the condition")
-        for c in named:
+        for c in [*categorical, condition]:
             if frame[c].isna().any():
                 missing_values = int(frame[c].isna().sum())
                 raise _error(f"column {c!r} has {missing_values} missing values; fill or drop them")
+        for c in numeric:
+            if frame[c].isna().all():
+                raise _error(f"numeric column {c!r} has no values, only missing ones")
         for c in numeric:
             dtype = frame[c].dtype
             if pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
@@ -220,10 +228,10 @@ class TabularGAN:
     def _build_schema(
         self, frame: pd.DataFrame, condition: str, numeric: Sequence[str], categorical: Sequence[str]
     ) -> dict[str, Any]:
-        numeric_spec = []
+        numeric_spec, categorical_spec = [], []
         for c in numeric:
-            column = frame[c].to_numpy(dtype=np.float64)
-            qn = _QuantileNormal.fit(column, self.cfg.quantiles)
+            column = _floats(frame[c])
+            qn = _QuantileNormal.fit(column[~np.isnan(column)], self.cfg.quantiles)
             numeric_spec.append(
                 {
                     "name": c,
@@ -233,7 +241,13 @@ class TabularGAN:
                     "values": torch.as_tensor(qn.values),
                 }
             )
-        categorical_spec = []
+            if np.isnan(column).any():
+                # whether the value is missing is a category of its own (hours since a first purchase
+                # that never happened); the network sees it one-hot, _decode turns it back into NaN
+                categorical_spec.append(
+                    {"name": f"{c} is missing", "dtype": "bool", "levels": [False, True], "categories": None,
+                     "missing_of": c}
+                )  # fmt: skip
         for c in categorical:
             dtype = frame[c].dtype
             seen = sorted(pd.unique(frame[c]).tolist(), key=lambda v: (str(type(v)), v))
@@ -273,15 +287,19 @@ class TabularGAN:
         lowers, uppers = [], []
         for spec in self.schema["numeric"]:
             qn = _QuantileNormal(spec["levels"].numpy(), spec["values"].numpy())
-            lo, hi = qn.cdf_bounds(frame[spec["name"]].to_numpy(dtype=np.float64))
-            lowers.append(lo)
-            uppers.append(hi)
+            column = _floats(frame[spec["name"]])
+            missing = np.isnan(column)
+            lo, hi = qn.cdf_bounds(np.where(missing, spec["values"][0].item(), column))
+            # a missing value's position is anywhere in 0..1: noise the generator need not match
+            lowers.append(np.where(missing, 0.0, lo))
+            uppers.append(np.where(missing, 1.0, hi))
         n = len(frame)
         lower = torch.as_tensor(np.column_stack(lowers) if lowers else np.empty((n, 0)), dtype=torch.float32)
         upper = torch.as_tensor(np.column_stack(uppers) if uppers else np.empty((n, 0)), dtype=torch.float32)
         onehots = []
         for spec in self.schema["categorical"]:
-            codes = pd.Categorical(frame[spec["name"]], categories=spec["levels"]).codes
+            values = frame[spec["missing_of"]].isna() if "missing_of" in spec else frame[spec["name"]]
+            codes = pd.Categorical(values, categories=spec["levels"]).codes
             onehots.append(np.eye(len(spec["levels"]), dtype=np.float32)[codes])
         onehot = torch.as_tensor(np.hstack(onehots) if onehots else np.empty((n, 0), dtype=np.float32))
         spec = self.schema["condition"]
@@ -316,8 +334,10 @@ class TabularGAN:
         numeric: Sequence[str] = (),
         categorical: Sequence[str] = (),
         log: Callable[[str], None] | None = print,
+        resume: dict[str, Any] | None = None,
+        on_epoch: Callable[[dict[str, float], dict[str, Any]], None] | None = None,
     ) -> list[dict[str, float]]:
-        """Train on ``frame`` from scratch (an earlier fit is replaced).
+        """Train on ``frame`` from scratch (an earlier fit is replaced), or resume an interrupted fit.
 
         Args:
             frame: real rows; other columns than those named are ignored.
@@ -325,15 +345,21 @@ class TabularGAN:
             numeric: numeric columns (ints stay ints when sampled, and within the seen range).
             categorical: categorical columns of any dtype (sampled only from the seen values).
             log: where progress lines go (one every ``log_every`` epochs); None for silence.
+            resume: a training state that ``on_epoch`` received: training continues after its epoch
+                with its weights, optimizer moments and random generators, so an interrupted fit
+                resumed on the same frame ends with the weights of an uninterrupted one.
+            on_epoch: called after every epoch with the epoch's entry (below) and the training state
+                (plain types and tensors: save it with ``torch.save`` before the next epoch changes it).
 
         Returns:
-            one dict per epoch: ``epoch``, ``critic_loss`` (mean of fake - real + penalty),
+            one dict per epoch run by this call: ``epoch``, ``critic_loss`` (mean of fake - real + penalty),
             ``generator_loss`` (minus the critic's mean score of fakes), ``wasserstein`` (the critic's
             mean score of real rows minus that of fakes: its estimate of the distance), ``seconds``.
 
         Raises:
-            ShopsightError: an empty frame, a missing or repeated column, missing values, a non-numeric
-                "numeric" column, or a condition column without exactly two values.
+            ShopsightError: an empty frame, a missing or repeated column, missing values outside the
+                numeric columns, a non-numeric "numeric" column, a condition column without exactly two
+                values, or a ``resume`` state of other columns.
         """
         numeric, categorical = list(numeric), list(categorical)
         self._check_frame(frame, condition_column, numeric, categorical)
@@ -342,11 +368,18 @@ class TabularGAN:
         fork = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=fork):  # seeded dropout and Gumbel noise, global state untouched
             torch.manual_seed(cfg.seed)
-            return self._fit(frame, condition_column, numeric, categorical, log, device)
+            return self._fit(frame, condition_column, numeric, categorical, log, device, resume, on_epoch)
 
-    def _fit(self, frame, condition_column, numeric, categorical, log, device) -> list[dict[str, float]]:
+    def _fit(
+        self, frame, condition_column, numeric, categorical, log, device, resume, on_epoch
+    ) -> list[dict[str, float]]:
         cfg = self.cfg
         self.schema = self._build_schema(frame, condition_column, numeric, categorical)
+        if resume is not None and resume["gan"]["schema"]["columns"] != self.schema["columns"]:
+            raise _error(
+                f"cannot resume: the saved fit had columns {resume['gan']['schema']['columns']}, "
+                f"this frame {self.schema['columns']}"
+            )
         lower, upper, onehot, cond_index = (t.to(device) for t in self._encode(frame))
         n_cond = len(self.schema["condition"]["values"])
         data_dim = self._data_dim
@@ -359,6 +392,17 @@ class TabularGAN:
             self.critic.parameters(), lr=cfg.lr_critic, betas=cfg.betas, weight_decay=cfg.weight_decay
         )
         rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        start_epoch = 0
+        if resume is not None:
+            self.generator.load_state_dict(resume["gan"]["generator"])
+            self.critic.load_state_dict(resume["gan"]["critic"])
+            opt_g.load_state_dict(resume["optimizers"]["generator"])
+            opt_c.load_state_dict(resume["optimizers"]["critic"])
+            rng.set_state(resume["rng"]["sampling"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            if device.type == "cuda" and resume["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(resume["rng"]["cuda"], device)
+            start_epoch = int(resume["epoch"])
         by_class = [torch.nonzero(cond_index.cpu() == k).squeeze(1) for k in range(n_cond)]  # (N_k,) each
         prior = (
             torch.full((n_cond,), 1.0 / n_cond)
@@ -385,7 +429,7 @@ class TabularGAN:
             return self._activate(self.generator(noise, cond), hard=False)  # (B, data_dim)
 
         history = []
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(start_epoch + 1, cfg.epochs + 1):
             started = time.perf_counter()
             self.generator.train()
             self.critic.train()
@@ -424,6 +468,18 @@ class TabularGAN:
                     f"gan epoch {epoch}/{cfg.epochs}  critic {critic_loss:.4f}  "
                     f"generator {generator_loss:.4f}  wasserstein {wasserstein:.4f}  {entry['seconds']:.1f} s"
                 )
+            if on_epoch is not None:
+                state = {
+                    "epoch": epoch,
+                    "gan": self.state_dict(),
+                    "optimizers": {"generator": opt_g.state_dict(), "critic": opt_c.state_dict()},
+                    "rng": {
+                        "sampling": rng.get_state(),
+                        "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    },
+                }
+                on_epoch(entry, state)
         return history
 
     def _gradient_penalty(self, real: torch.Tensor, fake: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -494,7 +550,15 @@ class TabularGAN:
             width = len(spec["levels"])
             picked = [spec["levels"][k] for k in rows[:, start : start + width].argmax(axis=1)]
             start += width
-            out[spec["name"]] = self._restore(picked, spec)
+            if "missing_of" in spec:
+                name = spec["missing_of"]
+                column = out[name].astype(np.float64).where(~np.array(picked, dtype=bool))
+                dtype = pd.api.types.pandas_dtype(
+                    next(n["dtype"] for n in self.schema["numeric"] if n["name"] == name)
+                )
+                out[name] = column.astype(dtype) if pd.api.types.is_extension_array_dtype(dtype) else column
+            else:
+                out[spec["name"]] = self._restore(picked, spec)
         cond = self.schema["condition"]
         out[cond["name"]] = self._restore([cond["values"][k] for k in draw], cond)
         return pd.DataFrame(out, columns=self.schema["columns"])
