@@ -114,6 +114,7 @@ def test_a_failed_gan_worker_resumes_to_the_weights_of_an_uninterrupted_run(
     assert (tmp_path / "gan-flaky" / ".injected_failure").exists(), "the failure was injected"
     assert _epochs(whole) == _epochs(flaky) == [1, 2, 3, 4]  # epochs 3-4 ran once, after the restart
     assert 0 < flaky.metrics["valid_ks"] < 1 and flaky.metrics["samples_per_second"] > 0
+    assert 0 < flaky.metrics["valid_tstr_ratio"] < 2
     # both networks, both optimizers and the random generators came back: the same weights as no failure
     a, b = _generator(whole), _generator(flaky)
     assert all(__import__("torch").equal(a[k], b[k]) for k in a)

@@ -5,7 +5,7 @@ The data is a point-in-time training set (``shopsight features training-set``): 
 snapshot day. The GAN learns the user's feature row (every numeric feature, the segment as a category)
 given ``buy_next_1d``; ids, the snapshot instant and the behaviour sequence (arrays) are not generated.
 Users, not rows, are split 70/10/20 (seeded): the GAN trains on the first part, the validation users pick
-the best epoch (mean Kolmogorov-Smirnov distance of synthetic to real rows), and the test users are the
+the best epoch (TSTR / TRTR on their rows), and the test users are the
 real held-out rows of architecture.md's protocol (TSTR / TRTR, per-column distances, correlation
 difference, distance to closest record), so no test user was seen by the GAN or chose its epoch.
 
@@ -198,7 +198,7 @@ def train_gan_model(
         )
         if result.error is not None:
             raise ShopsightError(f"training failed: {result.error}")
-        best = min(result.best_checkpoints, key=lambda pair: pair[1].get("valid_ks", np.inf))[0]
+        best = max(result.best_checkpoints, key=lambda pair: pair[1].get("valid_tstr_ratio", -np.inf))[0]
         with best.as_directory() as folder:
             state = torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
         gan = TabularGAN.from_state_dict(state["gan"])
@@ -278,7 +278,7 @@ def _plots(client, run_id: str, report: dict, folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ("loss", "generator_loss", "wasserstein", "valid_ks")
+    keys = ("loss", "wasserstein", "valid_tstr_ratio", "valid_ks")
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
     for key, axis in zip(keys, axes, strict=True):
         history = client.get_metric_history(run_id, key)
@@ -308,7 +308,7 @@ def _report(report: dict, identity: dict, split: GanData, epoch: int) -> str:
         key=lambda pair: -pair[1],
     )[:5]
     lines = [
-        f"# Synthetic users: gan (best epoch {epoch}, by validation KS)",
+        f"# Synthetic users: gan (best epoch {epoch}, by validation TSTR / TRTR)",
         "",
         f"Data: {identity['dataset.path']} ({identity['dataset.feature_service']}, snapshots "
         f"{identity['dataset.snapshot_range']}, sha256 {identity['dataset.sha256'][:12]}).",
