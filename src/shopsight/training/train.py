@@ -44,6 +44,16 @@ class TrainSummary:
     seconds: float
 
 
+def mark_challenger(uri: str, registered_model: str, version: str, tags: dict[str, str]) -> None:
+    """Point the ``challenger`` alias at a new version and tag it (model, task, the dataset's identity)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_registered_model_alias(registered_model, CHALLENGER, version)
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_model, version, key, value)
+
+
 def dataset_identity(path: Path) -> dict[str, str]:
     """Path and sha256 of the data (all files of a folder, in name order)."""
     path = Path(path)
@@ -165,10 +175,7 @@ def train_next_item_model(
             info = log_next_item_model(folder, example, registered_name=registered_model)
             expected = _predict_local(folder, example)
         version = str(info.registered_model_version)
-        client = MlflowClient(uri)
-        client.set_registered_model_alias(registered_model, CHALLENGER, version)
-        client.set_model_version_tag(registered_model, version, "model", model_name)
-        client.set_model_version_tag(registered_model, version, "dataset.sha256", identity["dataset.sha256"])
+        mark_challenger(uri, registered_model, version, {"model": model_name, **identity})
         _check_round_trip(f"models:/{registered_model}/{version}", example, expected)
         log(report)
     return TrainSummary(

@@ -33,7 +33,7 @@ from shopsight.platform.mlflow_server import tracking_uri
 from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.models.gan import GANConfig, TabularGAN
 from shopsight.training.purchase_data import LABEL, SNAPSHOT, read_training_set
-from shopsight.training.train import CHALLENGER, dataset_identity
+from shopsight.training.train import CHALLENGER, dataset_identity, mark_challenger
 
 GAN_MODEL = "shopsight-synthetic-users"
 EXPERIMENT = "synthetic-users"
@@ -234,10 +234,9 @@ def train_gan_model(
                 ],
             )
         version = str(info.registered_model_version)
-        client = MlflowClient(uri)
-        client.set_registered_model_alias(registered_model, CHALLENGER, version)
-        for key, value in {"model": "gan", "task": "synthetic_users", **identity}.items():
-            client.set_model_version_tag(registered_model, version, key, value)
+        mark_challenger(
+            uri, registered_model, version, {"model": "gan", "task": "synthetic_users", **identity}
+        )
         loaded = mlflow.pyfunc.load_model(f"models:/{registered_model}/{version}")
         again = loaded.predict(example, params={"seed": 0})
         if not again.equals(expected):

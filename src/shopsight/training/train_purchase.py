@@ -33,7 +33,7 @@ from shopsight.training.purchase import (
     purchase_report,
 )
 from shopsight.training.purchase_data import SNAPSHOT, PurchaseFeatures, TimeSplit, read_training_set
-from shopsight.training.train import CHALLENGER, dataset_identity
+from shopsight.training.train import CHALLENGER, dataset_identity, mark_challenger
 
 PURCHASE_MODEL = "shopsight-purchase"
 EXPERIMENT = "purchase"
@@ -206,10 +206,7 @@ def train_purchase_model(
             info = log_purchase_model(folder, example, registered_name=registered_model)
             expected = predict_purchase(model, features.transform(split.test.head(5)))
         version = str(info.registered_model_version)
-        client = MlflowClient(uri)
-        client.set_registered_model_alias(registered_model, CHALLENGER, version)
-        for key, value in {"model": model_name, "task": "purchase", **identity}.items():
-            client.set_model_version_tag(registered_model, version, key, value)
+        mark_challenger(uri, registered_model, version, {"model": model_name, "task": "purchase", **identity})
         loaded = mlflow.pyfunc.load_model(f"models:/{registered_model}/{version}")
         if not np.allclose(loaded.predict(example)["probability"].to_numpy(), expected, atol=1e-6):
             raise ShopsightError(f"models:/{registered_model}/{version} loaded back predicts otherwise")
