@@ -74,6 +74,10 @@ def main() -> None:
     parser.add_argument("--model", default="sasrec")
     parser.add_argument("--set", action="append", default=[], help="model config key=value (repeatable)")
     parser.add_argument("--patience", type=int, default=60)
+    parser.add_argument(
+        "--stage", default="test", choices=("valid", "test"),
+        help="with --test-only: the held-out item to rank (valid: choose among runs on every user's validation item)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the training batches")
     parser.add_argument(
         "--test-only",
@@ -116,8 +120,10 @@ def main() -> None:
     model = build_model(args.model, n_items=split.n_items, **config)
     if args.test_only:
         model.load_state_dict(torch.load(args.test_only, weights_only=True))
-        quality = evaluate_next_item(scorer(model.eval()), split, "test", 50, device=device)
-        print(json.dumps({k: v for k, v in quality.items() if not k.startswith("_")}), flush=True)
+        quality = evaluate_next_item(scorer(model.eval()), split, args.stage, 50, device=device)
+        print(
+            json.dumps({"stage": args.stage, **{k: v for k, v in quality.items() if not k.startswith("_")}})
+        )
         return
     best_path = f"{args.out}.best.pt" if args.out else None
     best_ndcg = [-1.0]

@@ -19,6 +19,9 @@ def test_paths_become_absolute_and_other_options_pass_unchanged(tmp_path, monkey
     args = check_arguments("features", ["--events=games.txt", "--start", "2017-11-25", "--end", "2017-11-26",
                                         "--out", "out"], True)  # fmt: skip
     assert args[0] == f"--events={tmp_path / 'games.txt'}" and args[-1] == str(tmp_path / "out")
+    (tmp_path / "ts.parquet").write_bytes(b"")  # the GAN trains as a job too
+    args = check_arguments("train", ["--model", "gan", "--data", "ts.parquet", "--epochs", "30"], True)
+    assert args == ["--model", "gan", "--data", str(tmp_path / "ts.parquet"), "--epochs", "30"]
 
 
 @pytest.mark.parametrize(
