@@ -213,3 +213,16 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
     assert status.returncode == 1 and "STOPPED" in status.stdout
     again = _shopsight("jobs", "stop", job, config=cluster.config)
     assert again.returncode == 0 and "had already ended" in again.stdout
+
+    # `serve` joins the same head (its token included) and leaves a head it did not start running
+    status = _shopsight("serve", "status", config=cluster.config)
+    assert status.returncode == 1 and "no serving application 'shopsight' is deployed" in status.stdout, (
+        status.stdout + status.stderr
+    )
+    assert "InvalidAuthToken" not in status.stderr
+    shutdown = _shopsight("serve", "shutdown", "--stop-ray", config=cluster.config)
+    assert (
+        shutdown.returncode == 0
+        and "not started by `shopsight serve deploy`: left running" in shutdown.stdout
+    )
+    assert local_head(cluster.settings) is not None

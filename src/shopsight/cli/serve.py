@@ -1,19 +1,15 @@
 """`shopsight serve`: deploy, inspect and shut down the Ray Serve application of the champion models.
 
 ``deploy`` needs a Ray cluster that outlives the command: with ``ray.address`` unset (the local profile)
-it joins the Ray head already running on this machine, or starts one (``ray start --head``, recorded under
-``<data_dir>/serve``) that keeps serving after the command returns; ``shutdown --stop-ray`` stops it
-again. With ``ray.address`` set to a ``ray://`` client address it deploys to that cluster.
+it joins this data directory's local Ray head (the one `shopsight cluster up` starts, token auth
+included), or starts it (recorded as started by ``serve deploy``) so that it keeps serving after the
+command returns; ``shutdown --stop-ray`` stops a head that ``deploy`` started, and only that one. With
+``ray.address`` set to a ``ray://`` client address it deploys to that cluster.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -28,8 +24,7 @@ app = typer.Typer(
 )
 
 
-def _marker(settings: Settings) -> Path:
-    return Path(settings.data_dir).absolute() / "serve" / "ray_head.json"
+SERVE_STARTED = "shopsight serve deploy"
 
 
 def connect(settings: Settings, start: bool) -> str | None:
@@ -40,37 +35,33 @@ def connect(settings: Settings, start: bool) -> str | None:
     """
     import ray
 
+    from shopsight.platform.ray_cluster import join_head, local_head, start_local_head
+
     if ray.is_initialized():
         return _ray_dashboard()
     address = settings.ray.address
-    if address and address.startswith(("http://", "https://")):
-        raise ShopsightError(
-            f"ray.address {address} is the jobs API: deploy from inside the cluster (as a Ray job) or set "
-            "ray.address to the head's client address, ray://HEAD:10001"
-        )
-    try:
-        ray.init(address=address or "auto", log_to_driver=False, logging_level="ERROR")
-        return _ray_dashboard()
-    except ConnectionError:
-        if address or not start:
+    if address:
+        if address.startswith(("http://", "https://")):
             raise ShopsightError(
-                f"no Ray cluster is running{' at ' + address if address else ' on this machine'}: "
-                "nothing is served (`shopsight serve deploy` starts it)"
-            ) from None
-    ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    command = [ray_cli, "start", "--head", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-               "--disable-usage-stats"]  # fmt: skip
-    if settings.ray.num_cpus:
-        command.append(f"--num-cpus={settings.ray.num_cpus}")
-    with console.status("starting a local Ray head (it keeps serving after this command)"):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    if result.returncode != 0:
-        raise ShopsightError(f"`ray start --head` failed: {(result.stderr or result.stdout).strip()[-500:]}")
-    marker = _marker(settings)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"started_by": "shopsight serve deploy"}) + "\n")
-    ray.init(address="auto", log_to_driver=False, logging_level="ERROR")
-    return _ray_dashboard()
+                f"ray.address {address} is the jobs API: deploy from inside the cluster (as a Ray job) or "
+                "set ray.address to the head's client address, ray://HEAD:10001"
+            )
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        except ConnectionError:
+            raise ShopsightError(f"no Ray cluster is running at {address}: nothing is served") from None
+        return _ray_dashboard()
+    head = local_head(settings)
+    if head is None:
+        if not start:
+            raise ShopsightError(
+                "no Ray head of this data directory is running: nothing is served "
+                "(`shopsight serve deploy` or `shopsight cluster up` starts one)"
+            )
+        with console.status("starting a local Ray head (it keeps serving after this command)"):
+            head, _ = start_local_head(settings, started_by=SERVE_STARTED)
+    join_head(head, log_to_driver=False, logging_level="ERROR")
+    return head.dashboard_url
 
 
 def served_lines(served: dict) -> dict[str, str]:
@@ -166,8 +157,8 @@ def shutdown_command(
         bool,
         typer.Option(
             "--stop-ray",
-            help="Also stop the local Ray head that `serve deploy` started (`ray stop`: every Ray process "
-            "of this machine).",
+            help="Also stop the local Ray head, if `serve deploy` started it (a `cluster up` head stays: "
+            "`shopsight cluster down` stops it).",
         ),
     ] = False,
 ) -> None:
@@ -182,15 +173,15 @@ def shutdown_command(
     console.print(
         f"serving application {settings.serving.app_name!r} " + ("deleted" if stopped else "was not deployed")
     )
-    marker = _marker(settings)
     if stop_ray:
+        from shopsight.platform.ray_cluster import local_head, stop_local_head
+
         ray.shutdown()
-        if not marker.exists():
+        head = local_head(settings)
+        if head is None or head.started_by != SERVE_STARTED:
             console.print("the Ray head was not started by `shopsight serve deploy`: left running")
             return
-        ray_cli = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-        subprocess.run([ray_cli, "stop"], capture_output=True, text=True, timeout=120)
-        marker.unlink()
+        stop_local_head(settings)
         console.print("local Ray head stopped")
 
 

@@ -126,11 +126,18 @@ def connect(settings: Settings) -> None:
         )
     head = local_head(settings)
     if head is not None:
-        _use_token_in_this_process(Path(head.token_path))
-        ray.init(address=head.gcs_address)
+        join_head(head)
         return
     # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
     ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=True)
+
+
+def join_head(head: Head, **init_options) -> None:
+    """``ray.init`` this process into a head started by :func:`start_local_head`, with its token."""
+    import ray
+
+    _use_token_in_this_process(Path(head.token_path))
+    ray.init(address=head.gcs_address, **init_options)
 
 
 def _use_token_in_this_process(path: Path) -> None:
