@@ -3,8 +3,9 @@ and the item-id mapping, so that it takes and returns the shop's own item ids.
 
 Input: a DataFrame with a column ``item_ids`` (a list of the user's item ids, oldest first, any length;
 unknown ids are skipped). Param ``k`` (default 10). Output: columns ``items`` (the top-k item ids, best
-first, excluding the ones in the input) and ``scores``. Any batch size and sequence length work: the
-weights are loaded into the eager PyTorch module, not a traced graph of fixed shapes.
+first, excluding every item of the input, also those before the last ``max_len``) and ``scores``. Any
+batch size and sequence length work: the weights are loaded into the eager PyTorch module, not a traced
+graph of fixed shapes.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ class NextItemRecommender(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
         seqs = np.zeros((len(model_input), self.max_len), dtype=np.int64)
+        seen = []
         for row, items in enumerate(model_input["item_ids"]):
             known = [self.index[int(i)] for i in (items if items is not None else []) if int(i) in self.index]
             tail = known[-self.max_len :]
             if tail:
                 seqs[row, self.max_len - len(tail) :] = tail
+            seen.append(known)
         with torch.no_grad():
             scores = self.model.predict(torch.as_tensor(seqs)).float()
-        for row in range(len(seqs)):
-            scores[row, seqs[row][seqs[row] > 0]] = float("-inf")  # do not recommend what was just seen
+        for row, known in enumerate(seen):
+            # every item of the input, also those before the model's window: none is recommended again
+            scores[row, known] = float("-inf")
         top = torch.topk(scores, min(k, self.model.cfg.n_items), dim=1)
         return pd.DataFrame(
             {
