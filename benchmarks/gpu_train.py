@@ -7,6 +7,9 @@ under ``torchrun --nproc_per_node N``, the same loop with N DDP processes sharin
 
     PYTHONPATH=src python -m benchmarks.gpu_train --data games.txt --epochs 100 --out result.json
     PYTHONPATH=src torchrun --nproc_per_node 2 -m benchmarks.gpu_train --data games.txt --ddp --epochs 3
+
+``--teacher A.best.pt --teacher B.best.pt`` distils those runs' models (same ``--model`` and ``--set``) into
+the one trained here (:mod:`shopsight.training.distill`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seeds the weights and the training batches")
     parser.add_argument(
+        "--teacher", action="append", default=[], help="a .best.pt to distil from (repeatable)"
+    )
+    parser.add_argument("--distill-weight", type=float, default=0.5)
+    parser.add_argument("--swa-start", type=int, default=0, help="average the weights from this epoch on")
+    parser.add_argument(
         "--test-only",
         default=None,
         help="skip training: the test protocol on the weights of a --out .best.pt",
@@ -128,11 +136,12 @@ def main() -> None:
     best_path = f"{args.out}.best.pt" if args.out else None
     best_ndcg = [-1.0]
 
-    def keep_best(result, model, optimizer) -> None:
+    def keep_best(result, model, optimizer, average) -> None:
         # hours-long CPU runs: the best weights so far survive an interrupted run (--test-only evaluates them)
         if best_path and result.valid and result.valid["ndcg@10"] > best_ndcg[0]:
             best_ndcg[0] = result.valid["ndcg@10"]
-            torch.save(model.state_dict(), best_path)
+            weights = average.mean if average and average.count else model.state_dict()
+            torch.save(weights, best_path)
 
     cfg = LoopConfig(
         epochs=args.epochs,
@@ -141,15 +150,23 @@ def main() -> None:
         eval_users=3000,
         patience=args.patience,
         seed=args.seed,
+        distill_weight=args.distill_weight,
+        swa_start=args.swa_start,
     )
+    teachers = []
+    for path in args.teacher:
+        teacher = build_model(args.model, n_items=split.n_items, **config)
+        teacher.load_state_dict(torch.load(path, weights_only=True))
+        teachers.append(teacher.to(device))
     started, cpu_started = time.perf_counter(), time.process_time()
-    history = train_next_item(model, split, cfg, device=device, on_epoch=keep_best)
+    history = train_next_item(model, split, cfg, device=device, on_epoch=keep_best, teachers=teachers)
     train_cpu_seconds = time.process_time() - cpu_started
     quality = evaluate_next_item(scorer(model.eval()), split, "test", 50, device=device)
     result["quality_run"] = {
         "model": args.model,
         "model_config": asdict(model.cfg),
         "loop": asdict(cfg),
+        "teachers": args.teacher,
         "epochs_run": len(history),
         "wall_seconds": time.perf_counter() - started,
         "train_cpu_seconds": train_cpu_seconds,

@@ -37,10 +37,10 @@ def _epochs(result) -> list[int]:
     return sorted(int(metrics["epoch"]) for _, metrics in result.best_checkpoints)
 
 
-def _train(pattern_file, tmp_path, name, workers=1, epochs=6, **kwargs):
+def _train(pattern_file, tmp_path, name, workers=1, epochs=6, swa_start=0, **kwargs):
     from shopsight.training.ray_train import train_with_ray
 
-    loop = LoopConfig(epochs=epochs, batch_size=32, lr=5e-3, eval_every=2, patience=100)
+    loop = LoopConfig(epochs=epochs, batch_size=32, lr=5e-3, eval_every=2, patience=100, swa_start=swa_start)
     return train_with_ray(
         "sasrec", pattern_file, name=name, storage_path=tmp_path, workers=workers, model_config=MODEL,
         loop=loop, keep_checkpoints=20, **kwargs,
@@ -63,6 +63,24 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(ray_local, pattern_fil
     assert (tmp_path / "flaky" / ".injected_failure").exists(), "the failure was injected"
     # epochs 1-3 before the failure, 4-6 after it: each exactly once, none started over
     assert _epochs(result) == [1, 2, 3, 4, 5, 6]
+    assert result.metrics["valid_ndcg@10"] > 0.85
+
+
+def test_the_weight_average_survives_a_failed_worker(ray_local, pattern_file, tmp_path):
+    import torch
+
+    from shopsight.training.loop import evaluated_weights
+    from shopsight.training.ray_train import CHECKPOINT_FILE
+
+    result = _train(pattern_file, tmp_path, "swa", swa_start=2, fail_after_epoch=3, max_failures=2)
+    assert result.error is None and (tmp_path / "swa" / ".injected_failure").exists()
+    assert _epochs(result) == [1, 2, 3, 4, 5, 6]
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(f"{folder}/{CHECKPOINT_FILE}", weights_only=False)
+    # epochs 2-6 averaged: the restart after epoch 3 continued the average instead of starting a new one
+    assert state["epoch"] == 6 and state["average"]["count"] == 5
+    assert evaluated_weights(state) is state["average"]["mean"]
+    assert not torch.equal(state["average"]["mean"]["item_emb.weight"], state["model"]["item_emb.weight"])
     assert result.metrics["valid_ndcg@10"] > 0.85
 
 

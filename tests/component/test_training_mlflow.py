@@ -121,3 +121,43 @@ def test_evaluate_reproduces_the_test_metrics_and_bad_inputs_fail_clearly(traine
         and "empty" in failed.stdout
         and "Traceback" not in failed.stdout + failed.stderr
     )
+
+
+def test_distil_a_registered_model_into_a_new_one(trained, tmp_path):
+    """Runs last: it moves the challenger alias to the student."""
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+
+    _, settings, data, common, env = trained
+    teacher = "models:/shopsight-next-item/1"
+    student = subprocess.run(
+        [*common, "--set", "ray.num_cpus=2", "train", "--model", "sasrec", "--data", str(data),
+         "--loss", "sampled_softmax", "--teacher", teacher, "--distill-weight", "0.7", "--seed", "3",
+         "--epochs", "4", "--batch-size", "32", "--lr", "0.005", "--max-len", "10", "--eval-every", "2",
+         "--name", "student"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert student.returncode == 0, student.stdout[-3000:] + student.stderr[-3000:]
+    assert "distilling from 1 teacher(s)" in student.stdout + student.stderr
+    client = MlflowClient(tracking_uri(settings, start=False))
+    version = client.get_model_version_by_alias("shopsight-next-item", "challenger")
+    assert version.version == "2"
+    run = client.get_run(version.run_id)
+    assert run.data.params["teachers"] == teacher
+    assert run.data.params["loop.distill_weight"] == "0.7" and run.data.params["loop.seed"] == "3"
+    assert run.data.metrics["test_hr_at_10"] > 0.9  # the walk, learnt from the teacher and the data
+
+    other = tmp_path / "other.txt"  # 20 items instead of 40: not the teacher's catalogue
+    other.write_text("".join(f"{u} {100 + (u + t) % 20}\n" for u in range(1, 51) for t in range(6)))
+    refused = [
+        (["--data", str(other), "--loss", "sampled_softmax", "--teacher", teacher], "another item catalogue"),
+        (["--data", str(data), "--teacher", teacher], "needs --loss sampled_softmax or softmax"),
+        (["--data", str(data), "--loss", "softmax", "--teacher", "models:/shopsight-next-item/9"], "cannot"),
+    ]
+    for args, message in refused:
+        failed = subprocess.run(
+            [*common, "train", *args], capture_output=True, text=True, env=env, timeout=300
+        )
+        out = failed.stdout + failed.stderr
+        assert failed.returncode == 1 and message in out and "Traceback" not in out, out[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +15,7 @@ from shopsight.training.evaluation import evaluate_next_item
 from shopsight.training.loop import LoopConfig, scorer, train_next_item
 from shopsight.training.metrics import binary_report, hit_rate, ndcg, rank_of_target
 from shopsight.training.models import build_model
-from shopsight.training.sequences import LeaveOneOut, SequenceData, training_batches
+from shopsight.training.sequences import LeaveOneOut, SequenceData, training_batches, training_inputs
 
 
 def test_rank_hr_ndcg_by_hand():
@@ -68,8 +69,8 @@ def test_sequences_and_leave_one_out():
     users, inputs, targets = split.inputs("test", max_len=6)
     assert inputs[0].tolist() == [0] + seq[:-1].tolist() and targets[0] == seq[-1]
     batches = list(training_batches(split.train, 6, 2, np.random.default_rng(0), data.n_items))
-    seq_b, pos_b, neg_b = batches[0]
-    assert seq_b.shape == pos_b.shape == neg_b.shape == (2, 6)
+    seq_b, pos_b, neg_b, users_b = batches[0]
+    assert seq_b.shape == pos_b.shape == neg_b.shape == (2, 6) and users_b.shape == (2,)
     assert ((neg_b == 0) == (pos_b == 0)).all()
 
 
@@ -122,7 +123,9 @@ def test_training_batches_pair_inputs_with_next_items_and_unseen_negatives():
     split = LeaveOneOut.split(data)
     rows = set()
     clashes = total = 0
-    for seq, pos, neg in training_batches(split.train, 10, 16, np.random.default_rng(1), data.n_items):
+    inputs = training_inputs(split.train, 10)
+    for seq, pos, neg, users in training_batches(split.train, 10, 16, np.random.default_rng(1), data.n_items):
+        assert (inputs[users] == seq).all()  # the batch says whose inputs it holds
         for s, p, n in zip(seq, pos, neg, strict=True):
             rows.add((tuple(s[s > 0]), tuple(p[p > 0])))
             mask = p > 0
@@ -149,3 +152,49 @@ def test_sequences_from_the_feature_table_take_each_users_latest_snapshot(tmp_pa
     data = SequenceData.from_file(table)
     assert data.user_ids.tolist() == [1, 2]
     assert [data.item_ids[s].tolist() for s in data.sequences] == [[5, 6, 9], [7]]
+
+
+def test_weight_average_is_the_mean_of_the_snapshots_and_resumes():
+    from shopsight.training.loop import WeightAverage
+
+    layer = torch.nn.Linear(2, 1)
+    snapshots = []
+    average = WeightAverage()
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            layer.weight.fill_(value)
+        snapshots.append(layer.weight.clone())
+        average.update(layer)
+        if value == 2.0:
+            resumed = WeightAverage(average.state())  # a checkpoint after two snapshots
+    resumed.update(layer)
+    assert average.count == resumed.count == 3
+    assert torch.allclose(average.mean["weight"], torch.full((1, 2), 3.0))
+    assert torch.equal(average.mean["weight"], resumed.mean["weight"])
+
+
+def test_swa_keeps_the_trajectory_and_returns_the_average_of_the_epochs_up_to_the_best():
+    split = LeaveOneOut.split(_pattern_data(users=120, items=30, length=10))
+    config = dict(n_items=split.n_items, max_len=8, d_model=16, n_blocks=1, dropout=0.0, loss="bce")
+    cfg = LoopConfig(epochs=5, batch_size=32, lr=5e-3, eval_every=1, patience=100)
+    torch.manual_seed(0)
+    plain = build_model("sasrec", **config)
+    plain_history = train_next_item(plain, split, cfg, log=lambda _: None)
+    torch.manual_seed(0)
+    averaged = build_model("sasrec", **config)
+    snapshots = []
+
+    def keep(result, model, optimizer, average):
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert (average.count, result.epoch) in {(0, 1), (result.epoch - 1, result.epoch)}
+
+    history = train_next_item(averaged, split, replace(cfg, swa_start=2), on_epoch=keep, log=lambda _: None)
+    assert [h.loss for h in history] == [h.loss for h in plain_history]  # training is untouched
+    assert history[0].valid == plain_history[0].valid  # epoch 1 comes before the average
+    best = max(history, key=lambda h: h.valid["ndcg@10"]).epoch
+    for name, value in averaged.state_dict().items():
+        if value.is_floating_point():
+            expected = (
+                torch.stack([s[name] for s in snapshots[1:best]]).mean(0) if best > 1 else snapshots[0][name]
+            )
+            assert torch.allclose(value, expected, atol=1e-6), name

@@ -67,6 +67,19 @@ def train_command(
         str | None,
         typer.Option(help="Purchase: start from this registered next-item model (models:/NAME@ALIAS)."),
     ] = None,
+    teacher: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Next item: distil this registered next-item model, trained on the same data, into the new "
+            "one (repeatable: the teachers' mean scores). Needs --loss sampled_softmax or softmax."
+        ),
+    ] = None,
+    distill_weight: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="With --teacher: the distillation term's loss share.")
+    ] = 0.5,
+    seed: Annotated[
+        int, typer.Option(help="Next item: seeds the initial weights, the batches and the validation users.")
+    ] = 0,
 ) -> None:
     """Train a next-item or purchase model with Ray Train, track it in MLflow, register it as the
     `challenger`."""
@@ -100,8 +113,16 @@ def train_command(
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         model_config={"max_len": max_len, "loss": loss},
-        loop=LoopConfig(epochs=epochs, batch_size=batch_size or 128, lr=lr or 1e-3, eval_every=eval_every),
+        loop=LoopConfig(
+            epochs=epochs,
+            batch_size=batch_size or 128,
+            lr=lr or 1e-3,
+            eval_every=eval_every,
+            seed=seed,
+            distill_weight=distill_weight,
+        ),
         run_name=name,
+        teachers=teacher,
         log=console.print,
     )
     print_summary(

@@ -58,10 +58,19 @@ def save_model_dir(folder: Path, model_name: str, model: torch.nn.Module, featur
 
 
 def input_example(rows: pd.DataFrame) -> pd.DataFrame:
-    """Feature rows as MLflow can store them: arrays as lists, the snapshot as naive UTC."""
+    """Feature rows as MLflow can store them: arrays as lists, the snapshot as naive UTC, integers as int64.
+
+    Integers are widened because the signature comes from this example: the training set stores some
+    features as int32, Feast's online store returns int64, and MLflow accepts a wider input type than its
+    signature (int32 into int64) but refuses a narrower one.
+    """
     example = rows.drop(columns=["buy_next_1d"], errors="ignore").reset_index(drop=True).copy()
     for column in example.columns:
-        if example[column].dtype == object:
+        if pd.api.types.is_integer_dtype(example[column].dtype):
+            example[column] = example[column].astype(
+                "Int64" if isinstance(example[column].dtype, pd.api.extensions.ExtensionDtype) else np.int64
+            )
+        elif example[column].dtype == object:
             example[column] = [list(v) if isinstance(v, np.ndarray | list) else v for v in example[column]]
     if SNAPSHOT in example.columns:
         example[SNAPSHOT] = pd.to_datetime(example[SNAPSHOT], utc=True).dt.tz_localize(None)

@@ -40,7 +40,12 @@ def _next_item_task(config: dict[str, Any], loop: LoopConfig):
     data = SequenceData.from_file(config["data"])
     split = LeaveOneOut.split(data)
     model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
-    return model, lambda model, **kw: train_next_item(model, split, loop, **kw)
+    teachers = None
+    if config.get("teachers"):
+        from shopsight.training.distill import load_teachers
+
+        teachers = load_teachers(config["teachers"])
+    return model, lambda model, **kw: train_next_item(model, split, loop, teachers=teachers, **kw)
 
 
 def _purchase_task(config: dict[str, Any], loop: LoopConfig):
@@ -136,17 +141,20 @@ def _worker(config: dict[str, Any]) -> None:
         return
     model, run_loop = (_purchase_task if task == "purchase" else _next_item_task)(config, loop)
     key = TASK_METRICS[task]
-    start_epoch, optimizer_state, best = 0, None, None
+    start_epoch, optimizer_state, best, average_state = 0, None, None, None
     checkpoint, state = _load_checkpoint()
     if state:
         model.load_state_dict(state["model"])
         optimizer_state, start_epoch, best = state["optimizer"], state["epoch"], state.get("best")
+        average_state = state.get("average")
     context = ray.train.get_context()
     reporter = _Reporter(config, context.get_world_rank())
     reporter.announce(context.get_world_size(), checkpoint, start_epoch)
     last_metric = {"value": best[0] if best else 0.0}
 
-    def on_epoch(result: EpochResult, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def on_epoch(
+        result: EpochResult, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average=None
+    ) -> None:
         if result.valid:
             last_metric["value"] = result.valid[key]
         metrics = {
@@ -158,7 +166,8 @@ def _worker(config: dict[str, Any]) -> None:
             **{f"valid_{k}": v for k, v in result.valid.items()},
         }
         state = {
-            "model": model.state_dict(),
+            "model": model.state_dict(),  # the weights training continues from
+            "average": average.state() if average else None,  # with swa_start: what was validated
             "optimizer": optimizer.state_dict(),
             "epoch": result.epoch,
             "best": None,
@@ -173,6 +182,7 @@ def _worker(config: dict[str, Any]) -> None:
         start_epoch=start_epoch,
         optimizer_state=optimizer_state,
         on_epoch=on_epoch,
+        **({"average_state": average_state} if task == "next_item" else {}),
     )
 
 
@@ -276,10 +286,12 @@ def train_with_ray(
     ``mlflow`` = (tracking URI, run id) logs every epoch's metrics into that run;
     ``worker_resources``: custom Ray resources each worker needs (pins workers to the nodes offering them);
     ``callbacks``: Ray Train ``UserCallback``s (Tune's ``TuneReportCallback`` forwards each epoch to Tune);
-    ``task``: ``next_item`` (``data`` is an event or SASRec-format file), ``purchase`` (``data`` is a
-    training set; ``task_config`` holds the fitted ``features``, ``pos_weight`` and an optional
-    ``pretrained`` weights file, and ``model_config`` is complete) or ``gan`` (``data`` is a training set,
-    ``model_config`` the GANConfig's fields, ``task_config`` the ``split_seed``; one worker only).
+    ``task``: ``next_item`` (``data`` is an event or SASRec-format file; ``task_config`` may hold
+    ``teachers`` to distil from, as :func:`~shopsight.training.distill.load_teachers` reads them),
+    ``purchase`` (``data`` is a training set; ``task_config`` holds the fitted ``features``,
+    ``pos_weight`` and an optional ``pretrained`` weights file, and ``model_config`` is complete) or
+    ``gan`` (``data`` is a training set, ``model_config`` the GANConfig's fields, ``task_config`` the
+    ``split_seed``; one worker only).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

@@ -158,6 +158,24 @@ class LeaveOneOut:
         return np.fromiter(items, dtype=np.int64)
 
 
+def training_tails(train: list[np.ndarray], max_len: int, users: np.ndarray | None = None) -> np.ndarray:
+    """(U, max_len + 1): each user's last ``max_len + 1`` training items, right-aligned, 0-padded.
+
+    The training inputs are ``[:, :-1]`` and their next items ``[:, 1:]``; rows of users not in ``users``
+    (default: every user) stay empty.
+    """
+    tails = np.zeros((len(train), max_len + 1), dtype=np.int64)
+    for u in range(len(train)) if users is None else users:
+        items = train[u][-(max_len + 1) :]
+        tails[u, max_len + 1 - len(items) :] = items
+    return tails
+
+
+def training_inputs(train: list[np.ndarray], max_len: int) -> np.ndarray:
+    """(U, max_len): every user's training input exactly as :func:`training_batches` feeds it."""
+    return training_tails(train, max_len)[:, :-1]
+
+
 def training_batches(
     train: list[np.ndarray],
     max_len: int,
@@ -166,17 +184,14 @@ def training_batches(
     n_items: int,
     users: np.ndarray | None = None,
 ):
-    """SASRec-style batches: (inputs, next items, one random unseen negative per position), each (B, T).
+    """SASRec-style batches: (inputs, next items, one random unseen negative per position), each (B, T),
+    and the batch's user indices (B,).
 
     Every user with at least 2 training items contributes its last ``max_len`` transitions. Batches are
     built with whole-array operations (the step is otherwise bound by Python on the CPU, GPU or not).
     """
     pool = np.flatnonzero(np.array([len(s) >= 2 for s in train])) if users is None else np.asarray(users)
-    # each user's last max_len + 1 items, right-aligned: inputs are [:-1], next items [1:]
-    tails = np.zeros((len(train), max_len + 1), dtype=np.int64)
-    for u in pool:
-        items = train[u][-(max_len + 1) :]
-        tails[u, max_len + 1 - len(items) :] = items
+    tails = training_tails(train, max_len, pool)
     # every (user, item) the user interacted with, as one sorted key, to reject negatives in one go
     width = n_items + 1
     seen = (
@@ -198,4 +213,4 @@ def training_batches(
                 break
             neg[clash] = rng.integers(1, width, size=int(clash.sum()))
         neg[pos == 0] = 0
-        yield seq, pos, neg
+        yield seq, pos, neg, chunk

@@ -24,7 +24,7 @@ from shopsight.platform import Settings, ShopsightError
 from shopsight.platform.mlflow_server import tracking_uri
 from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.evaluation import evaluate_next_item
-from shopsight.training.loop import LoopConfig, scorer
+from shopsight.training.loop import LoopConfig, evaluated_weights, scorer
 from shopsight.training.sequences import LeaveOneOut, SequenceData
 
 NEXT_ITEM_MODEL = "shopsight-next-item"
@@ -91,9 +91,14 @@ def train_next_item_model(
     loop: LoopConfig | None = None,
     run_name: str | None = None,
     registered_model: str = NEXT_ITEM_MODEL,
+    teachers: list[str] | None = None,
     log=print,
 ) -> TrainSummary:
-    """Train, evaluate, log and register; returns the run, the registered version and the test metrics."""
+    """Train, evaluate, log and register; returns the run, the registered version and the test metrics.
+
+    ``teachers``: registered next-item models (``models:/NAME/VERSION``) on the same item catalogue to
+    distil into this one (:mod:`shopsight.training.distill`), with ``loop.distill_weight``.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -110,6 +115,7 @@ def train_next_item_model(
     split = LeaveOneOut.split(sequences)
     if not (split.test_target > 0).any():
         raise ShopsightError(f"{data}: no user has 3 or more interactions; nothing to evaluate")
+    teacher_states = _load_teachers(settings, teachers or [], sequences, model_config, loop.distill_weight)
     uri = tracking_uri(settings)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(EXPERIMENT)
@@ -127,6 +133,7 @@ def train_next_item_model(
                 "interactions": sequences.n_interactions,
                 **{f"model.{k}": v for k, v in model_config.items()},
                 **{f"loop.{k}": v for k, v in asdict(loop).items()},
+                **({"teachers": " ".join(teachers)} if teachers else {}),
             }
         )
         log(f"MLflow run {run.info.run_id} at {uri}")
@@ -141,6 +148,7 @@ def train_next_item_model(
             model_config=model_config,
             loop=loop,
             mlflow=(uri, run.info.run_id),
+            task_config={"teachers": teacher_states} if teacher_states else None,
         )
         if result.error is not None:
             raise ShopsightError(f"training failed: {result.error}")
@@ -150,7 +158,7 @@ def train_next_item_model(
         from shopsight.training.models import build_model
 
         model = build_model(model_name, n_items=sequences.n_items, **model_config)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(evaluated_weights(state))
         model.eval()
         max_len = model.cfg.max_len
         test = evaluate_next_item(scorer(model), split, "test", max_len, seed=loop.seed)
@@ -188,6 +196,29 @@ def train_next_item_model(
         epochs=int(state["epoch"]),
         seconds=time.perf_counter() - started,
     )
+
+
+def _load_teachers(
+    settings: Settings, uris: list[str], sequences: SequenceData, model_config: dict, weight: float
+) -> list[dict]:
+    """The teachers' networks as the Ray workers rebuild them; each must know exactly this data's items."""
+    from shopsight.training.evaluate import load_recommender
+
+    if uris and model_config.get("loss", "bce") == "bce":
+        raise ShopsightError("distillation needs --loss sampled_softmax or softmax, not bce")
+    if uris and not 0.0 < weight <= 1.0:
+        raise ShopsightError(f"the distillation weight must be in (0, 1], not {weight}")
+    states = []
+    for uri in uris:
+        teacher = load_recommender(settings, uri)
+        if not np.array_equal(teacher.item_ids, sequences.item_ids):
+            raise ShopsightError(
+                f"teacher {uri} was trained on another item catalogue ({len(teacher.item_ids) - 1:,} items; "
+                f"this data has {sequences.n_items:,}): teachers must come from the same data"
+            )
+        net = teacher.model
+        states.append({"model": teacher.model_name, "config": asdict(net.cfg), "state": net.state_dict()})
+    return states
 
 
 def _input_example(sequences: SequenceData) -> pd.DataFrame:

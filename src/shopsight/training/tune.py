@@ -33,7 +33,7 @@ import torch
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform.mlflow_server import tracking_uri
 from shopsight.platform.ray_cluster import storage_path
-from shopsight.training.loop import LoopConfig
+from shopsight.training.loop import LoopConfig, evaluated_weights
 from shopsight.training.ray_train import CHECKPOINT_FILE, METRIC
 from shopsight.training.sequences import LeaveOneOut, SequenceData
 from shopsight.training.train import CHALLENGER, EXPERIMENT, NEXT_ITEM_MODEL, dataset_identity
@@ -578,7 +578,7 @@ def _register(
     )
 
     model = build_model(model_name, n_items=sequences.n_items, **model_config)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(evaluated_weights(state))
     model.eval()
     max_len = model.cfg.max_len
     test = evaluate_next_item(scorer(model), split, "test", max_len, seed=loop.seed)

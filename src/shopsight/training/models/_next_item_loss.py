@@ -6,13 +6,21 @@
 - ``"softmax"``: cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023, found it lifts
   SASRec well past BCE). Logits are computed only at real positions, so the cost is
   (real positions x items x d) per batch: cheap for catalogues of tens of thousands of items.
+
+With a ``teacher`` (:class:`~shopsight.training.distill.TeacherBatch`), the two softmax losses become
+``(1 - w) * loss + w * cross-entropy to the teachers' softmax over the same candidates`` (distillation).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from shopsight.training.distill import TeacherBatch
 
 LOSSES = ("bce", "sampled_softmax", "softmax")
 
@@ -29,10 +37,13 @@ def next_item_loss(
     item_emb: nn.Embedding,
     loss: str,
     n_negatives: int,
+    teacher: TeacherBatch | None = None,
 ) -> torch.Tensor:
     """Loss of hidden states ``h`` (B, T, D) predicting next items ``pos`` (B, T; 0 = padding)."""
     mask = pos > 0
     if loss == "bce":
+        if teacher is not None:
+            raise ValueError("distillation needs the sampled_softmax or softmax loss, not bce")
         if neg is None:
             raise ValueError("the bce loss needs one negative per position")
         pos_logit = (h * item_emb(pos)).sum(-1)[mask]
@@ -43,14 +54,31 @@ def next_item_loss(
     hidden = h[mask]  # (N, D)
     targets = pos[mask]  # (N,)
     if loss == "softmax":
+        negatives = None
         logits = hidden @ item_emb.weight.T  # (N, n_items + 1)
         logits[:, 0] = float("-inf")  # padding is never the next item
-        return F.cross_entropy(logits, targets)
-    negatives = torch.randint(1, item_emb.num_embeddings, (n_negatives,), device=h.device)  # (S,)
-    pos_logit = (hidden * item_emb(targets)).sum(-1, keepdim=True)  # (N, 1)
-    # a sampled "negative" that is the true item is not a negative
-    neg_logit = (hidden @ item_emb(negatives).T).masked_fill(
-        negatives[None, :] == targets[:, None], float("-inf")
+        labels = targets
+    else:
+        negatives = torch.randint(1, item_emb.num_embeddings, (n_negatives,), device=h.device)  # (S,)
+        pos_logit = (hidden * item_emb(targets)).sum(-1, keepdim=True)  # (N, 1)
+        # a sampled "negative" that is the true item is not a negative
+        neg_logit = (hidden @ item_emb(negatives).T).masked_fill(
+            negatives[None, :] == targets[:, None], float("-inf")
+        )
+        logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
+        labels = torch.zeros(len(logits), dtype=torch.long, device=h.device)
+    ce = F.cross_entropy(logits, labels)
+    if teacher is None:
+        return ce
+    return (1 - teacher.weight) * ce + teacher.weight * soft_cross_entropy(
+        logits, teacher.logits(targets, negatives)
     )
-    logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=h.device))
+
+
+def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy from the teacher's softmax to the student's (KL divergence plus a constant),
+    over the candidates the student scores (a -inf student logit is not a candidate for either)."""
+    excluded = torch.isneginf(student)
+    target = F.softmax(teacher.float().masked_fill(excluded, float("-inf")), dim=1)
+    log_p = F.log_softmax(student.float(), dim=1).masked_fill(excluded, 0.0)
+    return -(target * log_p).sum(1).mean()

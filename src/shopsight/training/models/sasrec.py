@@ -124,9 +124,14 @@ class SASRec(PurchaseHead, nn.Module):
             x = block(x, causal, keep)
         return self.final_norm(x)
 
-    def loss(self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None) -> torch.Tensor:
-        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce."""
-        return next_item_loss(self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives)
+    def loss(
+        self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, teacher=None
+    ) -> torch.Tensor:
+        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce;
+        ``teacher``: a :class:`~shopsight.training.distill.TeacherBatch` to distil from."""
+        return next_item_loss(
+            self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives, teacher
+        )
 
     def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Scores (B, C) of candidate items (B, C) as the next item after each sequence (B, T)."""
