@@ -123,7 +123,7 @@ def test_evaluate_reproduces_the_test_metrics_and_bad_inputs_fail_clearly(traine
     )
 
 
-def test_distil_a_registered_model_into_a_new_one(trained, tmp_path):
+def test_distil_a_registered_model_into_a_new_averaged_one(trained, tmp_path):
     """Runs last: it moves the challenger alias to the student."""
     from mlflow import MlflowClient
 
@@ -134,6 +134,7 @@ def test_distil_a_registered_model_into_a_new_one(trained, tmp_path):
     student = subprocess.run(
         [*common, "--set", "ray.num_cpus=2", "train", "--model", "sasrec", "--data", str(data),
          "--loss", "sampled_softmax", "--teacher", teacher, "--distill-weight", "0.7", "--seed", "3",
+         "--swa-start", "2",
          "--epochs", "4", "--batch-size", "32", "--lr", "0.005", "--max-len", "10", "--eval-every", "2",
          "--name", "student"],
         capture_output=True, text=True, timeout=600, env=env,
@@ -146,6 +147,7 @@ def test_distil_a_registered_model_into_a_new_one(trained, tmp_path):
     run = client.get_run(version.run_id)
     assert run.data.params["teachers"] == teacher
     assert run.data.params["loop.distill_weight"] == "0.7" and run.data.params["loop.seed"] == "3"
+    assert run.data.params["loop.swa_start"] == "2"
     assert run.data.metrics["test_hr_at_10"] > 0.9  # the walk, learnt from the teacher and the data
 
     other = tmp_path / "other.txt"  # 20 items instead of 40: not the teacher's catalogue

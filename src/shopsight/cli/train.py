@@ -80,6 +80,14 @@ def train_command(
     seed: Annotated[
         int, typer.Option(help="Next item: seeds the initial weights, the batches and the validation users.")
     ] = 0,
+    swa_start: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Next item: average the weights of every epoch from this one on (stochastic weight "
+            "averaging); validation and the registered model use the average. 0: off.",
+        ),
+    ] = 0,
 ) -> None:
     """Train a next-item or purchase model with Ray Train, track it in MLflow, register it as the
     `challenger`."""
@@ -120,6 +128,7 @@ def train_command(
             eval_every=eval_every,
             seed=seed,
             distill_weight=distill_weight,
+            swa_start=swa_start,
         ),
         run_name=name,
         teachers=teacher,
