@@ -1,4 +1,6 @@
-"""The next-item losses shared by every sequence model (one definition, so `sasrec` and `lstm` train alike).
+"""The next-item output shared by every sequence model (one definition, so `sasrec` and `lstm` train and rank
+alike): :class:`NextItemOutput` gives a model with ``encode`` and a shared input/output ``item_emb`` its
+``loss``, ``score`` and ``predict``.
 
 - ``"bce"``: the SASRec paper's binary cross-entropy, one sampled negative per position.
 - ``"sampled_softmax"``: every position ranks its true next item against ``n_negatives`` uniformly sampled
@@ -82,3 +84,32 @@ def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Te
     target = F.softmax(teacher.float().masked_fill(excluded, float("-inf")), dim=1)
     log_p = F.log_softmax(student.float(), dim=1).masked_fill(excluded, 0.0)
     return -(target * log_p).sum(1).mean()
+
+
+class NextItemOutput:
+    """``loss``, ``score`` and ``predict`` of a model with ``encode(seq)`` -> (B, T, D), an ``item_emb``
+    shared between input and output, and ``cfg.loss`` / ``cfg.n_negatives``."""
+
+    def loss(
+        self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, teacher=None
+    ) -> torch.Tensor:
+        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce;
+        ``teacher``: a :class:`~shopsight.training.distill.TeacherBatch` to distil from."""
+        return next_item_loss(
+            self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives, teacher
+        )
+
+    def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Scores (B, C) of candidate items (B, C) as the next item after each sequence (B, T)."""
+        last = self.encode(seq)[:, -1]  # (B, D)
+        return (self.item_emb(candidates) * last[:, None]).sum(-1)
+
+    def predict(self, seq: torch.Tensor) -> torch.Tensor:
+        """Scores (B, n_items + 1) of every item as the next one; column 0 (padding) is -inf."""
+        last = self.encode(seq)[:, -1]  # (B, D)
+        scores = last @ self.item_emb.weight.T
+        scores[:, 0] = float("-inf")
+        return scores
+
+    def forward(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.predict(seq)

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from shopsight.training.models._next_item_loss import check_loss, next_item_loss
+from shopsight.training.models._next_item_loss import NextItemOutput, check_loss
 from shopsight.training.models._purchase_head import PurchaseHead
 
 
@@ -42,7 +42,7 @@ class LSTMConfig:
         check_loss(self.loss)
 
 
-class LSTMRec(PurchaseHead, nn.Module):
+class LSTMRec(NextItemOutput, PurchaseHead, nn.Module):
     """Next-item model over item-id sequences (left-padded with 0)."""
 
     def __init__(self, cfg: LSTMConfig) -> None:
@@ -77,25 +77,3 @@ class LSTMRec(PurchaseHead, nn.Module):
         x = self.dropout(x)
         out, _ = self.lstm(x)  # (B, T, H)
         return self.project(self.dropout(out))  # (B, T, D)
-
-    def loss(
-        self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, teacher=None
-    ) -> torch.Tensor:
-        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce;
-        ``teacher``: a :class:`~shopsight.training.distill.TeacherBatch` to distil from."""
-        return next_item_loss(
-            self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives, teacher
-        )
-
-    def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        last = self.encode(seq)[:, -1]  # (B, D)
-        return (self.item_emb(candidates) * last[:, None]).sum(-1)
-
-    def predict(self, seq: torch.Tensor) -> torch.Tensor:
-        last = self.encode(seq)[:, -1]
-        scores = last @ self.item_emb.weight.T  # (B, n_items + 1)
-        scores[:, 0] = float("-inf")
-        return scores
-
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.predict(seq)

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from shopsight.training.models._next_item_loss import check_loss, next_item_loss
+from shopsight.training.models._next_item_loss import NextItemOutput, check_loss
 from shopsight.training.models._purchase_head import PurchaseHead
 
 
@@ -81,7 +81,7 @@ class _Block(nn.Module):
         return x * keep
 
 
-class SASRec(PurchaseHead, nn.Module):
+class SASRec(NextItemOutput, PurchaseHead, nn.Module):
     """Next-item model over item-id sequences (left-padded with 0)."""
 
     def __init__(self, cfg: SASRecConfig) -> None:
@@ -123,27 +123,3 @@ class SASRec(PurchaseHead, nn.Module):
         for block in self.blocks:
             x = block(x, causal, keep)
         return self.final_norm(x)
-
-    def loss(
-        self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, teacher=None
-    ) -> torch.Tensor:
-        """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce;
-        ``teacher``: a :class:`~shopsight.training.distill.TeacherBatch` to distil from."""
-        return next_item_loss(
-            self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives, teacher
-        )
-
-    def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """Scores (B, C) of candidate items (B, C) as the next item after each sequence (B, T)."""
-        last = self.encode(seq)[:, -1]  # (B, D)
-        return (self.item_emb(candidates) * last[:, None]).sum(-1)
-
-    def predict(self, seq: torch.Tensor) -> torch.Tensor:
-        """Scores (B, n_items + 1) of every item as the next one; column 0 (padding) is -inf."""
-        last = self.encode(seq)[:, -1]  # (B, D)
-        scores = last @ self.item_emb.weight.T
-        scores[:, 0] = float("-inf")
-        return scores
-
-    def forward(self, seq: torch.Tensor) -> torch.Tensor:
-        return self.predict(seq)
