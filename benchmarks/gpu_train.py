@@ -124,6 +124,11 @@ def main() -> None:
             split, args.throughput_epochs, True, device, args.batch_size, args.model, config
         )
         print(json.dumps(result), flush=True)
+    teachers = []  # built before seeding: their initialisation must not shift the student's random stream
+    for path in args.teacher:
+        teacher = build_model(args.model, n_items=split.n_items, **config)
+        teacher.load_state_dict(torch.load(path, weights_only=True))
+        teachers.append(teacher.to(device))
     torch.manual_seed(args.seed)
     model = build_model(args.model, n_items=split.n_items, **config)
     if args.test_only:
@@ -153,11 +158,6 @@ def main() -> None:
         distill_weight=args.distill_weight,
         swa_start=args.swa_start,
     )
-    teachers = []
-    for path in args.teacher:
-        teacher = build_model(args.model, n_items=split.n_items, **config)
-        teacher.load_state_dict(torch.load(path, weights_only=True))
-        teachers.append(teacher.to(device))
     started, cpu_started = time.perf_counter(), time.process_time()
     history = train_next_item(model, split, cfg, device=device, on_epoch=keep_best, teachers=teachers)
     train_cpu_seconds = time.process_time() - cpu_started

@@ -39,12 +39,13 @@ def _next_item_task(config: dict[str, Any], loop: LoopConfig):
 
     data = SequenceData.from_file(config["data"])
     split = LeaveOneOut.split(data)
-    model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
     teachers = None
     if config.get("teachers"):
         from shopsight.training.distill import load_teachers
 
         teachers = load_teachers(config["teachers"])
+        torch.manual_seed(loop.seed)  # building the teachers drew random numbers: the student starts afresh
+    model = build_model(config["model"], n_items=data.n_items, **config["model_config"])
     return model, lambda model, **kw: train_next_item(model, split, loop, teachers=teachers, **kw)
 
 
