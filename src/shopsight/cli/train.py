@@ -70,8 +70,9 @@ def train_command(
     teacher: Annotated[
         list[str] | None,
         typer.Option(
+            metavar="URI",
             help="Next item: distil this registered next-item model, trained on the same data, into the new "
-            "one (repeatable: the teachers' mean scores). Needs --loss sampled_softmax or softmax."
+            "one (repeatable: the teachers' mean scores). Needs --loss sampled_softmax or softmax.",
         ),
     ] = None,
     distill_weight: Annotated[
