@@ -43,7 +43,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_CUDA=cu128
 
 # PYTHONSAFEPATH: never put a script's folder (or the working directory) first on sys.path, so that no file
-# in the image shadows an installed module (architecture.md: `platform` vs the standard library).
+# in the image shadows an installed module (docs/architecture.md: `platform` vs the standard library).
 ENV PYTHONSAFEPATH=1 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

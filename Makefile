@@ -64,6 +64,7 @@ demo: setup
 	$(BIN)/shopsight demo
 
 test: setup services
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 # The benchmarks compare against the ctgan package: the `bench` extra.

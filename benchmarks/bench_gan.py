@@ -7,7 +7,7 @@ users train the generators, the other 25% are the real test rows (TSTR / TRTR) a
 
 Both generators train on the same rows on the CPU with one thread, for a similar time budget (their
 epochs differ in cost: ours runs ``n_critic`` = 5 critic steps per generator step, CTGAN one), then
-each generates as many rows as the real training set; ``shopsight.training.synthetic.synthetic_report``
+each generates as many rows as the real training set; ``shopsight.training.synthetic_users.evaluate.synthetic_report``
 scores both. Results are appended to benchmarks/results/gan.md, with a JSON file beside it.
 
     python -m benchmarks.bench_gan [--users 4000] [--epochs 30] [--ctgan-epochs 50] [--data-dir DIR]
@@ -163,7 +163,7 @@ def main() -> None:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from shopsight.training.synthetic import synthetic_report
+    from shopsight.training.synthetic_users.evaluate import synthetic_report
 
     torch.set_num_threads(args.threads)
     machine = describe_machine()

@@ -2,7 +2,7 @@
 
 Simulates users, builds the features, applies the Feast repository and takes the point-in-time training
 set of ``purchase_propensity_v1`` (all through the ``shopsight`` CLI, as a user would), then on the
-time split of architecture.md (train on earlier snapshot days, validate on the one before the last, test
+time split of docs/architecture.md (train on earlier snapshot days, validate on the one before the last, test
 on the last) compares, on the same test rows:
 
 - the oracle: the simulator's true next-day buy probability (the ceiling);
@@ -63,9 +63,10 @@ def _pretrain(data_dir: Path, before: pd.Timestamp, epochs: int, log) -> tuple[d
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from shopsight.training.loop import LoopConfig, train_next_item
     from shopsight.training.models import build_model
-    from shopsight.training.sequences import LeaveOneOut, SequenceData
+    from shopsight.training.next_item.data import LeaveOneOut, SequenceData
+    from shopsight.training.next_item.fit import train_next_item
+    from shopsight.training.runtime.loop import LoopConfig
 
     events = ds.dataset(data_dir / "simulated" / "events", partitioning="hive").to_table()
     events = events.filter(ds.field("ts") < pa.scalar(before.to_pydatetime(), pa.timestamp("us", tz="UTC")))
@@ -88,18 +89,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
-    from shopsight.training.loop import LoopConfig
-    from shopsight.training.models import build_model
-    from shopsight.training.models._purchase_head import transfer_pretrained
-    from shopsight.training.purchase import (
+    from shopsight.training.binary.data import SNAPSHOT, SnapshotFeatures, TimeSplit, read_training_set
+    from shopsight.training.binary.fit import (
         TreeBaseline,
         balanced_pos_weight,
         oracle_probabilities,
-        predict_purchase,
-        purchase_report,
-        train_purchase,
+        predict_probabilities,
+        threshold_report,
+        train_binary,
     )
-    from shopsight.training.purchase_data import SNAPSHOT, PurchaseFeatures, TimeSplit, read_training_set
+    from shopsight.training.models import build_model
+    from shopsight.training.models._user_head import transfer_pretrained
+    from shopsight.training.runtime.loop import LoopConfig
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-purchase-"))
     started = time.perf_counter()
@@ -111,19 +112,23 @@ def main() -> None:
     weights, item_ids, pretrain_seconds = _pretrain(
         data_dir, valid_snapshot, args.pretrain_epochs, log=lambda line: print("  pretrain", line)
     )
-    features = PurchaseFeatures.fit(split.train, item_ids=item_ids[1:])
+    features = SnapshotFeatures.fit(split.train, item_ids=item_ids[1:])
     train, valid, test = (features.transform(f) for f in (split.train, split.valid, split.test))
     rows: dict[str, dict] = {}
 
     def record(name: str, valid_proba, test_proba, seconds: float, note: str = "") -> None:
-        rows[name] = {**purchase_report(valid.labels, valid_proba, test.labels, test_proba),
+        rows[name] = {**threshold_report(valid.labels, valid_proba, test.labels, test_proba),
                       "train_seconds": seconds, "note": note}  # fmt: skip
         r = rows[name]
         print(f"{name:<40} roc_auc {r['roc_auc']:.4f} pr_auc {r['pr_auc']:.4f} f1 {r['f1']:.4f} "
               f"({seconds:.0f} s)", flush=True)  # fmt: skip
 
-    oracle_test = oracle_probabilities(data_dir / "simulated" / "truth" / "next_day_buy.parquet", test)
-    oracle_valid = oracle_probabilities(data_dir / "simulated" / "truth" / "next_day_buy.parquet", valid)
+    oracle_test = oracle_probabilities(
+        data_dir / "simulated" / "truth" / "next_day_buy.parquet", test, "p_buy_next_day"
+    )
+    oracle_valid = oracle_probabilities(
+        data_dir / "simulated" / "truth" / "next_day_buy.parquet", valid, "p_buy_next_day"
+    )
     record("oracle (true probability)", oracle_valid, oracle_test, 0.0)
 
     for weight in (None, "balanced"):
@@ -180,11 +185,11 @@ def main() -> None:
             copied = transfer_pretrained(model, weights)
             note += f"; {len(copied)} tensors from next-item pretraining ({pretrain_seconds:.0f} s)"
         t0 = time.perf_counter()
-        train_purchase(model, train, valid, loop, pos_weight=pos_weight, log=lambda line: print("  ", line))
+        train_binary(model, train, valid, loop, pos_weight=pos_weight, log=lambda line: print("  ", line))
         record(
             name,
-            predict_purchase(model, valid),
-            predict_purchase(model, test),
+            predict_probabilities(model, valid),
+            predict_probabilities(model, test),
             time.perf_counter() - t0,
             note,
         )

@@ -82,13 +82,13 @@ def _register(settings, tmp: Path) -> tuple[str, str]:
 
     from shopsight.features import store
     from shopsight.platform.mlflow_server import tracking_uri
+    from shopsight.training.binary.data import SnapshotFeatures
+    from shopsight.training.binary.pyfunc import input_example, log_snapshot_model
+    from shopsight.training.binary.pyfunc import save_model_dir as save_purchase
     from shopsight.training.models import build_model
-    from shopsight.training.next_item_model import log_next_item_model
-    from shopsight.training.next_item_model import save_model_dir as save_next_item
-    from shopsight.training.purchase_data import PurchaseFeatures
-    from shopsight.training.purchase_model import input_example, log_purchase_model
-    from shopsight.training.purchase_model import save_model_dir as save_purchase
-    from shopsight.training.sequences import SequenceData
+    from shopsight.training.next_item.data import SequenceData
+    from shopsight.training.next_item.pyfunc import log_next_item_model
+    from shopsight.training.next_item.pyfunc import save_model_dir as save_next_item
 
     torch.manual_seed(0)
     uri = tracking_uri(settings)
@@ -105,14 +105,14 @@ def _register(settings, tmp: Path) -> tuple[str, str]:
         settings, "purchase_propensity_v1", START, END - date.resolution, tmp / "ts.parquet"
     )
     frame = pd.read_parquet(path)
-    features = PurchaseFeatures.fit(frame)
+    features = SnapshotFeatures.fit(frame)
     purchase_model = build_model(
         "sasrec", n_items=features.n_items, n_dense=features.n_dense, n_categories=features.n_categories,
         **shape,
     ).eval()  # fmt: skip
     folder = save_purchase(tmp / "purchase", "sasrec", purchase_model, features)
     with mlflow.start_run(run_name="bench-purchase"):
-        purchase = log_purchase_model(
+        purchase = log_snapshot_model(
             folder, input_example(frame.head(5)), registered_name="shopsight-purchase"
         )
     client = MlflowClient(uri)
@@ -132,13 +132,17 @@ def _floors(settings, users: list[int], n: int) -> dict:
     from shopsight.features.online import OnlineFeatureReader
     from shopsight.platform.mlflow_server import tracking_uri
     from shopsight.serving.models import MlflowModelSource, item_popularity
-    from shopsight.serving.predictor import PropensityPredictor, RecommendationPredictor, feature_frame
+    from shopsight.serving.predictor import ProbabilityPredictor, RecommendationPredictor, feature_frame
     from shopsight.serving.schemas import PropensityRequest, RecommendationRequest
+    from shopsight.training.binary.pyfunc import SnapshotClassifier
+    from shopsight.training.next_item.pyfunc import NextItemRecommender
 
     torch.set_num_threads(1)
     uri = tracking_uri(settings)
-    next_item_source = MlflowModelSource(uri, "shopsight-next-item", "next_item", item_popularity(settings))
-    purchase_source = MlflowModelSource(uri, "shopsight-purchase", "purchase")
+    next_item_source = MlflowModelSource(
+        uri, "shopsight-next-item", NextItemRecommender, item_popularity(settings)
+    )
+    purchase_source = MlflowModelSource(uri, "shopsight-purchase", SnapshotClassifier)
     rec = next_item_source.load(next_item_source.resolve("champion"), "champion")
     buy = purchase_source.load(purchase_source.resolve("champion"), "champion")
     seq_reader = OnlineFeatureReader(settings, "next_item_v1", ["seq_item_ids"])
@@ -171,18 +175,18 @@ def _floors(settings, users: list[int], n: int) -> dict:
 
     def purchase_forward():
         with torch.no_grad():
-            return buy.model.model.purchase_proba(*tensors)
+            return buy.model.model.user_proba(*tensors)
 
     out["purchase network forward (1 row)"] = _time(purchase_forward, n)
     recommender = RecommendationPredictor(seq_reader, "shopsight-next-item")
     recommender.swap(champion=rec)
-    propensity = PropensityPredictor(all_reader, "shopsight-purchase")
+    propensity = ProbabilityPredictor(all_reader, "shopsight-purchase")
     propensity.swap(champion=buy)
     out["predictor recommend (lookup + model + response, no HTTP)"] = _time(
-        lambda: recommender.recommend([RecommendationRequest(user_id=user(), k=10)]), n
+        lambda: recommender.answer([RecommendationRequest(user_id=user(), k=10)]), n
     )
     out["predictor propensity (lookup + model + response, no HTTP)"] = _time(
-        lambda: propensity.propensity([PropensityRequest(user_ids=[user()])]), n
+        lambda: propensity.answer([PropensityRequest(user_ids=[user()])]), n
     )
     return out
 

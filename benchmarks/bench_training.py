@@ -36,9 +36,9 @@ def _steady(values: list[float]) -> float:
 
 
 def plain(data: Path, epochs: int, loop) -> dict:
-    from shopsight.training.loop import train_next_item
     from shopsight.training.models import build_model
-    from shopsight.training.sequences import LeaveOneOut, SequenceData
+    from shopsight.training.next_item.data import LeaveOneOut, SequenceData
+    from shopsight.training.next_item.fit import train_next_item
 
     started = time.perf_counter()
     torch.set_num_threads(1)
@@ -55,12 +55,19 @@ def plain(data: Path, epochs: int, loop) -> dict:
 
 
 def with_ray(data: Path, epochs: int, loop, workers: int) -> dict:
-    from shopsight.training.ray_train import train_with_ray
+    from shopsight.training.next_item.fit import setup
+    from shopsight.training.runtime.ray_train import fit_worker, train_with_ray
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         result = train_with_ray(
-            "sasrec", data, name=f"bench-{workers}", storage_path=storage, workers=workers, loop=loop
+            fit_worker(setup),
+            {"model": "sasrec", "model_config": {}, "data": data},
+            metric="ndcg@10",
+            name=f"bench-{workers}",
+            storage_path=storage,
+            workers=workers,
+            loop=loop,
         )
         frame = result.metrics_dataframe
     return {
@@ -80,7 +87,7 @@ def main() -> None:
         raise SystemExit(f"{args.data} not found: pass --data (a SASRec-format 'user item' file)")
     import ray
 
-    from shopsight.training.loop import LoopConfig
+    from shopsight.training.runtime.loop import LoopConfig
 
     # validation only at the end: the comparison is of training steps
     loop = LoopConfig(epochs=args.epochs, eval_every=10**6, eval_users=1000)

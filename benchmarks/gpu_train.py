@@ -9,7 +9,7 @@ under ``torchrun --nproc_per_node N``, the same loop with N DDP processes sharin
     PYTHONPATH=src torchrun --nproc_per_node 2 -m benchmarks.gpu_train --data games.txt --ddp --epochs 3
 
 ``--teacher A.best.pt --teacher B.best.pt`` distils those runs' models (same ``--model`` and ``--set``) into
-the one trained here (:mod:`shopsight.training.distill`).
+the one trained here (:mod:`shopsight.training.next_item.distill`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from shopsight.training.evaluation import evaluate_next_item
-from shopsight.training.loop import LoopConfig, scorer, train_next_item
 from shopsight.training.models import build_model
-from shopsight.training.sequences import LeaveOneOut, SequenceData
+from shopsight.training.next_item.data import LeaveOneOut, SequenceData
+from shopsight.training.next_item.evaluate import evaluate_next_item, scorer
+from shopsight.training.next_item.fit import train_next_item
+from shopsight.training.runtime.loop import LoopConfig
 
 
 def _load(path: str, max_lines: int | None = None) -> LeaveOneOut:

@@ -166,6 +166,67 @@ def test_no_leakage_and_labels_from_the_next_day_only(built, raw):
     assert got == expected
     assert 0.05 < np.mean(list(got.values())) < 0.5
 
+    # churn_3d: no event on D+1 .. D+3; unknown (null) where D+3 is past the last day with events (12-03)
+    active_days = set(zip(raw.user_id, raw.day, strict=True))
+    last = raw.day.max()
+    want = {
+        key: None
+        if key[1] + timedelta(days=3) > last
+        else not any((key[0], key[1] + timedelta(days=k)) in active_days for k in (1, 2, 3))
+        for key in expected
+    }
+    day = labels.snapshot_day.astype(str).map(date.fromisoformat)
+    churn = {
+        (u, d): None if pd.isna(c) else bool(c)
+        for u, d, c in zip(labels.user_id, day, labels.churn_3d, strict=True)
+    }
+    assert churn == want
+    assert {d for (_, d), v in churn.items() if v is None} == {date(2017, 12, 1), date(2017, 12, 2)}
+    assert 0.01 < np.mean([v for v in churn.values() if v is not None]) < 0.5  # the sample's: 3.4%
+
+
+def test_churn_label_on_hand_written_events(spark):
+    """``churn_3d`` on a few users whose days are known by heart, censored where D+3 is not observed."""
+    from pyspark.sql import functions as F
+
+    from shopsight.features import jobs
+
+    rows = [  # user, behaviour, shop-local time (the session's time zone)
+        (1, "pv", "2017-11-25 10:00:00"),
+        (1, "buy", "2017-11-26 12:00:00"),
+        (1, "pv", "2017-11-30 09:00:00"),  # back after 3 quiet days
+        (2, "pv", "2017-11-27 23:59:50"),
+        (2, "pv", "2017-11-28 00:00:10"),  # 20 s later, but the next day
+        (3, "buy", "2017-11-29 08:00:00"),  # first seen on the last snapshot day
+        (4, "pv", "2017-11-30 20:00:00"),  # first seen after the last snapshot day: no row
+        (5, "pv", "2017-11-25 01:00:00"),
+        (5, "cart", "2017-11-28 23:00:00"),  # exactly D+3 of the 25th
+    ]
+    events = spark.createDataFrame(
+        [(u, 100 + i, 7, b, t) for i, (u, b, t) in enumerate(rows)],
+        "user_id long, item_id long, category_id long, behavior string, local string",
+    ).select("user_id", "item_id", "category_id", "behavior", F.to_timestamp("local").alias("ts"))
+    days = jobs.snapshot_days(spark, date(2017, 11, 25), date(2017, 11, 29))
+    labels = jobs.labels(events, days).collect()
+    got = {(r.user_id, r.snapshot_day.day): (r.buy_next_1d, r.churn_3d) for r in labels}
+    # the last day with events is 11-30: churn_3d is known for D <= 11-27, null (not False) after
+    assert got == {
+        (1, 25): (True, False),
+        (1, 26): (False, True),
+        (1, 27): (False, False),
+        (1, 28): (False, None),
+        (1, 29): (False, None),
+        (2, 27): (False, False),
+        (2, 28): (False, None),
+        (2, 29): (False, None),
+        (3, 29): (False, None),
+        (5, 25): (False, False),
+        (5, 26): (False, False),
+        (5, 27): (False, False),
+        (5, 28): (False, None),
+        (5, 29): (False, None),
+    }
+
 
 def test_item_and_category_stats(built, raw):
     settings, _ = built

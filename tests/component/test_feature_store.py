@@ -57,6 +57,7 @@ def sqlite_store(taobao_features, make_settings, tmp_path_factory):
         "user_activity",
         "user_sequence",
         "purchase_propensity_v1",
+        "churn_risk_v1",
         "next_item_v1",
         "user_profile_v1",
     } <= set(names)
@@ -130,6 +131,39 @@ def test_training_set_is_point_in_time_correct(sqlite_store, tmp_path):
         differs += int(not nxt.empty and nxt.iloc[0].n_pv_7d != row.n_pv_7d)
     assert differs > 0, "later snapshots differ, so the join really picked the row of its own time"
     assert frame.buy_next_1d.dtype == bool and frame.seq_length.notna().all()
+
+
+def test_churn_training_set_drops_the_unknown_labels(sqlite_store, tmp_path, caplog):
+    """Up to the last snapshot day (12-02), with events until 12-03: churn_3d is unknown on 12-01 and
+    12-02, whose 3 next days were not observed; those rows are dropped, and said so."""
+    settings = sqlite_store
+    with caplog.at_level("WARNING", logger="shopsight.features"):
+        path, rows = store.training_set(
+            settings,
+            "churn_risk_v1",
+            date(2017, 11, 29),
+            date(2017, 12, 2),
+            tmp_path / "c.parquet",
+            label="churn_3d",
+        )
+    frame = pd.read_parquet(path)
+    labels = pd.read_parquet(settings.data_dir.absolute() / "features" / "labels")
+    in_range = labels[labels.snapshot_day.astype(str).between("2017-11-29", "2017-12-02")]
+    known = in_range.dropna(subset=["churn_3d"])
+    assert rows == len(frame) == len(known) < len(in_range)
+    assert set(known.snapshot_day.astype(str)) == {"2017-11-29", "2017-11-30"}
+    assert f"churn_3d: dropped {len(in_range) - len(known)} of {len(in_range)} rows" in caplog.text
+    assert frame.churn_3d.dtype == bool and "buy_next_1d" not in frame.columns
+    assert frame.seq_length.notna().all() and frame.n_pv_7d.notna().all()
+    with pytest.raises(ShopsightError, match="no label 'churn_7d'.*known: buy_next_1d, churn_3d"):
+        store.training_set(
+            settings,
+            "churn_risk_v1",
+            date(2017, 11, 29),
+            date(2017, 12, 2),
+            tmp_path / "x.parquet",
+            label="churn_7d",
+        )
 
 
 def test_unknown_feature_service_is_a_clear_error(sqlite_store, tmp_path):

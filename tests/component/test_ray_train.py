@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shopsight.training.loop import LoopConfig
+from shopsight.training.runtime.loop import LoopConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -38,12 +38,14 @@ def _epochs(result) -> list[int]:
 
 
 def _train(pattern_file, tmp_path, name, workers=1, epochs=6, swa_start=0, **kwargs):
-    from shopsight.training.ray_train import train_with_ray
+    from shopsight.training.next_item.fit import setup
+    from shopsight.training.runtime.ray_train import fit_worker, train_with_ray
 
     loop = LoopConfig(epochs=epochs, batch_size=32, lr=5e-3, eval_every=2, patience=100, swa_start=swa_start)
     return train_with_ray(
-        "sasrec", pattern_file, name=name, storage_path=tmp_path, workers=workers, model_config=MODEL,
-        loop=loop, keep_checkpoints=20, **kwargs,
+        fit_worker(setup), {"model": "sasrec", "model_config": MODEL, "data": pattern_file},
+        metric="ndcg@10", name=name, storage_path=tmp_path, workers=workers, loop=loop, keep_checkpoints=20,
+        **kwargs,
     )  # fmt: skip
 
 
@@ -69,8 +71,8 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(ray_local, pattern_fil
 def test_the_weight_average_survives_a_failed_worker(ray_local, pattern_file, tmp_path):
     import torch
 
-    from shopsight.training.loop import evaluated_weights
-    from shopsight.training.ray_train import CHECKPOINT_FILE
+    from shopsight.training.runtime.loop import evaluated_weights
+    from shopsight.training.runtime.ray_train import CHECKPOINT_FILE
 
     result = _train(pattern_file, tmp_path, "swa", swa_start=2, fail_after_epoch=3, max_failures=2)
     assert result.error is None and (tmp_path / "swa" / ".injected_failure").exists()
@@ -105,18 +107,20 @@ def purchase_set(tmp_path_factory):
 
 
 def _fit_gan(purchase_set, tmp_path, name, **kwargs):
-    from shopsight.training.ray_train import train_with_ray
+    from shopsight.training.runtime.ray_train import train_with_ray
+    from shopsight.training.synthetic_users.fit import METRIC, gan_worker
 
     return train_with_ray(
-        "gan", purchase_set, name=name, storage_path=tmp_path, model_config=GAN, loop=LoopConfig(epochs=4),
-        keep_checkpoints=10, task="gan", task_config={"split_seed": 0}, **kwargs,
+        gan_worker, {"model": "gan", "model_config": GAN, "data": purchase_set, "split_seed": 0},
+        metric=METRIC, name=name, storage_path=tmp_path, loop=LoopConfig(epochs=4), keep_checkpoints=10,
+        **kwargs,
     )  # fmt: skip
 
 
 def _generator(result) -> dict:
     import torch
 
-    from shopsight.training.ray_train import CHECKPOINT_FILE
+    from shopsight.training.runtime.ray_train import CHECKPOINT_FILE
 
     last = max(result.best_checkpoints, key=lambda pair: pair[1]["epoch"])[0]
     with last.as_directory() as folder:

@@ -34,8 +34,9 @@ SWITCH_LIMIT_S = 30
 def _train_next_item(split, seed: int, epochs: int):
     import torch
 
-    from shopsight.training.loop import LoopConfig, train_next_item
     from shopsight.training.models import build_model
+    from shopsight.training.next_item.fit import train_next_item
+    from shopsight.training.runtime.loop import LoopConfig
 
     torch.manual_seed(seed)
     model = build_model(
@@ -49,7 +50,7 @@ def _train_next_item(split, seed: int, epochs: int):
 def _register_next_item(settings, sequences, split, tmp, seed, epochs) -> str:
     import mlflow
 
-    from shopsight.training.next_item_model import log_next_item_model, save_model_dir
+    from shopsight.training.next_item.pyfunc import log_next_item_model, save_model_dir
 
     model = _train_next_item(split, seed, epochs)
     folder = save_model_dir(tmp / f"next_item_{seed}", "sasrec", model, sequences.item_ids)
@@ -63,11 +64,11 @@ def _register_purchase(settings, tmp) -> str:
     import mlflow
     import torch
 
-    from shopsight.training.loop import LoopConfig
+    from shopsight.training.binary.data import SnapshotFeatures
+    from shopsight.training.binary.fit import train_binary
+    from shopsight.training.binary.pyfunc import input_example, log_snapshot_model, save_model_dir
     from shopsight.training.models import build_model
-    from shopsight.training.purchase import train_purchase
-    from shopsight.training.purchase_data import PurchaseFeatures
-    from shopsight.training.purchase_model import input_example, log_purchase_model, save_model_dir
+    from shopsight.training.runtime.loop import LoopConfig
 
     path, _ = store.training_set(
         settings,
@@ -77,7 +78,7 @@ def _register_purchase(settings, tmp) -> str:
         tmp / "training_set.parquet",
     )
     frame = pd.read_parquet(path)
-    features = PurchaseFeatures.fit(frame)
+    features = SnapshotFeatures.fit(frame)
     torch.manual_seed(0)
     model = build_model(
         "sasrec", n_items=features.n_items, n_dense=features.n_dense, n_categories=features.n_categories,
@@ -85,12 +86,12 @@ def _register_purchase(settings, tmp) -> str:
     )  # fmt: skip
     tensors = features.transform(frame)
     if len(np.unique(tensors.labels)) == 2:
-        train_purchase(
+        train_binary(
             model, tensors, tensors, LoopConfig(epochs=2, batch_size=128, eval_every=1), log=lambda _: None
         )
     folder = save_model_dir(tmp / "purchase", "sasrec", model.eval(), features)
     with mlflow.start_run(run_name="serving-test-purchase"):
-        info = log_purchase_model(folder, input_example(frame.head(5)), registered_name=PURCHASE)
+        info = log_snapshot_model(folder, input_example(frame.head(5)), registered_name=PURCHASE)
     return str(info.registered_model_version)
 
 
@@ -105,7 +106,7 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
 
     from shopsight.platform.mlflow_server import stop_local_server, tracking_uri
     from shopsight.serving.deploy import deploy
-    from shopsight.training.sequences import LeaveOneOut, SequenceData
+    from shopsight.training.next_item.data import LeaveOneOut, SequenceData
 
     base, _ = taobao_features
     tmp = tmp_path_factory.mktemp("serving")

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from shopsight.training.loop import LoopConfig
+from shopsight.training.runtime.loop import LoopConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
@@ -48,19 +48,19 @@ def swept(ray_local, pattern_file, tmp_path_factory, make_settings, free_port):
     from mlflow import MlflowClient
 
     from shopsight.platform.mlflow_server import stop_local_server, tracking_uri
-    from shopsight.training.tune import tune_next_item_model
+    from shopsight.training.next_item.train import prepare
+    from shopsight.training.runtime.tune import tune_model
 
     settings = make_settings(tmp_path_factory.mktemp("tune"), **{"mlflow.port": str(free_port())})
     lines: list[str] = []
     started = time.perf_counter()
-    summary = tune_next_item_model(
+    prepared = prepare(settings, "sasrec", pattern_file, model_config={"max_len": 10})
+    summary = tune_model(
         settings,
-        pattern_file,
-        "sasrec",
+        prepared,
         TRIALS,
         EPOCHS,
         seed=0,
-        model_config={"max_len": 10},
         loop=LoopConfig(batch_size=32),
         max_concurrent=1,  # one Train run at a time on 2 CPUs: ASHA's decisions do not depend on timing
         run_name="sweep",
@@ -114,7 +114,7 @@ def test_asha_stops_weak_trials_early_and_records_it(swept):
         # the child run holds exactly the epochs ASHA judged, not those its workers ran meanwhile
         history = client.get_metric_history(row.run_id, "valid_ndcg_at_10")
         assert len(history) == row.epochs
-        assert max(m.value for m in history) < summary.best_valid_ndcg
+        assert max(m.value for m in history) < summary.best_valid
     assert any(row.status == "completed" and row.epochs == EPOCHS for row in summary.trials)
     parent = client.get_run(summary.parent_run_id)
     assert parent.data.metrics["trials_stopped_early"] == len(stopped)
@@ -135,7 +135,7 @@ def test_the_best_trial_is_registered_as_challenger(swept):
     parent = client.get_run(summary.parent_run_id)
     assert parent.data.tags["tune.best_run_id"] == summary.best_run_id
     assert parent.data.params["best.model.d_model"] == str(summary.best_params["d_model"])
-    assert parent.data.metrics["best_valid_ndcg_at_10"] == pytest.approx(summary.best_valid_ndcg)
+    assert parent.data.metrics["best_valid_ndcg_at_10"] == pytest.approx(summary.best_valid)
     assert parent.data.metrics["test_hr_at_10"] == pytest.approx(summary.test["hr@10"])
     table = client.download_artifacts(summary.parent_run_id, "tune/trials.csv")
     with open(table) as f:

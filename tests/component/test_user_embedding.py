@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.spark, pytest.mark.feast]
 
 @pytest.fixture(scope="module")
 def embedded(taobao_features, make_settings, tmp_path_factory):
-    from shopsight.training.embeddings import embed_users
     from shopsight.training.models import build_model
-    from shopsight.training.next_item_model import NextItemRecommender, save_model_dir
+    from shopsight.training.next_item.embeddings import embed_users
+    from shopsight.training.next_item.pyfunc import NextItemRecommender, save_model_dir
 
     base, _ = taobao_features
     folder = tmp_path_factory.mktemp("embedding")
@@ -32,7 +32,7 @@ def embedded(taobao_features, make_settings, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("sasrec", n_items=len(items), d_model=8, max_len=10)
     recommender = NextItemRecommender()
-    recommender._load(save_model_dir(folder / "model", "sasrec", model, np.concatenate([[0], items])))
+    recommender.load(save_model_dir(folder / "model", "sasrec", model, np.concatenate([[0], items])))
     store.apply(settings)
     with pytest.raises(ShopsightError, match="not built"):
         embed_users(settings, recommender, "models:/test/1", [pd.Timestamp("2030-01-01").date()])
@@ -42,7 +42,7 @@ def embedded(taobao_features, make_settings, tmp_path_factory):
 
 
 def test_every_user_and_day_gets_the_encoders_last_state(embedded):
-    from shopsight.training.embeddings import user_vectors
+    from shopsight.training.next_item.embeddings import user_vectors
 
     settings, recommender, result, sequences = embedded
     assert result.rows == len(sequences) and result.dimension == 8 and len(result.days) == 8

@@ -55,7 +55,10 @@ def test_demo_runs_every_stage(tmp_path):
         "3. features",
         "4. features",
         "5. training",
-        "6. training",
+        "6. training: SASRec purchase model",
+        "7. training: SASRec churn model (churn_3d)",
+        "8. serving",
+        "POST /v1/churn-risk",
     )
     for stage in stages:
         assert stage in out, stage
@@ -89,3 +92,15 @@ def test_demo_runs_every_stage(tmp_path):
         part.split(" ") for part in summary["purchase test ROC-AUC"].split(" (")[1].rstrip(")").split(", ")
     )
     assert 0.6 < model_auc <= float(baselines["oracle"]) + 0.03
+    # every task on user snapshots goes through the same table: churn as purchase, calibrated too
+    assert "challenger" in summary["churn model"]
+    churn_auc = float(summary["churn test ROC-AUC"].split(" (")[0])
+    churn_baselines = dict(
+        part.split(" ") for part in summary["churn test ROC-AUC"].split(" (")[1].rstrip(")").split(", ")
+    )
+    assert 0.6 < churn_auc <= float(churn_baselines["oracle"]) + 0.03
+    for task in ("purchase", "churn"):
+        ece = float(summary[f"{task} calibration"].split("ECE ")[1].split(" ")[0])
+        before = float(summary[f"{task} calibration"].split("before calibration ")[1].split(")")[0])
+        assert ece < before, f"{task}: calibration lowers the calibration error ({ece} vs {before})"
+    assert "shopsight-churn v" in summary["served"]

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from shopsight.training.distill import Teacher
-from shopsight.training.loop import LoopConfig, train_next_item
 from shopsight.training.models import build_model
 from shopsight.training.models._next_item_loss import soft_cross_entropy
-from shopsight.training.sequences import LeaveOneOut, SequenceData, training_batches
+from shopsight.training.next_item.data import LeaveOneOut, SequenceData, training_batches
+from shopsight.training.next_item.distill import Teacher
+from shopsight.training.next_item.fit import train_next_item
+from shopsight.training.runtime.loop import LoopConfig
 
 N_ITEMS = 30
 

@@ -15,7 +15,7 @@ import torch
 from shopsight.platform import ShopsightError
 from shopsight.training.models import MODELS, build_model
 from shopsight.training.models.gan import GANConfig, TabularGAN
-from shopsight.training.synthetic import (
+from shopsight.training.synthetic_users.evaluate import (
     column_distances,
     correlation_difference,
     distance_to_closest_record,
@@ -292,7 +292,7 @@ def test_an_interrupted_fit_resumes_to_the_same_weights():
 def test_gan_data_splits_users_and_picks_the_generated_columns(tmp_path):
     from tests.conftest import purchase_frame
 
-    from shopsight.training.train_gan import GanData
+    from shopsight.training.synthetic_users.train import GanData
 
     path = tmp_path / "training_set.parquet"
     purchase_frame(users=200, days=3).to_parquet(path)
@@ -310,7 +310,7 @@ def test_gan_data_splits_users_and_picks_the_generated_columns(tmp_path):
 def test_gan_data_errors_name_the_file_and_the_problem(tmp_path):
     from tests.conftest import purchase_frame
 
-    from shopsight.training.train_gan import GanData
+    from shopsight.training.synthetic_users.train import GanData
 
     frame = purchase_frame(users=50, days=2)
     cases = {

@@ -9,11 +9,16 @@ import torch
 from tests.conftest import purchase_frame
 
 from shopsight.platform import ShopsightError
-from shopsight.training.loop import LoopConfig
+from shopsight.training.binary.data import SnapshotFeatures, TimeSplit
+from shopsight.training.binary.fit import (
+    TreeBaseline,
+    balanced_pos_weight,
+    predict_probabilities,
+    train_binary,
+)
 from shopsight.training.models import build_model
-from shopsight.training.models._purchase_head import N_GAP_BUCKETS, transfer_pretrained
-from shopsight.training.purchase import TreeBaseline, balanced_pos_weight, predict_purchase, train_purchase
-from shopsight.training.purchase_data import PurchaseFeatures, TimeSplit
+from shopsight.training.models._user_head import N_GAP_BUCKETS, transfer_pretrained
+from shopsight.training.runtime.loop import LoopConfig
 
 
 def _one_row(**overrides) -> pd.DataFrame:
@@ -40,7 +45,7 @@ def _one_row(**overrides) -> pd.DataFrame:
 
 def test_rows_become_left_padded_tensors_with_gap_buckets_and_unknown_items():
     frame = _one_row()
-    features = PurchaseFeatures.fit(frame, item_ids=np.array([11, 12]), max_len=5)
+    features = SnapshotFeatures.fit(frame, item_ids=np.array([11, 12]), max_len=5)
     t = features.transform(frame)
     assert t.items.tolist() == [[0, 0, 1, 0, 2]]  # 99 is not in the vocabulary: id 0, yet an event
     assert t.behaviors.tolist() == [[0, 0, 1, 2, 4]]  # pv cart fav buy = 1 2 3 4
@@ -62,17 +67,17 @@ def test_long_sequences_keep_their_newest_events_and_the_gap_saturates():
         seq_behaviors=np.array(["pv"] * 8, dtype=object),
         seq_ts=np.array([base - 10**8] + [base - 60] * 7),
     )
-    t = PurchaseFeatures.fit(frame, max_len=4).transform(frame)
+    t = SnapshotFeatures.fit(frame, max_len=4).transform(frame)
     assert t.items.tolist() == [[5, 6, 7, 8]]
     frame.loc[0, "seq_ts"][-1] = base - 10**9  # 277,778 hours: log2 > 16
-    assert PurchaseFeatures.fit(frame, max_len=4).transform(frame).gaps[0, -1] == N_GAP_BUCKETS
+    assert SnapshotFeatures.fit(frame, max_len=4).transform(frame).gaps[0, -1] == N_GAP_BUCKETS
 
 
 def test_bad_purchase_data_gets_clear_errors():
     with pytest.raises(ShopsightError, match="empty"):
-        PurchaseFeatures.fit(_one_row().iloc[:0])
+        SnapshotFeatures.fit(_one_row().iloc[:0])
     with pytest.raises(ShopsightError, match="missing column.*seq_item_ids"):
-        PurchaseFeatures.fit(_one_row().drop(columns="seq_item_ids"))
+        SnapshotFeatures.fit(_one_row().drop(columns="seq_item_ids"))
     with pytest.raises(ShopsightError, match="1 snapshot day"):
         TimeSplit.of(_one_row())
 
@@ -88,20 +93,18 @@ def test_purchase_head_learns_on_tiny_data(name):
     torch.manual_seed(0)
     torch.set_num_threads(1)
     split = TimeSplit.of(purchase_frame(users=200, days=4))
-    features = PurchaseFeatures.fit(split.train, max_len=20)
+    features = SnapshotFeatures.fit(split.train, max_len=20)
     train, valid = features.transform(split.train), features.transform(split.valid)
     model = build_model(
         name, n_items=features.n_items, n_dense=features.n_dense, n_categories=features.n_categories,
         max_len=20, d_model=16, dropout=0.1,
     )  # fmt: skip
     with torch.no_grad():
-        before = float(
-            model.purchase_loss(*map(torch.as_tensor, (*train.inputs(), train.labels)), torch.ones(1))
-        )
-    history = train_purchase(
+        before = float(model.user_loss(*map(torch.as_tensor, (*train.inputs(), train.labels)), torch.ones(1)))
+    history = train_binary(
         model, train, valid, LoopConfig(epochs=3, batch_size=64, lr=3e-3, eval_every=1), log=lambda _: None
     )
-    proba = predict_purchase(model, valid)
+    proba = predict_probabilities(model, valid)
     assert proba.shape == (len(valid),) and np.all((proba > 0) & (proba < 1))
     assert history[-1].loss < before
     # the signal (a last-day cart) is learnt: the labels' ceiling is a ROC-AUC of 0.78
@@ -121,9 +124,9 @@ def test_class_weight_is_non_buyers_per_buyer_and_changes_the_loss():
         torch.tensor([[3, 2, 1]]),
         torch.zeros(1, 2),
     )
-    p = float(model.purchase_proba(*inputs))
-    unweighted = float(model.purchase_loss(*inputs, torch.ones(1), torch.tensor([1.0])))
-    weighted = float(model.purchase_loss(*inputs, torch.ones(1), torch.tensor([4.0])))
+    p = float(model.user_proba(*inputs))
+    unweighted = float(model.user_loss(*inputs, torch.ones(1), torch.tensor([1.0])))
+    weighted = float(model.user_loss(*inputs, torch.ones(1), torch.tensor([4.0])))
     assert unweighted == pytest.approx(-np.log(p), rel=1e-4)
     assert weighted == pytest.approx(4 * unweighted, rel=1e-4)
 
@@ -139,7 +142,7 @@ def test_pretraining_copies_the_encoder_not_the_head():
 
 def test_tree_baseline_learns_the_signal_from_dense_features():
     split = TimeSplit.of(purchase_frame(users=200, days=4))
-    features = PurchaseFeatures.fit(split.train)
+    features = SnapshotFeatures.fit(split.train)
     tree = TreeBaseline().fit(features.transform(split.train))
     from sklearn.metrics import roc_auc_score
 

@@ -21,19 +21,19 @@ from shopsight.serving.predictor import (
     LoadedModel,
     ModelWatcher,
     Popularity,
-    PropensityPredictor,
+    ProbabilityPredictor,
     RecommendationPredictor,
     Routing,
     VersionRef,
     feature_frame,
 )
 from shopsight.serving.schemas import PropensityRequest, RecommendationRequest
+from shopsight.training.binary.data import SnapshotFeatures
+from shopsight.training.binary.pyfunc import SnapshotClassifier
+from shopsight.training.binary.pyfunc import save_model_dir as save_purchase
 from shopsight.training.models import build_model
-from shopsight.training.next_item_model import NextItemRecommender
-from shopsight.training.next_item_model import save_model_dir as save_next_item
-from shopsight.training.purchase_data import PurchaseFeatures
-from shopsight.training.purchase_model import PurchasePropensity
-from shopsight.training.purchase_model import save_model_dir as save_purchase
+from shopsight.training.next_item.pyfunc import NextItemRecommender
+from shopsight.training.next_item.pyfunc import save_model_dir as save_next_item
 
 NEXT, PURCHASE = "shopsight-next-item", "shopsight-purchase"
 ITEMS = np.array([0, *range(1001, 1031)])  # model item k is shop item 1000 + k
@@ -67,7 +67,7 @@ def _recommender(folder, seed: int) -> NextItemRecommender:
     model = build_model("sasrec", n_items=30, max_len=8, d_model=16, n_heads=1, n_blocks=1, dropout=0.0)
     save_next_item(folder, "sasrec", model.eval(), ITEMS)
     rec = NextItemRecommender()
-    rec._load(folder)
+    rec.load(folder)
     return rec
 
 
@@ -95,7 +95,7 @@ def _next_item_predictor(recommenders, routing=None, challenger=True) -> Recomme
 def test_recommendations_equal_the_registered_pyfunc(recommenders):
     predictor = _next_item_predictor(recommenders)
     requests = [RecommendationRequest(user_id=u, k=k) for u, k in ((1, 5), (2, 3), (4, 10), (1, 1))]
-    outcomes = predictor.recommend(requests)  # one batch
+    outcomes = predictor.answer(requests)  # one batch
     assert predictor.reader.calls == 1
     champion = recommenders[0]
     for request, outcome in zip(requests, outcomes, strict=True):
@@ -113,7 +113,7 @@ def test_recommendations_equal_the_registered_pyfunc(recommenders):
 
 def test_exclude_seen_false_keeps_seen_items_in_the_raw_ranking(recommenders):
     predictor = _next_item_predictor(recommenders)
-    (outcome,) = predictor.recommend([RecommendationRequest(user_id=1, k=30, exclude_seen=False)])
+    (outcome,) = predictor.answer([RecommendationRequest(user_id=1, k=30, exclude_seen=False)])
     items = [i.item_id for i in outcome.response.items]
     assert len(items) == 30 and {1003, 1004, 1005} <= set(items)
     champion = recommenders[0]
@@ -126,7 +126,7 @@ def test_exclude_seen_false_keeps_seen_items_in_the_raw_ranking(recommenders):
 
 def test_a_user_without_known_history_gets_popularity_flagged(recommenders):
     predictor = _next_item_predictor(recommenders)
-    unknown, new = predictor.recommend(
+    unknown, new = predictor.answer(
         [RecommendationRequest(user_id=3, k=3), RecommendationRequest(user_id=99, k=2, exclude_seen=False)]
     )
     assert unknown.response.fallback and unknown.response.source == "popularity"
@@ -137,7 +137,7 @@ def test_a_user_without_known_history_gets_popularity_flagged(recommenders):
     assert unknown.response.model.version == "1"
     # no popularity online: the network's answer to an empty history, flagged too
     predictor.swap(champion=_loaded(recommenders[0], "1", popularity=None))
-    (prior,) = predictor.recommend([RecommendationRequest(user_id=99, k=4)])
+    (prior,) = predictor.answer([RecommendationRequest(user_id=99, k=4)])
     assert (
         prior.response.fallback and prior.response.source == "model_prior" and len(prior.response.items) == 4
     )
@@ -146,7 +146,7 @@ def test_a_user_without_known_history_gets_popularity_flagged(recommenders):
 def test_no_champion_is_a_503_with_a_message(recommenders):
     predictor = RecommendationPredictor(DictReader({}, ["seq_item_ids"]), NEXT)
     predictor.last_error = "shopsight-next-item has no version with alias champion"
-    (outcome,) = predictor.recommend([RecommendationRequest(user_id=1)])
+    (outcome,) = predictor.answer([RecommendationRequest(user_id=1)])
     assert outcome.status == 503 and "no champion of shopsight-next-item" in outcome.error
     assert "no version with alias champion" in outcome.error
 
@@ -154,16 +154,16 @@ def test_no_champion_is_a_503_with_a_message(recommenders):
 def test_canary_share_is_seeded_and_within_tolerance(recommenders):
     predictor = _next_item_predictor(recommenders, Routing(canary_share=0.25, seed=7))
     requests = [RecommendationRequest(user_id=1 + n % 4, k=2) for n in range(2000)]
-    batches = [predictor.recommend(requests[b : b + 50]) for b in range(0, 2000, 50)]
+    batches = [predictor.answer(requests[b : b + 50]) for b in range(0, 2000, 50)]
     versions = [o.response.model.version for batch in batches for o in batch]
     share = versions.count("2") / len(versions)
     assert abs(share - 0.25) < 0.03
     again = _next_item_predictor(recommenders, Routing(canary_share=0.25, seed=7))
-    assert [o.response.model.version for o in again.recommend(requests[:50])] == versions[:50]
+    assert [o.response.model.version for o in again.answer(requests[:50])] == versions[:50]
     # the challenger's answers are its own, named as such
     outcome = next(
         o
-        for o in predictor.recommend(requests[:50])
+        for o in predictor.answer(requests[:50])
         if o.response.model.version == "2" and o.response.user_id < 3
     )
     expected = recommenders[1].predict(
@@ -173,15 +173,15 @@ def test_canary_share_is_seeded_and_within_tolerance(recommenders):
     assert outcome.response.model.alias == "challenger"
     # canary on, but no challenger loaded: everything goes to the champion
     alone = _next_item_predictor(recommenders, Routing(canary_share=0.5), challenger=False)
-    assert {o.response.model.version for o in alone.recommend(requests[:100])} == {"1"}
+    assert {o.response.model.version for o in alone.answer(requests[:100])} == {"1"}
 
 
 def test_shadow_never_changes_responses_and_is_logged(recommenders, caplog):
     requests = [RecommendationRequest(user_id=u, k=4) for u in (1, 2, 3, 4, 99)]
-    plain = _next_item_predictor(recommenders).recommend(requests)
+    plain = _next_item_predictor(recommenders).answer(requests)
     shadowed = _next_item_predictor(recommenders, Routing(shadow=True))
     with caplog.at_level(logging.INFO, logger="shopsight.serving.shadow"):
-        outcomes = shadowed.recommend(requests)
+        outcomes = shadowed.answer(requests)
     assert [o.response for o in outcomes] == [o.response for o in plain]
     assert all(o.shadow is not None and o.shadow.challenger_version == "2" for o in outcomes)
     assert "shadow" in outcomes[0].timings
@@ -202,9 +202,9 @@ def test_a_batch_in_flight_finishes_on_the_model_it_started_with(recommenders):
         return original_read(user_ids)
 
     predictor.reader.read = read_then_promote
-    (during,) = predictor.recommend([RecommendationRequest(user_id=1, k=3)])
+    (during,) = predictor.answer([RecommendationRequest(user_id=1, k=3)])
     predictor.reader.read = original_read
-    (after,) = predictor.recommend([RecommendationRequest(user_id=1, k=3)])
+    (after,) = predictor.answer([RecommendationRequest(user_id=1, k=3)])
     assert during.response.model.version == "1" and after.response.model.version == "2"
 
 
@@ -214,15 +214,15 @@ def test_a_batch_in_flight_finishes_on_the_model_it_started_with(recommenders):
 @pytest.fixture(scope="module")
 def purchase(tmp_path_factory):
     frame = purchase_frame(users=40, days=2)
-    features = PurchaseFeatures.fit(frame, max_len=8)
+    features = SnapshotFeatures.fit(frame, max_len=8)
     torch.manual_seed(0)
     model = build_model(
         "sasrec", n_items=features.n_items, n_dense=features.n_dense, n_categories=features.n_categories,
         max_len=8, d_model=16, n_blocks=1, dropout=0.0,
     )  # fmt: skip
     folder = save_purchase(tmp_path_factory.mktemp("purchase"), "sasrec", model.eval(), features)
-    loaded = PurchasePropensity()
-    loaded._load(folder)
+    loaded = SnapshotClassifier()
+    loaded.load(folder)
     last = frame[frame.event_timestamp == frame.event_timestamp.max()]
     names = [c for c in frame.columns if c not in ("user_id", "event_timestamp", "buy_next_1d")]
     rows = {
@@ -236,10 +236,10 @@ def purchase(tmp_path_factory):
 
 def test_propensity_equals_the_pyfunc_on_the_same_features(purchase):
     model, reader = purchase
-    predictor = PropensityPredictor(reader, PURCHASE, clock=lambda: AS_OF)
+    predictor = ProbabilityPredictor(reader, PURCHASE, clock=lambda: AS_OF)
     predictor.swap(champion=_loaded(model, "3", name=PURCHASE))
     requests = [PropensityRequest(user_ids=[1, 2, 3]), PropensityRequest(user_ids=[5, 10**9, 1])]
-    outcomes = predictor.propensity(requests)
+    outcomes = predictor.answer(requests)
     assert reader.calls == 1
     for request, outcome in zip(requests, outcomes, strict=True):
         frame = feature_frame(reader.read(request.user_ids), AS_OF)
@@ -255,16 +255,19 @@ def test_propensity_equals_the_pyfunc_on_the_same_features(purchase):
 
 def test_propensity_shadow_leaves_answers_alone(purchase, tmp_path, caplog):
     model, reader = purchase
-    predictor = PropensityPredictor(reader, PURCHASE, Routing(shadow=True), clock=lambda: AS_OF)
+    predictor = ProbabilityPredictor(
+        reader, PURCHASE, Routing(shadow=True), endpoint="/v1/purchase-propensity", clock=lambda: AS_OF
+    )
     predictor.swap(
         champion=_loaded(model, "3", name=PURCHASE),
         challenger=_loaded(model, "4", "challenger", name=PURCHASE),
     )
     with caplog.at_level(logging.INFO, logger="shopsight.serving.shadow"):
-        (outcome,) = predictor.propensity([PropensityRequest(user_ids=[1, 2])])
+        (outcome,) = predictor.answer([PropensityRequest(user_ids=[1, 2])])
     assert outcome.response.model.version == "3"
     assert outcome.shadow.agree and outcome.shadow.difference < 1e-9  # the same network: full agreement
-    assert any("purchase-propensity" in r.getMessage() for r in caplog.records)
+    records = [json.loads(r.getMessage()) for r in caplog.records if r.name == "shopsight.serving.shadow"]
+    assert [r["endpoint"] for r in records] == ["/v1/purchase-propensity"]
 
 
 # ----------------------------------------------------------------------------------------- the watcher
@@ -370,9 +373,13 @@ def call(app, method: str, path: str, body=None, headers=None, raw: bytes | None
 def app(recommenders, purchase):
     next_item = _next_item_predictor(recommenders, challenger=False)
     model, reader = purchase
-    propensity = PropensityPredictor(reader, PURCHASE, clock=lambda: AS_OF)
+    propensity = ProbabilityPredictor(reader, PURCHASE, clock=lambda: AS_OF)
     propensity.swap(champion=_loaded(model, "3", name=PURCHASE))
-    return build_app(LocalBackend(next_item, propensity), {"team_a": hash_key(KEY)}, max_user_ids=5)
+    return build_app(
+        LocalBackend({"next_item": next_item, "purchase": propensity}),
+        {"team_a": hash_key(KEY)},
+        max_user_ids=5,
+    )
 
 
 AUTH = {"X-API-Key": KEY}
@@ -446,8 +453,8 @@ def test_unknown_routes_and_methods_are_4xx_json(app):
 
 def test_no_champion_is_503_and_health_says_degraded(recommenders, purchase):
     empty = RecommendationPredictor(DictReader({}, ["seq_item_ids"]), NEXT)
-    propensity = PropensityPredictor(purchase[1], PURCHASE)
-    app = build_app(LocalBackend(empty, propensity), {"t": hash_key(KEY)})
+    propensity = ProbabilityPredictor(purchase[1], PURCHASE)
+    app = build_app(LocalBackend({"next_item": empty, "purchase": propensity}), {"t": hash_key(KEY)})
     status, _, body = call(app, "POST", "/v1/recommendations", {"user_id": 1}, AUTH)
     assert status == 503 and "no champion of shopsight-next-item" in body["error"]
     status, _, body = call(app, "GET", "/healthz")
@@ -475,7 +482,12 @@ def test_metrics_count_requests_fallbacks_and_served_versions(app):
 
 def test_metrics_can_require_a_key(recommenders, purchase):
     app = build_app(
-        LocalBackend(_next_item_predictor(recommenders), PropensityPredictor(purchase[1], PURCHASE)),
+        LocalBackend(
+            {
+                "next_item": _next_item_predictor(recommenders),
+                "purchase": ProbabilityPredictor(purchase[1], PURCHASE),
+            }
+        ),
         {"t": hash_key(KEY)},
         metrics_open=False,
     )
@@ -572,10 +584,43 @@ def test_routing_and_batching_are_user_config_and_the_code_version_ignores_them(
 
 def test_shadow_comparisons_are_counted_by_the_ingress(recommenders, purchase):
     shadowed = _next_item_predictor(recommenders, Routing(shadow=True))
-    app = build_app(LocalBackend(shadowed, PropensityPredictor(purchase[1], PURCHASE)), {"t": hash_key(KEY)})
+    app = build_app(
+        LocalBackend({"next_item": shadowed, "purchase": ProbabilityPredictor(purchase[1], PURCHASE)}),
+        {"t": hash_key(KEY)},
+    )
     for user in (1, 2, 3):
         assert call(app, "POST", "/v1/recommendations", {"user_id": user}, AUTH)[0] == 200
     text = call(app, "GET", "/metrics")[2]
     counted = [line for line in text.splitlines() if line.startswith("shopsight_shadow_comparisons_total{")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 3
     assert any('stage="shadow"' in line for line in text.splitlines())
+
+
+def test_routes_come_from_the_task_table(recommenders, purchase):
+    """A task added to the table is served with no change to the serving core: churn's route, its
+    registered model and its place in /v1/models come from its table entry."""
+    from shopsight.training.tasks import get_task
+
+    model, reader = purchase
+    churn = get_task("churn")
+    predictors = {}
+    for name in ("purchase", "churn"):
+        task = get_task(name)
+        predictor = ProbabilityPredictor(reader, task.registered_model, endpoint=task.route.path)
+        predictor.swap(champion=_loaded(model, "7", name=task.registered_model))
+        predictors[name] = predictor
+    app = build_app(
+        LocalBackend({"next_item": _next_item_predictor(recommenders), **predictors}), {"t": hash_key(KEY)}
+    )
+    status, _, body = call(app, "POST", churn.route.path, {"user_ids": [2, 1]}, AUTH)
+    assert status == 200 and [p["user_id"] for p in body["predictions"]] == [2, 1]
+    assert body["model"] == {"name": "shopsight-churn", "version": "7", "alias": "champion"}
+    assert all(0.0 <= p["probability"] <= 1.0 for p in body["predictions"])
+    status, _, body = call(app, "POST", churn.route.path, {"user_ids": [1], "k": 3}, AUTH)
+    assert status == 422 and "k" in body["error"]  # the same strict 4xx contract as every route
+    assert call(app, "POST", churn.route.path, {"user_ids": [1]})[0] == 401
+    status, _, models = call(app, "GET", "/v1/models", headers=AUTH)
+    assert status == 200 and set(models) == {"next_item", "purchase", "churn"}
+    assert models["churn"]["champion"]["version"] == "7"
+    _, _, spec = call(app, "GET", "/openapi.json")
+    assert {"/v1/recommendations", "/v1/purchase-propensity", "/v1/churn-risk"} <= set(spec["paths"])

@@ -1,4 +1,5 @@
-"""The behaviour simulator: Taobao's marginals, determinism, signal for every later model, atomic output."""
+"""The behaviour simulator: Taobao's marginals, determinism, signal for every later model, its oracles,
+atomic output."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from shopsight.data.schema import EVENT_SCHEMA, TAOBAO_BEHAVIOR_MIX
 from shopsight.platform import ShopsightError
 
 CFG = SimulatorConfig(users=2000, days=9, seed=0)
+# The churn oracle's checks need more rows: 12 days give four disjoint 3-day windows after day 0.
+CHURN_CFG = SimulatorConfig(users=6000, days=12, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +135,91 @@ def test_oracle_is_calibrated_and_predictive(sim):
     assert observed == truth["bought_next_day"].tolist()
 
 
+@pytest.fixture(scope="module")
+def churn_sim(tmp_path_factory):
+    """The churn oracle's rows, each with ``churned`` recomputed from the events (no event on the 3 next
+    shop-local days), ``quiet_days`` (days since the user's last event, null before the first) and
+    ``events`` (the user's events over the whole run: their activity level)."""
+    out = tmp_path_factory.mktemp("churn") / "out"
+    simulate(CHURN_CFG, out)
+    events = ds.dataset(out / "events", partitioning="hive").to_table(columns=["user_id", "ts"]).to_pandas()
+    oracle = pd.read_parquet(out / "truth" / "churn_3d.parquet")
+    days = [CHURN_CFG.start + timedelta(days=d) for d in range(CHURN_CFG.days)]
+    users = np.sort(oracle["user_id"].unique())
+    local_day = events["ts"].dt.tz_convert(CHURN_CFG.timezone).dt.date
+    per_day = pd.crosstab(events["user_id"], local_day).reindex(index=users, columns=days, fill_value=0)
+    active = per_day.to_numpy() > 0
+    row = np.searchsorted(users, oracle["user_id"].to_numpy())
+    day = (pd.to_datetime(oracle["day"]) - pd.Timestamp(CHURN_CFG.start)).dt.days.to_numpy()
+    oracle["day_index"] = day
+    oracle["churned"] = ~active[row[:, None], day[:, None] + np.arange(1, 4)].any(axis=1)
+    # days since the last active day on or before D: the first active day looking back from D
+    back = day[:, None] - np.arange(CHURN_CFG.days)
+    seen = active[row[:, None], back.clip(min=0)] & (back >= 0)
+    oracle["quiet_days"] = np.where(seen.any(axis=1), seen.argmax(axis=1), np.nan)
+    oracle["events"] = events["user_id"].value_counts().reindex(users, fill_value=0).to_numpy()[row]
+    return oracle
+
+
+def test_churn_oracle_is_calibrated_in_every_decile(churn_sim):
+    """Within each decile of ``p_churn_3d``, the observed churn is within 3 standard errors of the mean p.
+
+    Only snapshot days 0, 3, 6, 9 - ... are used: their 3-day windows are disjoint, so the residuals
+    ``churned - p`` of a user's rows are uncorrelated (each p is the expectation given everything up to
+    its day, which includes the earlier rows' outcomes) and the standard error of a decile's observed
+    rate is exactly ``sqrt(sum p (1 - p)) / n``, the Poisson-binomial one. Overlapping windows would
+    correlate the rows and make that error too small.
+    """
+    rows = churn_sim[churn_sim["day_index"] % 3 == 0]
+    assert len(rows) == CHURN_CFG.users * 3  # days 0, 3, 6 (day 9 has no 3 simulated days after it)
+    decile = pd.qcut(rows["p_churn_3d"], 10, labels=False)
+    table = rows.assign(var=rows["p_churn_3d"] * (1 - rows["p_churn_3d"])).groupby(decile)
+    mean_p, observed, n = table["p_churn_3d"].mean(), table["churned"].mean(), table.size()
+    sigma = np.sqrt(table["var"].sum()) / n
+    report = pd.DataFrame({"mean_p": mean_p, "observed": observed, "sigma": sigma, "n": n}).round(4)
+    assert ((observed - mean_p).abs() <= 3 * sigma).all(), report.to_string()
+    assert mean_p.iloc[0] < 0.02 and mean_p.iloc[-1] > 0.6, report.to_string()  # it separates users
+
+
+def test_churn_base_rate_is_plausible_and_varies_across_users(churn_sim):
+    rate = churn_sim["churned"].mean()
+    assert 0.05 <= rate <= 0.40, rate
+    assert churn_sim["p_churn_3d"].mean() == pytest.approx(rate, abs=0.01)
+    per_user = churn_sim.groupby("user_id")["p_churn_3d"].mean()
+    assert per_user.quantile(0.1) < rate / 2 and per_user.quantile(0.9) > 1.5 * rate, per_user.describe()
+
+
+def test_churn_follows_quiet_days_beyond_a_low_activity(churn_sim):
+    """Dormancy makes churn predictable from recency: among users of the same activity level, quiet days
+    before D announce churn. In a memoryless Poisson world they would not (measured: -0.02 .. +0.004 there,
+    a quartile's events having to fall on other days), so the comparison is a conservative one."""
+    seen = churn_sim.dropna(subset=["quiet_days"])
+    quartile = pd.qcut(seen["events"], 4, labels=False, duplicates="drop")
+    for _, users in seen.groupby(quartile):
+        after_active = users.loc[users["quiet_days"] == 0, "churned"].mean()
+        after_quiet = users.loc[users["quiet_days"] >= 2, "churned"].mean()
+        assert after_quiet > after_active + 0.05, (after_quiet, after_active)  # measured: +0.08 .. +0.11
+
+
+def test_truth_files_keep_their_schema_and_rows(sim):
+    result, _, truth = sim
+    assert pa.parquet.read_schema(result.out / "truth" / "next_day_buy.parquet").names == [
+        "user_id",
+        "day",
+        "p_buy_next_day",
+        "bought_next_day",
+    ]
+    assert list(truth.dtypes.astype(str)) == ["int64", "object", "float64", "bool"]
+    churn = pd.read_parquet(result.out / "truth" / "churn_3d.parquet")
+    assert list(churn.columns) == ["user_id", "day", "p_churn_3d"]
+    assert list(churn.dtypes.astype(str)) == ["int64", "object", "float64"]
+    # a row for every user and every snapshot day whose 3 next days are simulated, and no other
+    assert len(churn) == CFG.users * (CFG.days - 3)
+    last = (CFG.start + timedelta(days=CFG.days - 4)).isoformat()
+    assert churn["day"].min() == CFG.start.isoformat() and churn["day"].max() == last
+    assert churn["p_churn_3d"].between(0, 1).all()
+
+
 def test_events_fit_the_contract_and_the_window(sim, tmp_path):
     result, _, _ = sim
     window = TimeWindow.from_days(CFG.start, CFG.start + timedelta(days=CFG.days - 1), CFG.timezone)
@@ -189,7 +277,8 @@ def test_refuses_to_overwrite_a_folder_it_did_not_write(tmp_path):
 def test_events_table_schema_of_a_block():
     from shopsight.data._simulator import iter_blocks
 
-    events, truth = next(iter_blocks(SimulatorConfig(users=50, days=2, seed=3)))
+    events, truth, churn = next(iter_blocks(SimulatorConfig(users=50, days=2, seed=3)))
     assert events.schema == EVENT_SCHEMA
     assert truth.num_rows == 50
+    assert churn.num_rows == 0 and churn.schema.names == ["user_id", "day", "p_churn_3d"]  # no D+3 in 2 days
     assert pa.compute.all(pa.compute.greater_equal(truth.column("p_buy_next_day"), 0)).as_py()

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from shopsight.platform import ShopsightError
-from shopsight.training.evaluation import evaluate_next_item
-from shopsight.training.loop import LoopConfig, scorer, train_next_item
-from shopsight.training.metrics import binary_report, hit_rate, ndcg, rank_of_target
 from shopsight.training.models import build_model
-from shopsight.training.sequences import LeaveOneOut, SequenceData, training_batches, training_inputs
+from shopsight.training.next_item.data import LeaveOneOut, SequenceData, training_batches, training_inputs
+from shopsight.training.next_item.evaluate import evaluate_next_item, scorer
+from shopsight.training.next_item.fit import train_next_item
+from shopsight.training.runtime.loop import LoopConfig
+from shopsight.training.runtime.metrics import binary_report, hit_rate, ndcg, rank_of_target
 
 
 def test_rank_hr_ndcg_by_hand():
@@ -141,7 +142,7 @@ def test_training_batches_pair_inputs_with_next_items_and_unseen_negatives():
 def test_sequences_from_the_feature_table_take_each_users_latest_snapshot(tmp_path):
     import pandas as pd
 
-    from shopsight.training.sequences import SequenceData
+    from shopsight.training.next_item.data import SequenceData
 
     table = tmp_path / "user_sequence"
     for day, sequences in (("2017-11-25", {1: [5, 6], 2: [7]}), ("2017-11-26", {1: [5, 6, 9]})):
@@ -155,7 +156,7 @@ def test_sequences_from_the_feature_table_take_each_users_latest_snapshot(tmp_pa
 
 
 def test_weight_average_is_the_mean_of_the_snapshots_and_resumes():
-    from shopsight.training.loop import WeightAverage
+    from shopsight.training.runtime.loop import WeightAverage
 
     layer = torch.nn.Linear(2, 1)
     snapshots = []

@@ -19,15 +19,17 @@ def demo(
     days: Annotated[int, typer.Option(min=2, help="Simulated days.")] = 9,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     train_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the demo's next-item model.")] = 10,
-    purchase_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the demo's purchase model.")] = 6,
+    purchase_epochs: Annotated[
+        int, typer.Option(min=1, help="Epochs of each model on user snapshots (purchase, churn).")
+    ] = 6,
     keep_serving: Annotated[
         bool, typer.Option(help="Keep the served models up until Ctrl-C instead of stopping at the end.")
     ] = False,
 ) -> None:
     """Run the pipeline end to end on this machine: simulate and validate events, build features,
-    register and materialise them in Feast, look one user up online, train and register a next-item
-    model and a purchase model, each beside its baselines, then serve the champions with Ray Serve and
-    send them a few requests."""
+    register and materialise them in Feast, look one user up online, train and register a model of every
+    served task (next item, and the tasks on user snapshots: purchase, churn), each beside its baselines,
+    then serve the champions with Ray Serve and send them a few requests."""
     from shopsight.cli.features import print_online, run_build
     from shopsight.features import store
 
@@ -67,8 +69,8 @@ def demo(
     console.rule("[bold]5. training: SASRec next-item model (Ray Train, tracked and registered in MLflow)")
     from shopsight.platform.mlflow_server import tracking_uri
     from shopsight.platform.ray_cluster import connect
-    from shopsight.training.loop import LoopConfig
-    from shopsight.training.train import train_next_item_model
+    from shopsight.training.next_item.train import train_next_item_model
+    from shopsight.training.runtime.loop import LoopConfig
 
     connect(settings)
     trained = train_next_item_model(
@@ -80,29 +82,61 @@ def demo(
         log=console.print,
     )
 
-    console.rule("[bold]6. training: SASRec purchase model on a point-in-time training set from Feast")
-    from shopsight.training.train_purchase import SERVICE, train_purchase_model
+    from shopsight.training.binary.train import train_snapshot_model
+    from shopsight.training.tasks import served_tasks
 
-    training_set = settings.data_dir / "demo" / "training_set.parquet"
-    with console.status(f"point-in-time training set of {SERVICE}"):
-        store.training_set(settings, SERVICE, cfg.start, last_day - timedelta(days=1), training_set)
-    purchase = train_purchase_model(
-        settings,
-        "sasrec",
-        training_set,
-        model_config={"d_model": 48, "n_heads": 2, "dropout": 0.2},
-        loop=LoopConfig(epochs=purchase_epochs, batch_size=256, eval_every=1, patience=3, weight_decay=1e-5),
-        truth=out / "truth" / "next_day_buy.parquet",
-        log=console.print,
+    snapshot_tasks = [t for t in served_tasks() if t.route.predictor == "probability"]
+    trained_snapshots = {}
+    for number, task in enumerate(snapshot_tasks, 6):
+        service = task.data.source
+        console.rule(
+            f"[bold]{number}. training: SASRec {task.name} model ({task.data.label}) on a point-in-time "
+            "training set from Feast"
+        )
+        training_set = settings.data_dir / "demo" / f"training_set_{task.name}.parquet"
+        with console.status(f"point-in-time training set of {service}"):
+            store.training_set(
+                settings,
+                service,
+                cfg.start,
+                last_day - timedelta(days=1),
+                training_set,
+                label=task.data.label,
+            )
+        trained_snapshots[task.name] = train_snapshot_model(
+            settings,
+            task,
+            "sasrec",
+            training_set,
+            model_config={"d_model": 48, "n_heads": 2, "dropout": 0.2},
+            loop=LoopConfig(
+                epochs=purchase_epochs, batch_size=256, eval_every=1, patience=3, weight_decay=1e-5
+            ),
+            truth=out / "truth" / task.code.ORACLE_FILE,
+            log=console.print,
+        )
+
+    console.rule(
+        f"[bold]{6 + len(snapshot_tasks)}. serving: the champions on Ray Serve (live Feast features, "
+        "MLflow by alias)"
     )
-    baselines = ", ".join(f"{name} {r['roc_auc']:.3f}" for name, r in purchase.baselines.items())
-    buy_rate = purchase.test["base_rate"]
-
-    console.rule("[bold]7. serving: the champions on Ray Serve (live Feast features, MLflow by alias)")
     from shopsight.cli.serve import demo_serving, stop_serving
 
     top_users = [int(u) for u, _ in stats.events_per_user.most_common(3)]
-    serving = demo_serving(settings, top_users, [trained.registered_model, purchase.registered_model])
+    popularity = trained.baselines["popularity"]
+    serving = demo_serving(settings, top_users)
+    snapshot_rows = {}
+    for name, summary in trained_snapshots.items():
+        baselines = ", ".join(f"{b} {r['roc_auc']:.3f}" for b, r in summary.baselines.items())
+        snapshot_rows[f"{name} model"] = f"{summary.registered_model} v{summary.version} (alias challenger)"
+        snapshot_rows[f"{name} test ROC-AUC"] = f"{summary.test['roc_auc']:.3f} ({baselines})"
+        snapshot_rows[f"{name} test PR-AUC"] = (
+            f"{summary.test['pr_auc']:.3f} (base rate {summary.test['base_rate']:.3f})"
+        )
+        snapshot_rows[f"{name} calibration"] = (
+            f"ECE {summary.test['ece']:.3f} (before calibration {summary.test['ece_uncalibrated']:.3f}), "
+            f"mean probability {summary.test['mean_probability']:.3f}"
+        )
 
     print_summary(
         "Demo finished",
@@ -113,13 +147,10 @@ def demo(
             "feature store": f"{settings.data_dir / 'feast'} ({settings.feast.online_store} online store)",
             "next-item model": f"{trained.registered_model} v{trained.version} (alias challenger)",
             "test HR@10 sampled / full": f"{trained.test['hr@10']:.3f} / {trained.test['hr@10_full']:.3f} "
-            f"(popularity {trained.popularity['hr@10']:.3f} / {trained.popularity['hr@10_full']:.3f})",
-            "purchase model": f"{purchase.registered_model} v{purchase.version} (alias challenger)",
-            "purchase test ROC-AUC": f"{purchase.test['roc_auc']:.3f} ({baselines})",
-            "purchase test PR-AUC": f"{purchase.test['pr_auc']:.3f} (buy rate {buy_rate:.3f})",
+            f"(popularity {popularity['hr@10']:.3f} / {popularity['hr@10_full']:.3f})",
+            **snapshot_rows,
             "MLflow UI": tracking_uri(settings),
             **serving,
-            "next stages": "clusters arrive with the next issues",
             "took": f"{watch.seconds:.1f} s",
         },
     )

@@ -118,7 +118,7 @@ def embed_command(
 ) -> None:
     """Write each user's sequence embedding from a next-item model into the user_embedding table
     (served by the Feast view user_embedding, in user_profile_v1; `features materialize` loads it)."""
-    from shopsight.training.embeddings import write_user_embeddings
+    from shopsight.training.next_item.embeddings import write_user_embeddings
 
     settings = state(ctx).settings
     days = [parse_day(d, "--day") for d in day] if day else None
@@ -184,17 +184,33 @@ def training_set_command(
     start: Annotated[str, typer.Option(help="First snapshot day.")],
     end: Annotated[str, typer.Option(help="Last snapshot day (inclusive).")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="Label column [default: the label of the task that reads the service, e.g. churn_3d for "
+            "churn_risk_v1]; rows whose label is not observed yet are left out."
+        ),
+    ] = None,
 ) -> None:
     """A point-in-time correct training set: labels of each (user, snapshot) with the features as of then."""
     from shopsight.features import store
+    from shopsight.training.tasks import TASKS
 
+    readers = [t.data.label for t in TASKS.values() if t.data.source == service and t.data.label]
+    label = label or (readers[0] if readers else "buy_next_1d")
     watch = Stopwatch()
-    with console.status("point-in-time join"):
+    with console.status(f"point-in-time join ({label})"):
         path, rows = store.training_set(
-            state(ctx).settings, service, parse_day(start, "--start"), parse_day(end, "--end"), out
+            state(ctx).settings,
+            service,
+            parse_day(start, "--start"),
+            parse_day(end, "--end"),
+            out,
+            label=label,
         )
     print_summary(
-        "Training set", {"rows": f"{rows:,}", "written to": str(path), "took": f"{watch.seconds:.1f} s"}
+        "Training set",
+        {"rows": f"{rows:,}", "label": label, "written to": str(path), "took": f"{watch.seconds:.1f} s"},
     )
 
 

@@ -1,5 +1,5 @@
 """`shopsight models`: the MLflow model registry: list, show, promote through the quality gate, history,
-rollback (see :mod:`shopsight.serving.promotion` for the gate and :mod:`shopsight.platform.registry` for
+rollback (see :mod:`shopsight.lifecycle.promotion` for the gate and :mod:`shopsight.lifecycle.registry` for
 what is recorded)."""
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ from rich.table import Table
 
 from shopsight.cli._context import state
 from shopsight.platform import ShopsightError, Stopwatch, console, print_summary
+from shopsight.training.tasks import TASKS, get_task
 
 app = typer.Typer(
     help="The MLflow model registry: list, show, promote through the quality gate, history, rollback.",
     no_args_is_help=True,
 )
-
-_KEY_METRICS = {  # what `show` prints of a version's test_* metrics, by task
-    "next-item": (("ndcg_at_10", "NDCG@10"), ("hr_at_10", "HR@10"), ("ndcg_at_10_full", "NDCG@10 full")),
-    "purchase": (("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("log_loss", "log-loss")),
-}
 
 
 def _when(iso: str | None) -> str:
@@ -30,7 +26,8 @@ def _when(iso: str | None) -> str:
 
 
 def _metrics_text(task: str | None, metrics: dict[str, float]) -> str:
-    keys = _KEY_METRICS.get(task or "", ())
+    known = TASKS.get((task or "").replace("-", "_"))
+    keys = [(m.key.replace("@", "_at_"), m.label) for m in known.reported] if known else []
     shown = [f"{label} {metrics[key]:.4f}" for key, label in keys if key in metrics]
     if not shown:  # an unknown task: the first few test metrics as they are
         shown = [f"{k} {v:.4f}" for k, v in sorted(metrics.items())[:3]]
@@ -44,7 +41,7 @@ def _aliases(aliases: dict) -> str:
 @app.command("list")
 def list_command(ctx: typer.Context) -> None:
     """Every registered model with its versions and aliases."""
-    from shopsight.platform.registry import (
+    from shopsight.lifecycle.registry import (
         list_registered_models,
         registry_client,
         version_info,
@@ -105,7 +102,7 @@ def show_command(
     run's user and the version's creation time, its promotions; then the frozen evaluation set and any
     promotion in progress.
     """
-    from shopsight.platform.registry import (
+    from shopsight.lifecycle.registry import (
         EVAL_PATH,
         EVAL_SHA256,
         lock_holder,
@@ -169,11 +166,8 @@ def _gate_table(result) -> Table:
     evaluations = [result.candidate_eval] + ([result.champion_eval] if result.champion else [])
     for check in ("loads", "inputs", "finite"):
         table.add_row(check, *(_check_text(e, check) for e in evaluations))
-    keys = (
-        [("ndcg@10", "NDCG@10"), ("hr@10", "HR@10"), ("ndcg@10_full", "NDCG@10 full"), ("users", "users")]
-        if result.task == "next-item"
-        else [("roc_auc", "ROC-AUC"), ("pr_auc", "PR-AUC"), ("log_loss", "log-loss"), ("n", "rows")]
-    )
+    task = get_task(result.task)
+    keys = [(m.key, m.label) for m in (*task.reported, task.unit)]
     for key, label in keys:
         cells = []
         for e in evaluations:
@@ -216,7 +210,7 @@ def promote_command(
     worse on the primary metric than `promotion.tolerance` allows. Prints the difference with its paired
     bootstrap 95% interval; a refusal exits 1 and says why.
     """
-    from shopsight.serving.promotion import promote
+    from shopsight.lifecycle.promotion import promote
 
     if force and not (reason or "").strip():
         raise typer.BadParameter("--force needs --reason TEXT (it is recorded)", param_hint="--reason")
@@ -232,7 +226,7 @@ def promote_command(
             f"difference (candidate - champion) in {result.metric_label}: {d['mean']:+.4f}, "
             f"95% CI [{d['lo']:+.4f}, {d['hi']:+.4f}] (paired bootstrap, "
             f"{settings.promotion.bootstrap_samples} resamples of {int(d['units']):,} "
-            f"{'users' if result.task == 'next-item' else 'rows'}); tolerance {result.tolerance:g}"
+            f"{get_task(result.task).unit.label}); tolerance {result.tolerance:g}"
         )
     if not result.promoted:
         raise ShopsightError(
@@ -264,7 +258,7 @@ def history_command(
     With the primary metric on the frozen evaluation set, the difference's 95% interval, and whether the
     gate was forced.
     """
-    from shopsight.platform.registry import read_history, registry_client
+    from shopsight.lifecycle.registry import read_history, registry_client
 
     client = registry_client(state(ctx).settings)
     history = read_history(client, name)
@@ -301,7 +295,7 @@ def rollback_command(
     reason: Annotated[str | None, typer.Option(help="Why; recorded in the history.")] = None,
 ) -> None:
     """Move `champion` back to the previous champion (again: further back) and record it."""
-    from shopsight.serving.promotion import rollback
+    from shopsight.lifecycle.promotion import rollback
 
     entry = rollback(state(ctx).settings, name, reason)
     print_summary(
@@ -322,7 +316,7 @@ def unlock_command(
 
     The lock also expires by itself after `promotion.lock_ttl_s`.
     """
-    from shopsight.platform.registry import break_lock, registry_client
+    from shopsight.lifecycle.registry import break_lock, registry_client
 
     holder = break_lock(registry_client(state(ctx).settings), name)
     if holder is None:

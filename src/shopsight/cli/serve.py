@@ -210,7 +210,7 @@ def key_command(
 
 def _ensure_champion(settings: Settings, client, name: str) -> str:
     """The champion version of ``name``; without one, the challenger is promoted (through the gate of
-    ``shopsight.serving.promotion`` where it exists, else by setting the alias)."""
+    ``shopsight.lifecycle.promotion`` where it exists, else by setting the alias)."""
     from mlflow.exceptions import MlflowException
 
     def alias(which: str) -> str | None:
@@ -226,7 +226,7 @@ def _ensure_champion(settings: Settings, client, name: str) -> str:
     if challenger is None:
         raise ShopsightError(f"{name} has neither a champion nor a challenger to serve")
     try:
-        from shopsight.serving.promotion import promote
+        from shopsight.lifecycle.promotion import promote
     except ImportError:
         promote = None
     if promote is not None:
@@ -256,19 +256,21 @@ def _free_or(port: int) -> int:
         return s.getsockname()[1]
 
 
-def demo_serving(settings: Settings, users: list[int], models: list[str]) -> dict[str, str]:
-    """The demo's serving stage, on the Ray this process already runs: champions (promoted if needed),
-    the application deployed with a one-off demo API key, a few requests and their answers printed.
-    Returns summary rows (URLs, key, versions)."""
+def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
+    """The demo's serving stage, on the Ray this process already runs: every served task's champion
+    (promoted if needed), the application deployed with a one-off demo API key, a few requests of each
+    route and their answers printed. Returns summary rows (URLs, key, versions)."""
     import requests
     from mlflow import MlflowClient
 
     from shopsight.platform.mlflow_server import tracking_uri
     from shopsight.serving.app import hash_key
     from shopsight.serving.deploy import deploy
+    from shopsight.training.tasks import served_tasks
 
     client = MlflowClient(tracking_uri(settings))
-    versions = {name: _ensure_champion(settings, client, name) for name in models}
+    tasks = served_tasks()
+    versions = {t.registered_model: _ensure_champion(settings, client, t.registered_model) for t in tasks}
     key = secrets.token_urlsafe(16)
     serving = settings.serving.model_copy(
         update={
@@ -283,27 +285,33 @@ def demo_serving(settings: Settings, users: list[int], models: list[str]) -> dic
     table = Table(title="A few requests and their answers", title_justify="left")
     for column in ("request", "answer", "model version"):
         table.add_column(column, overflow="fold")
-    for user, k in [(users[0], 5), (users[-1], 5), (10**12, 5)]:
-        body = {"user_id": user, "k": k}
-        answer = requests.post(f"{deployed.url}/v1/recommendations", json=body, headers=headers, timeout=30)
-        answer.raise_for_status()
-        data = answer.json()
-        items = ", ".join(f"{i['item_id']} ({i['score']:.2f})" for i in data["items"])
-        note = f" [{data['source']} fallback]" if data["fallback"] else ""
-        table.add_row(f"POST /v1/recommendations {body}", items + note, f"v{data['model']['version']}")
-    body = {"user_ids": users[:3]}
-    answer = requests.post(f"{deployed.url}/v1/purchase-propensity", json=body, headers=headers, timeout=30)
-    answer.raise_for_status()
-    data = answer.json()
-    probabilities = ", ".join(f"{p['user_id']}: {p['probability']:.3f}" for p in data["predictions"])
-    table.add_row(f"POST /v1/purchase-propensity {body}", probabilities, f"v{data['model']['version']}")
+    first_ranking = None
+    for task in tasks:
+        path = task.route.path
+        ranking = task.route.predictor == "ranking"
+        bodies = (
+            [{"user_id": user, "k": 5} for user in (users[0], users[-1], 10**12)]
+            if ranking
+            else [{"user_ids": users[:3]}]
+        )
+        first_ranking = first_ranking or (path if ranking else None)
+        for body in bodies:
+            answer = requests.post(f"{deployed.url}{path}", json=body, headers=headers, timeout=30)
+            answer.raise_for_status()
+            data = answer.json()
+            if ranking:
+                shown = ", ".join(f"{i['item_id']} ({i['score']:.2f})" for i in data["items"])
+                shown += f" [{data['source']} fallback]" if data["fallback"] else ""
+            else:
+                shown = ", ".join(f"{p['user_id']}: {p['probability']:.3f}" for p in data["predictions"])
+            table.add_row(f"POST {path} {body}", shown, f"v{data['model']['version']}")
     console.print(table)
     return {
         "served": ", ".join(f"{name} v{version} (champion)" for name, version in versions.items()),
         "API docs": deployed.docs,
         "API key (demo)": key,
         "try": f"curl -H 'X-API-Key: {key}' -d '{{\"user_id\": {users[0]}, \"k\": 5}}' "
-        f"{deployed.url}/v1/recommendations",
+        f"{deployed.url}{first_ranking}",
         "Ray dashboard": _ray_dashboard() or "-",
     }
 

@@ -1,5 +1,5 @@
-"""`shopsight train` and `shopsight evaluate`: next-item and purchase models with Ray Train, MLflow and the
-protocols of architecture.md."""
+"""`shopsight train` and `shopsight evaluate`: any task of the task table with Ray Train, MLflow and the
+protocols of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -12,16 +12,34 @@ from rich.table import Table
 from shopsight.cli._context import state
 from shopsight.platform import console, print_summary
 from shopsight.platform.ray_cluster import connect
+from shopsight.training.tasks import TASKS, Task, get_task, model_families, task_for
+
+_TASKS = " | ".join(TASKS)
 
 
-def _is_training_set(path: Path) -> bool:
-    """A parquet file with the purchase label: a training set of the purchase feature service."""
+def _labels(path: Path) -> list[str]:
+    """The label columns of a training set (none for interactions or what is not parquet)."""
     import pyarrow.parquet as pq
 
+    from shopsight.training.binary.data import LABELS
+
     try:
-        return "buy_next_1d" in pq.read_schema(path).names
+        names = pq.read_schema(path).names
     except Exception:  # noqa: BLE001 - not parquet (SASRec text, CSV) or a folder
-        return False
+        return []
+    return [label for label in LABELS if label in names]
+
+
+def resolve_task(task: str, model: str, data: Path) -> Task:
+    """The task named by ``--task``, or the one that trains ``model`` on ``data``'s kind of data."""
+    from shopsight.platform import ShopsightError
+
+    try:
+        chosen = task_for(model, _labels(data)) if task == "auto" else get_task(task)
+        chosen.check_model(model)
+    except ShopsightError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--task") from None
+    return chosen
 
 
 def train_command(
@@ -29,12 +47,13 @@ def train_command(
     data: Annotated[
         Path,
         typer.Option(
-            help="Next item: interactions (SASRec text 'user item' lines, Taobao CSV or parquet). "
-            "Purchase: a training set of purchase_propensity_v1 (`shopsight features training-set`)."
+            help="Interactions (SASRec text 'user item' lines, Taobao CSV or parquet) for next-item models; "
+            "for the tasks on user snapshots, a training set of the task's feature service "
+            "(`shopsight features training-set`)."
         ),
     ],
     model: Annotated[
-        str, typer.Option(help="sasrec | lstm | gan (synthetic users, from a purchase training set).")
+        str, typer.Option(help=f"{' | '.join(model_families())} (gan: synthetic users, from a training set).")
     ] = "sasrec",
     workers: Annotated[
         int, typer.Option(min=1, help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")
@@ -43,7 +62,7 @@ def train_command(
     epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 20,
     batch_size: Annotated[
         int | None,
-        typer.Option(min=1, help="Rows per step and worker [default: 128; purchase 256; gan 500]."),
+        typer.Option(min=1, help="Rows per step and worker [default: 128; user snapshots 256; gan 500]."),
     ] = None,
     lr: Annotated[
         float | None, typer.Option(help="Adam learning rate [default: 1e-3; gan 2e-4 for both networks].")
@@ -52,21 +71,36 @@ def train_command(
     loss: Annotated[
         str, typer.Option(help="bce (the SASRec paper's) | sampled_softmax | softmax (full catalogue).")
     ] = "bce",
-    eval_every: Annotated[int, typer.Option(min=1, help="Validate every N epochs.")] = 5,
+    eval_every: Annotated[
+        int | None, typer.Option(min=1, help="Validate every N epochs [default: 5; user snapshots 1].")
+    ] = None,
     name: Annotated[
         str | None, typer.Option(help="Run name; the same name resumes an interrupted run.")
     ] = None,
     task: Annotated[
-        str, typer.Option(help="auto (purchase for a training set, else next-item) | next-item | purchase.")
+        str,
+        typer.Option(help=f"auto (by the model and the data's label) | {_TASKS}."),
     ] = "auto",
     pos_weight: Annotated[
         str,
-        typer.Option(help="Purchase: buyers' loss weight, a number or 'balanced' (non-buyers per buyer)."),
+        typer.Option(
+            help="Tasks on user snapshots: the positives' loss weight, a number or 'balanced' (negatives "
+            "per positive)."
+        ),
     ] = "balanced",
     pretrained: Annotated[
         str | None,
-        typer.Option(help="Purchase: start from this registered next-item model (models:/NAME@ALIAS)."),
+        typer.Option(
+            help="Tasks on user snapshots: start from this registered next-item model (models:/NAME@ALIAS)."
+        ),
     ] = None,
+    calibration: Annotated[
+        str,
+        typer.Option(
+            help="Tasks on user snapshots: calibrate on the validation day: auto (isotonic with 1,000+ "
+            "rows, else Platt) | isotonic | platt | identity."
+        ),
+    ] = "auto",
     teacher: Annotated[
         list[str] | None,
         typer.Option(
@@ -78,151 +112,58 @@ def train_command(
     distill_weight: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="With --teacher: the distillation term's loss share.")
     ] = 0.5,
-    seed: Annotated[
-        int, typer.Option(help="Next item: seeds the initial weights, the batches and the validation users.")
-    ] = 0,
+    seed: Annotated[int, typer.Option(help="Seeds the initial weights, the batches and the validation.")] = 0,
     swa_start: Annotated[
         int,
         typer.Option(
             min=0,
-            help="Next item: average the weights of every epoch from this one on (stochastic weight "
-            "averaging); validation and the registered model use the average. 0: off.",
+            help="Average the weights of every epoch from this one on (stochastic weight averaging); "
+            "validation and the registered model use the average. 0: off.",
         ),
     ] = 0,
 ) -> None:
-    """Train a next-item or purchase model with Ray Train, track it in MLflow, register it as the
-    `challenger`."""
-    from shopsight.training.loop import LoopConfig
-    from shopsight.training.train import train_next_item_model
-    from shopsight.training.train_purchase import SEQUENCE_MODELS
+    """Train a model of any task with Ray Train, track it in MLflow, register it as the `challenger`."""
+    from shopsight.training.runtime.options import TrainOptions
+    from shopsight.training.runtime.tracking import train_task
 
     settings = state(ctx).settings
-    if model not in (*SEQUENCE_MODELS, "gan"):
+    if model not in model_families():
         raise typer.BadParameter(
-            f"unknown model {model!r}: choose one of {', '.join(SEQUENCE_MODELS)}, gan", param_hint="--model"
+            f"unknown model {model!r}: choose one of {', '.join(model_families())}", param_hint="--model"
         )
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
-    if model == "gan":
-        _train_gan(settings, data, workers, gpus_per_worker, epochs, batch_size, lr, name)
-        return
-    if task not in ("auto", "next-item", "purchase"):
-        raise typer.BadParameter(f"unknown task {task!r}: auto, next-item or purchase", param_hint="--task")
-    if task == "purchase" or (task == "auto" and _is_training_set(data)):
-        _train_purchase(
-            settings, data, model, workers, gpus_per_worker, epochs, lr or 1e-3, batch_size or 256, name,
-            pos_weight, pretrained,
-        )  # fmt: skip
-        return
+    chosen = resolve_task(task, model, data)
+    chosen.code.check_data(data)  # bad data fails before Ray and MLflow start
+    options = TrainOptions(
+        workers=workers, gpus_per_worker=gpus_per_worker, epochs=epochs, batch_size=batch_size, lr=lr,
+        eval_every=eval_every, seed=seed, name=name, max_len=max_len, loss=loss, swa_start=swa_start,
+        teachers=tuple(teacher or ()), distill_weight=distill_weight, pos_weight=pos_weight,
+        pretrained=pretrained, calibration=calibration,
+    )  # fmt: skip
     connect(settings)
-    summary = train_next_item_model(
-        settings,
-        model,
-        data,
-        workers=workers,
-        gpus_per_worker=gpus_per_worker,
-        model_config={"max_len": max_len, "loss": loss},
-        loop=LoopConfig(
-            epochs=epochs,
-            batch_size=batch_size or 128,
-            lr=lr or 1e-3,
-            eval_every=eval_every,
-            seed=seed,
-            distill_weight=distill_weight,
-            swa_start=swa_start,
-        ),
-        run_name=name,
-        teachers=teacher,
-        log=console.print,
-    )
+    summary = train_task(settings, chosen, model, data, options, log=console.print)
     print_summary(
         "Trained",
         {
-            "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
-            "test HR@10 / NDCG@10 (sampled)": f"{summary.test['hr@10']:.4f} / {summary.test['ndcg@10']:.4f}",
-            "full ranking": f"{summary.test['hr@10_full']:.4f} / {summary.test['ndcg@10_full']:.4f}",
-            "popularity": f"{summary.popularity['hr@10']:.4f} / {summary.popularity['ndcg@10']:.4f}",
-            "MLflow run": summary.run_id,
-            "took": f"{summary.seconds:.1f} s ({summary.epochs} epochs)",
-        },
-    )
-
-
-def _train_purchase(
-    settings, data, model, workers, gpus, epochs, lr, batch_size, name, pos_weight, pretrained
-) -> None:
-    from shopsight.training.loop import LoopConfig
-    from shopsight.training.purchase_data import TimeSplit, read_training_set
-    from shopsight.training.train_purchase import train_purchase_model
-
-    TimeSplit.of(read_training_set(data), str(data))  # bad data fails before Ray and MLflow start
-    if pos_weight != "balanced":
-        try:
-            pos_weight = float(pos_weight)
-        except ValueError:
-            raise typer.BadParameter(
-                f"{pos_weight!r} is neither a number nor 'balanced'", param_hint="--pos-weight"
-            ) from None
-    connect(settings)
-    summary = train_purchase_model(
-        settings,
-        model,
-        data,
-        workers=workers,
-        gpus_per_worker=gpus,
-        loop=LoopConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, eval_every=1, patience=4, weight_decay=1e-5
-        ),
-        pos_weight=pos_weight,
-        pretrained=pretrained,
-        run_name=name,
-        log=console.print,
-    )
-    print_summary(
-        "Trained",
-        {
-            "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
-            "test ROC-AUC / PR-AUC": f"{summary.test['roc_auc']:.4f} / {summary.test['pr_auc']:.4f}",
-            **{name: f"{r['roc_auc']:.4f} / {r['pr_auc']:.4f}" for name, r in summary.baselines.items()},
-            "MLflow run": summary.run_id,
-            "took": f"{summary.seconds:.1f} s ({summary.epochs} epochs)",
-        },
-    )
-
-
-def _train_gan(settings, data, workers, gpus, epochs, batch_size, lr, name) -> None:
-    from shopsight.training.train_gan import GanData, train_gan_model
-
-    if workers != 1:
-        raise typer.BadParameter(
-            "the GAN trains on one worker: its gradient penalty needs a double backward, which "
-            "DistributedDataParallel does not support",
-            param_hint="--workers",
-        )
-    GanData.read(data)  # bad data fails before Ray and MLflow start
-    config: dict = {"epochs": epochs}
-    if batch_size:
-        config["batch_size"] = batch_size
-    if lr:
-        config.update(lr_generator=lr, lr_critic=lr)
-    connect(settings)
-    summary = train_gan_model(
-        settings, data, gpus_per_worker=gpus, model_config=config, run_name=name, log=console.print
-    )
-    report = summary.report
-    print_summary(
-        "Trained",
-        {
-            "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
-            "TSTR / TRTR": f"{report['tstr']['ratio']:.4f} "
-            f"({report['tstr']['tstr_auc']:.4f} / {report['tstr']['trtr_auc']:.4f} ROC-AUC)",
-            "mean KS / TVD": f"{report['columns']['mean'].get('ks', float('nan')):.4f} / "
-            f"{report['columns']['mean'].get('tvd', float('nan')):.4f}",
-            "DCR median ratio": f"{report['dcr']['median_ratio']:.3f}",
+            **summary_rows(chosen, summary),
             "MLflow run": summary.run_id,
             "took": f"{summary.seconds:.1f} s (best epoch {summary.epochs})",
         },
     )
+
+
+def summary_rows(task: Task, summary) -> dict[str, str]:
+    """What a run's summary shows of its model: the version, the test metrics beside each baseline's."""
+    shown = task.reported[:3]
+    label = " / ".join(m.label for m in shown)
+    rows = {
+        "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
+        f"test {label}": " / ".join(f"{summary.test[m.key]:.4f}" for m in shown),
+    }
+    for name, metrics in summary.baselines.items():
+        rows[name] = " / ".join(f"{metrics[m.key]:.4f}" for m in shown if m.key in metrics)
+    return rows
 
 
 def evaluate_command(
@@ -230,34 +171,34 @@ def evaluate_command(
     model_uri: Annotated[
         str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model.")
     ],
-    data: Annotated[Path, typer.Option(help="Interactions in any supported format.")],
+    data: Annotated[
+        Path, typer.Option(help="Interactions (next item) or a training set of the model's task.")
+    ],
     users: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many users.")] = None,
 ) -> None:
-    """Run the model's protocol and print the table: next item (leave-one-out; sampled and full ranking)
-    on interactions, purchase (last snapshot day) on a training set."""
-    from shopsight.training.evaluate import evaluate_model_uri, evaluate_purchase_uri
+    """Run the protocol of the model's task and print the table beside the task's baselines."""
+    from shopsight.platform import ShopsightError
 
     settings = state(ctx).settings
-    if _is_training_set(data):
-        rows = evaluate_purchase_uri(settings, model_uri, data)
-        table = Table(title=f"Purchase protocol on {data.name} (last snapshot day)", title_justify="left")
-        table.add_column("model")
-        keys = ("roc_auc", "pr_auc", "log_loss", "precision", "recall", "f1")
-        for column in ("rows", "ROC-AUC", "PR-AUC", "log-loss", "precision", "recall", "F1"):
-            table.add_column(column, justify="right")
-        for name, m in rows.items():
-            table.add_row(name, f"{int(m['n']):,}", *(f"{m[k]:.4f}" for k in keys))
-        console.print(table)
-        return
-    rows = evaluate_model_uri(settings, model_uri, data, max_users=users)
-    table = Table(title=f"Next-item protocol on {data.name}", title_justify="left")
+    if not data.exists():
+        raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
+    labels = _labels(data)
+    evaluable = [t for t in TASKS.values() if hasattr(t.code, "evaluate")]
+    fitting = [
+        t for t in evaluable if (t.data.label in labels if labels else t.data.source == "interactions")
+    ]
+    if not fitting:
+        raise ShopsightError(f"{data}: no task evaluates models on this data")
+    chosen = fitting[0]
+    rows = chosen.code.evaluate(settings, model_uri, data, users)
+    table = Table(title=f"{chosen.name} protocol on {data.name}", title_justify="left")
     table.add_column("model")
-    for column in ("users", "HR@10", "NDCG@10", "HR@10 full", "NDCG@10 full"):
-        table.add_column(column, justify="right")
-    for name, m in rows.items():
-        table.add_row(
-            name,
-            f"{int(m['users']):,}",
-            *(f"{m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@10_full", "ndcg@10_full")),
-        )
+    columns = (chosen.unit, *chosen.reported)
+    for column in columns:
+        table.add_column(column.label, justify="right")
+    for name, metrics in rows.items():
+        cells = [f"{int(metrics[chosen.unit.key]):,}"] + [
+            f"{metrics[m.key]:.4f}" if m.key in metrics else "-" for m in chosen.reported
+        ]
+        table.add_row(name, *cells)
     console.print(table)

@@ -1,4 +1,4 @@
-"""`shopsight tune`: sweep a next-item model's hyperparameters (Ray Tune: Optuna search, ASHA)."""
+"""`shopsight tune`: sweep a model's hyperparameters for any task (Ray Tune: Optuna search, ASHA)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,25 @@ from typing import Annotated
 import typer
 
 from shopsight.cli._context import state
+from shopsight.cli.train import resolve_task, summary_rows
 from shopsight.platform import ShopsightError, console, print_summary
 from shopsight.platform.ray_cluster import connect
+from shopsight.training.tasks import TASKS
 
 
 def tune_command(
     ctx: typer.Context,
     data: Annotated[
-        Path, typer.Option(help="Interactions: SASRec text ('user item' lines), Taobao CSV or parquet.")
+        Path,
+        typer.Option(
+            help="Interactions (SASRec text 'user item' lines, Taobao CSV or parquet) for next-item models; "
+            "for the tasks on user snapshots, a training set of the task's feature service."
+        ),
     ],
     model: Annotated[str, typer.Option(help="sasrec | lstm.")] = "sasrec",
+    task: Annotated[
+        str, typer.Option(help=f"auto (by the model and the data's label) | {' | '.join(TASKS)}.")
+    ] = "auto",
     trials: Annotated[int, typer.Option(min=1, help="Trials (hyperparameter configurations) to run.")] = 16,
     epochs: Annotated[
         int, typer.Option(min=1, help="Maximum epochs per trial (ASHA stops weak trials sooner).")
@@ -25,7 +34,9 @@ def tune_command(
     workers: Annotated[int, typer.Option(min=1, help="Ray Train workers per trial.")] = 1,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the Optuna sampler and of every trial's training.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step and worker.")] = 128,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Rows per step and worker [default: the task's].")
+    ] = None,
     max_len: Annotated[int, typer.Option(min=1, help="Longest history the model reads.")] = 50,
     concurrent: Annotated[
         int | None, typer.Option(min=1, help="Trials at once (default: as many as the cluster holds).")
@@ -34,25 +45,31 @@ def tune_command(
 ) -> None:
     """Sweep a model's hyperparameters with Ray Tune (Optuna search, ASHA), one MLflow child run per
     trial; register the best trial's model as the `challenger`."""
-    from shopsight.training.loop import LoopConfig
-    from shopsight.training.tune import check_tunable, tune_next_item_model
+    from shopsight.training.runtime.options import TrainOptions
+    from shopsight.training.runtime.tune import check_tunable, tune_model
 
     check_tunable(model)
     if not data.exists():
         raise ShopsightError(f"{data} does not exist")
+    chosen = resolve_task(task, model, data)
+    chosen.code.check_data(data)
+    options = TrainOptions(
+        workers=workers, gpus_per_worker=gpus_per_worker, epochs=epochs, batch_size=batch_size, seed=seed,
+        name=name, max_len=max_len,
+    )  # fmt: skip
+    loop = chosen.code.loop(options)
     settings = state(ctx).settings
+    prepared = chosen.code.prepare(settings, model, data, options, loop, {"max_len": max_len})
     connect(settings)
-    summary = tune_next_item_model(
+    summary = tune_model(
         settings,
-        data,
-        model,
+        prepared,
         trials,
         epochs,
+        loop=loop,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         seed=seed,
-        model_config={"max_len": max_len},
-        loop=LoopConfig(batch_size=batch_size),
         max_concurrent=concurrent,
         run_name=name,
         log=console.print,
@@ -60,16 +77,14 @@ def tune_command(
     best = ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.best_params.items()
     )
+    rows = summary_rows(chosen, summary)
     print_summary(
         "Tuned",
         {
             "trials": f"{len(summary.trials)} ({summary.stopped_early} stopped early by ASHA)",
             "best parameters": best,
-            "best valid NDCG@10": f"{summary.best_valid_ndcg:.4f}",
-            "test HR@10 / NDCG@10 (sampled)": f"{summary.test['hr@10']:.4f} / {summary.test['ndcg@10']:.4f}",
-            "full ranking": f"{summary.test['hr@10_full']:.4f} / {summary.test['ndcg@10_full']:.4f}",
-            "popularity": f"{summary.popularity['hr@10']:.4f} / {summary.popularity['ndcg@10']:.4f}",
-            "model": f"{summary.registered_model} version {summary.version} (alias challenger)",
+            f"best valid {chosen.metric.label}": f"{summary.best_valid:.4f}",
+            **rows,
             "MLflow run": summary.run_url,
             "took": f"{summary.seconds:.1f} s",
         },

@@ -4,22 +4,33 @@ The world:
   * items grouped into categories of uneven (Zipf-like) size; within a category, item popularity
     is Zipf-like, and each item has "related" items (its next few neighbours in the category, like
     the next model of a series), so within-session sequences carry signal beyond popularity;
-  * each user has an activity level (expected sessions a day, log-normal: heavy-tailed), a few
-    preferred categories, and a latent buyer propensity.
+  * each user has an activity level (expected sessions a day over the long run, log-normal:
+    heavy-tailed), a few preferred categories, a latent buyer propensity, and a lapse probability
+    (logit-normal: some users drift away far more easily than others).
+
+Dormancy: on each day a user is active or dormant, a hidden two-state Markov chain. An active user
+goes dormant the next day with their lapse probability, a dormant one comes back with
+``p_return``; the chain starts in its stationary law. A dormant day has ``dormant_activity`` times
+the sessions of an active one, and the active rate is raised so that the long-run mean stays the
+user's activity level (the event volume does not move; the purchases lost with the quiet days are
+made up by ``intent_bias``). Churn therefore shows in the events: activity fades, then days pass
+without any, and quiet days announce more of them (a memoryless Poisson user would not).
 
 A day of a user:
-  * sessions ~ Poisson(activity x weekday factor), each starting at an hour drawn from Taobao's
-    daily rhythm (evening peak), views following a random walk over related items; a view is
-    carted or favourited with small probabilities;
+  * sessions ~ Poisson(active rate x weekday factor x (1 if active else dormant_activity)), each
+    starting at an hour drawn from Taobao's daily rhythm (evening peak), views following a random
+    walk over related items; a view is carted or favourited with small probabilities;
   * at the start of the day the user forms a purchase intent with probability
     q = sigmoid(a + b * propensity + c * log1p(open carts and favourites) + d * log(activity)):
     the purchase funnel. With an intent and at least one session, the user buys 1 + Poisson items,
     mostly from what is in the cart or favourites, otherwise something viewed that day.
 
-Because the intent depends only on the state at the end of the previous day, the simulator knows the
-exact probability that a user buys tomorrow given everything up to tonight:
-``P(buy on d+1) = P(at least one session on d+1) * q(d+1)``. It is written beside the events
-(``truth/next_day_buy``) so purchase models can be compared with the oracle.
+Because the intent and tomorrow's hidden state depend only on the state at the end of the previous
+day, the simulator knows the exact probability that a user buys tomorrow given everything up to
+tonight, the hidden state included: ``P(buy on d+1) = P(at least one session on d+1 | state on d) *
+q(d+1)``. Likewise the probability of no event at all on d+1 .. d+3 (churn), by propagating the
+chain over the three days. Both are written beside the events (``truth/next_day_buy``,
+``truth/churn_3d``) so that models can be compared with the oracle.
 
 Users are simulated in blocks of :data:`USERS_PER_BLOCK`, each block from its own seed derived from
 the run's seed, and written out as they go: memory stays bounded by the block and the writer's buffer,
@@ -47,6 +58,7 @@ from shopsight.data.schema import BEHAVIORS, EVENT_SCHEMA, SHOP_TIMEZONE
 
 USERS_PER_BLOCK = 500
 MANIFEST = "manifest.json"
+CHURN_DAYS = 3  # the churn oracle's horizon: no event on D+1 .. D+CHURN_DAYS
 _PV, _CART, _FAV, _BUY = range(4)
 
 # Share of Taobao events by local hour, 0..23 (evening peak at 21h, trough at 4h).
@@ -74,6 +86,11 @@ class SimulatorConfig:
     mean_session_views: float = 7.0
     max_session_views: int = 200
     weekend_factor: float = 1.12
+    # dormancy: a hidden active/dormant state per user and day (a Markov chain)
+    lapse_median: float = 0.03  # daily probability that an active user goes dormant, median user
+    lapse_sigma: float = 1.0  # spread of the users' lapse probabilities (logit scale)
+    p_return: float = 0.15  # daily probability that a dormant user comes back (spells of ~7 days)
+    dormant_activity: float = 0.05  # sessions of a dormant day relative to an active one
     # browsing
     p_related: float = 0.50  # next view: a related item of the current one
     p_repeat: float = 0.10  # the same item again
@@ -84,7 +101,7 @@ class SimulatorConfig:
     # funnel
     p_cart: float = 0.058
     p_fav: float = 0.0325
-    intent_bias: float = -1.5
+    intent_bias: float = -1.35  # with dormancy's quiet days, Taobao's 2% of purchases
     intent_propensity: float = 0.7
     intent_open_items: float = 0.55
     intent_activity: float = 0.10
@@ -96,6 +113,8 @@ class SimulatorConfig:
     def __post_init__(self) -> None:
         if self.users < 1 or self.days < 1:
             raise ValueError("users and days must be at least 1")
+        if not (0 < self.lapse_median < 1 and 0 < self.p_return <= 1 and 0 <= self.dormant_activity <= 1):
+            raise ValueError("lapse_median must be in (0, 1), p_return in (0, 1], dormant_activity in [0, 1]")
 
     @property
     def n_items(self) -> int:
@@ -184,6 +203,11 @@ class _Block:
         self.propensity = rng.standard_normal(n)
         self.pref_cats = world.sample_categories(rng, n * cfg.preferred_categories).reshape(n, -1)
         self.pref_cdf = np.cumsum(rng.dirichlet(np.full(cfg.preferred_categories, 0.7), n), axis=1)
+        logit = np.log(cfg.lapse_median / (1.0 - cfg.lapse_median))
+        self.lapse = _sigmoid(logit + cfg.lapse_sigma * rng.standard_normal(n))
+        # The chain's stationary share of active days; the active rate keeps the long-run mean at `activity`.
+        self.p_active = cfg.p_return / (cfg.p_return + self.lapse)
+        self.active_rate = self.activity / (self.p_active + (1.0 - self.p_active) * cfg.dormant_activity)
 
         tz = ZoneInfo(cfg.timezone)
         self.day_start = np.array(
@@ -192,6 +216,46 @@ class _Block:
         )  # fmt: skip
         weekday = np.array([(cfg.start + timedelta(days=d)).weekday() for d in range(cfg.days + 1)])
         self.day_factor = np.where(weekday >= 5, cfg.weekend_factor, 1.0)
+
+    # -- dormancy -------------------------------------------------------------------------------
+
+    def dormancy(self) -> np.ndarray:
+        """The hidden state of each user on each day: True where dormant, shape (users, days)."""
+        rng, cfg = self.rng, self.cfg
+        dormant = np.empty((len(self.user_ids), cfg.days), dtype=bool)
+        dormant[:, 0] = rng.random(len(self.user_ids)) >= self.p_active
+        for d in range(1, cfg.days):
+            dormant[:, d] = rng.random(len(self.user_ids)) < self._p_dormant_next(dormant[:, d - 1])
+        return dormant
+
+    def _p_dormant_next(self, dormant: np.ndarray) -> np.ndarray:
+        return np.where(dormant, 1.0 - self.cfg.p_return, self.lapse)
+
+    def _p_no_session(self, day: int) -> tuple[np.ndarray, np.ndarray]:
+        """P(no session on ``day``) of each user if active, and if dormant."""
+        rate = self.active_rate * self.day_factor[day]
+        return np.exp(-rate), np.exp(-rate * self.cfg.dormant_activity)
+
+    def p_session(self, dormant: np.ndarray, day: int) -> np.ndarray:
+        """P(at least one session on ``day``) given the hidden state on the day before."""
+        p_dormant = self._p_dormant_next(dormant)
+        quiet_active, quiet_dormant = self._p_no_session(day)
+        return 1.0 - (1.0 - p_dormant) * quiet_active - p_dormant * quiet_dormant
+
+    def p_no_event(self, dormant: np.ndarray, day: int, horizon: int) -> np.ndarray:
+        """P(no session on ``day + 1`` .. ``day + horizon``) given the hidden state on ``day``.
+
+        Forward recursion over the chain: ``active`` (``asleep``) = P(active (dormant) on the current day
+        and no session since ``day``).
+        """
+        active, asleep = (~dormant).astype(np.float64), dormant.astype(np.float64)
+        for d in range(day + 1, day + horizon + 1):
+            quiet_active, quiet_dormant = self._p_no_session(d)
+            active, asleep = (
+                (active * (1.0 - self.lapse) + asleep * self.cfg.p_return) * quiet_active,
+                (active * self.lapse + asleep * (1.0 - self.cfg.p_return)) * quiet_dormant,
+            )
+        return active + asleep
 
     # -- browsing -------------------------------------------------------------------------------
 
@@ -256,11 +320,13 @@ class _Block:
 
     # -- the whole block ------------------------------------------------------------------------
 
-    def run(self) -> tuple[pa.Table, pa.Table]:
-        """Simulate the block; returns (events, next-day truth)."""
+    def run(self) -> tuple[pa.Table, pa.Table, pa.Table]:
+        """Simulate the block; returns (events, next-day purchase truth, churn truth)."""
         rng, cfg = self.rng, self.cfg
         n = len(self.user_ids)
-        expected = self.activity[:, None] * self.day_factor[None, : cfg.days]  # (users, days)
+        dormant = self.dormancy()
+        scale = np.where(dormant, cfg.dormant_activity, 1.0)
+        expected = self.active_rate[:, None] * self.day_factor[None, : cfg.days] * scale  # (users, days)
         sessions = rng.poisson(expected)
         views = self.browse(sessions)
 
@@ -296,7 +362,7 @@ class _Block:
             if d > 0:  # the oracle for "buys on day d", known at the end of day d-1
                 truth_user.append(np.arange(n))
                 truth_day.append(np.full(n, d - 1))
-                truth_p.append((1.0 - np.exp(-expected[:, d])) * q)
+                truth_p.append(self.p_session(dormant[:, d - 1], d) * q)
             buyers = np.flatnonzero((rng.random(n) < q) & (sessions[:, d] > 0))
             bought_on[buyers, d] = True
             n_buys = 1 + rng.poisson(cfg.extra_buys_mean, len(buyers))
@@ -362,18 +428,37 @@ class _Block:
             schema=EVENT_SCHEMA,
         )
         truth = self._truth(truth_user, truth_day, truth_p, bought_on)
-        return events, truth
+        return events, truth, self._churn_truth(dormant)
+
+    def _day_names(self) -> np.ndarray:
+        return np.array([(self.cfg.start + timedelta(days=int(i))).isoformat() for i in range(self.cfg.days)])
 
     def _truth(self, users, days, probs, bought_on) -> pa.Table:
         if not users:
             return _TRUTH_SCHEMA.empty_table()
         u, d, p = np.concatenate(users), np.concatenate(days), np.concatenate(probs)
-        day_names = np.array(
-            [(self.cfg.start + timedelta(days=int(i))).isoformat() for i in range(self.cfg.days)]
-        )
         return pa.table(
-            [pa.array(self.user_ids[u]), pa.array(day_names[d]), pa.array(p), pa.array(bought_on[u, d + 1])],
+            [
+                pa.array(self.user_ids[u]),
+                pa.array(self._day_names()[d]),
+                pa.array(p),
+                pa.array(bought_on[u, d + 1]),
+            ],
             schema=_TRUTH_SCHEMA,
+        )
+
+    def _churn_truth(self, dormant: np.ndarray) -> pa.Table:
+        """P(no event on D+1 .. D+3) for every snapshot day D whose three next days are simulated."""
+        n, days = len(self.user_ids), range(self.cfg.days - CHURN_DAYS)
+        if not days:
+            return _CHURN_SCHEMA.empty_table()
+        return pa.table(
+            [
+                pa.array(np.tile(self.user_ids, len(days))),
+                pa.array(np.repeat(self._day_names()[: len(days)], n)),
+                pa.array(np.concatenate([self.p_no_event(dormant[:, d], d, CHURN_DAYS) for d in days])),
+            ],
+            schema=_CHURN_SCHEMA,
         )
 
 
@@ -385,10 +470,18 @@ _TRUTH_SCHEMA = pa.schema(
         pa.field("bought_next_day", pa.bool_()),  # ... and whether the user did buy on D+1
     ]
 )
+_CHURN_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64()),
+        pa.field("day", pa.string()),  # snapshot day D, with the hidden state at the end of D known ...
+        pa.field("p_churn_3d", pa.float64()),  # ... the true probability of no event on D+1 .. D+3
+    ]
+)
 
 
-def iter_blocks(cfg: SimulatorConfig) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Simulate block after block of users: yields (events, truth) tables, in user order."""
+def iter_blocks(cfg: SimulatorConfig) -> Iterator[tuple[pa.Table, pa.Table, pa.Table]]:
+    """Simulate block after block of users: yields (events, next-day purchase truth, churn truth)
+    tables, in user order."""
     world = _World(cfg)
     for block, first in enumerate(range(0, cfg.users, USERS_PER_BLOCK)):
         yield _Block(cfg, world, first, min(USERS_PER_BLOCK, cfg.users - first), block).run()
@@ -404,7 +497,9 @@ def simulate(
     """Simulate ``cfg`` and write it under ``out``, replacing an earlier simulation there atomically.
 
     Layout: ``events/day=YYYY-MM-DD/*.parquet`` (the event contract), ``truth/next_day_buy.parquet``
-    (the oracle's next-day purchase probability per user and day), ``manifest.json`` (config, counts).
+    (the oracle's next-day purchase probability per user and day), ``truth/churn_3d.parquet`` (the
+    oracle's probability of no event on the 3 next days, per user and day D: only days with D+3
+    simulated get a row), ``manifest.json`` (config, counts).
 
     Args:
         cfg: what to simulate.
@@ -423,11 +518,13 @@ def simulate(
         writer = DayPartitionedWriter(staging / "events", cfg.timezone, flush_rows=flush_rows)
         (staging / "truth").mkdir()
         truth_writer = pq.ParquetWriter(staging / "truth" / "next_day_buy.parquet", _TRUTH_SCHEMA)
+        churn_writer = pq.ParquetWriter(staging / "truth" / "churn_3d.parquet", _CHURN_SCHEMA)
         counts: Counter = Counter()
         users_done = 0
-        for events, truth in iter_blocks(cfg):
+        for events, truth, churn in iter_blocks(cfg):
             writer.add(events)
             truth_writer.write_table(truth)
+            churn_writer.write_table(churn)
             kinds, freq = np.unique(
                 events.column("behavior").to_numpy(zero_copy_only=False), return_counts=True
             )
@@ -437,6 +534,7 @@ def simulate(
                 on_progress(users_done, cfg.users)
         writer.close()
         truth_writer.close()
+        churn_writer.close()
         seconds = _time.perf_counter() - started
         result = SimulationResult(
             out=out,

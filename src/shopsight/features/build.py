@@ -68,8 +68,9 @@ def build_features(
     """Build every feature table for snapshot days ``start`` .. ``end`` (inclusive).
 
     Events are read with the data contract's reader (bad rows quarantined under
-    ``<data_dir>/quarantine``); history before ``start`` feeds the windows and recency, and the day
-    after ``end``, when present, feeds the labels.
+    ``<data_dir>/quarantine``); history before ``start`` feeds the windows and recency, and the days
+    after ``end``, when present, feed the labels (the next one ``buy_next_1d``, the next three
+    ``churn_3d``; a label whose days are not all there is unknown, see :func:`jobs.labels`).
 
     Raises:
         ShopsightError: an empty range, unreadable input, or no events before the end of ``end``.
@@ -131,9 +132,9 @@ def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) 
     first_ts = events.agg(F.min(TS)).first()[0]
     if first_ts is None or first_ts >= end_ts:
         raise ShopsightError(f"no events before the end of {end}: nothing to build")
-    # Features see only events before the last snapshot; labels also see the day after it.
+    # Features see only events before the last snapshot; labels also see the days after it.
     past = events.filter(F.col(TS) < F.lit(end_ts)).cache()
-    label_events = events.filter(F.col(TS) < F.lit(end_ts + timedelta(days=1)))
+    label_events = events.filter(F.col(TS) < F.lit(end_ts + timedelta(days=jobs.LABEL_HORIZON_DAYS)))
 
     activity = jobs.user_activity(past, days, cfg.windows, cfg.session_gap_minutes).cache()
     segments, profile, silhouette = jobs.user_segments(activity, cfg.segments, cfg.windows)

@@ -225,6 +225,12 @@ def repository(settings: Settings) -> list:
         schema=[
             Field(name="user_id", dtype=Int64),
             _field("buy_next_1d", Bool, "Whether the user buys anything on the day after the snapshot."),
+            _field(
+                "churn_3d",
+                Bool,
+                "Whether the user has no event at all on the 3 days after the snapshot; null where those "
+                "days were not all observed yet.",
+            ),
         ],
         tags=tags,
         description="Training labels (offline only).",
@@ -242,6 +248,13 @@ def repository(settings: Settings) -> list:
             features=[user_activity, user_sequence, user_segment],
             tags=tags,
             description="Inputs of the purchase propensity models (activity, sequence, segment).",
+        ),
+        FeatureService(
+            name="churn_risk_v1",
+            features=[user_activity, user_sequence, user_segment],
+            tags=tags,
+            description="Inputs of the churn models (label churn_3d): the purchase models' inputs, since "
+            "the same sequence models serve both with their own binary head.",
         ),
         FeatureService(
             name="next_item_v1",

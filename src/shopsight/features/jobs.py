@@ -26,6 +26,9 @@ Definitions (what the tests recompute independently):
   * ``top_categories``: the 3 categories with most events in the largest window (ties: smaller id),
     ``top_category_share`` the top one's share of those events;
   * ``n_carted_not_bought``: distinct items carted at some time before the snapshot and not bought since.
+
+Labels look at the days after the snapshot instead (see :func:`labels`): ``buy_next_1d`` at D+1,
+``churn_3d`` at D+1 .. D+3.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from shopsight.data.schema import BEHAVIORS, CATEGORY_ID, ITEM_ID, TS, USER_ID
 
 __all__ = [
     "DAY_PARTS",
+    "LABEL_HORIZON_DAYS",
     "category_stats",
     "labels",
     "sessionize",
@@ -50,6 +54,7 @@ __all__ = [
     "with_day",
 ]
 
+LABEL_HORIZON_DAYS = 3  # the furthest a label looks past its snapshot day: churn_3d's D+3
 SNAPSHOT_DAY = "snapshot_day"
 SNAPSHOT_TS = "snapshot_ts"
 CREATED_TS = "created_ts"
@@ -315,15 +320,23 @@ def category_stats(events: DataFrame, days: DataFrame, windows: Sequence[int] = 
 
 
 def labels(events: DataFrame, days: DataFrame) -> DataFrame:
-    """``buy_next_1d`` per (user_id, snapshot_day): does the user buy anything on D+1?
+    """The labels per (user_id, snapshot_day D):
 
-    Only snapshot days whose next day lies inside the events' time range get a label; users are those
+      * ``buy_next_1d``: does the user buy anything on D+1?
+      * ``churn_3d``: does the user have no event at all on D+1 .. D+3?
+
+    The last day with an event is the last one observed. Only snapshot days before it get a row (the
+    next day, and so ``buy_next_1d``, is known there); ``churn_3d`` is null, unknown rather than False,
+    where D+3 lies past it: a user quiet on the observed days may still come back on an unobserved one,
+    so training sets for churn drop those rows while those for purchases keep them. Users are those
     with an event on or before D (the entities that have features at D).
     """
     ev = with_day(events)
     last_day = ev.agg(F.max("day")).first()[0]
     labelled = days.filter(F.col(SNAPSHOT_DAY) < F.lit(last_day))
-    daily = ev.groupBy(USER_ID, "day").agg(F.max((F.col("behavior") == "buy").cast("int")).alias("bought"))
+    daily = ev.groupBy(USER_ID, "day").agg(
+        F.max((F.col("behavior") == "buy").cast("int")).alias("bought"), F.count(F.lit(1)).alias("n_events")
+    )
     dense = _densify(
         daily,
         [USER_ID],
@@ -332,12 +345,15 @@ def labels(events: DataFrame, days: DataFrame) -> DataFrame:
                 SNAPSHOT_TS, _snapshot_ts(F.col(SNAPSHOT_DAY))
             )
         ),
-        ["bought"],
+        ["bought", "n_events"],
     )
     nxt = Window.partitionBy(USER_ID).orderBy("day_number")
-    dense = dense.withColumn("buy_next_1d", F.lead("bought", 1, 0).over(nxt) == 1)
     # lead() looks one row ahead; the grid is dense, so the next row is the next day
-    return _to_snapshots(dense.select(USER_ID, "day", "buy_next_1d"), labelled)
+    dense = dense.withColumn("buy_next_1d", F.lead("bought", 1, 0).over(nxt) == 1)
+    observed = F.date_add(F.col("day"), LABEL_HORIZON_DAYS) <= F.lit(last_day)
+    later = F.sum("n_events").over(nxt.rangeBetween(1, LABEL_HORIZON_DAYS))
+    dense = dense.withColumn("churn_3d", F.when(observed, later == 0))  # no otherwise: null when unknown
+    return _to_snapshots(dense.select(USER_ID, "day", "buy_next_1d", "churn_3d"), labelled)
 
 
 def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7), seed: int = 0):

@@ -176,6 +176,12 @@ class PromotionSettings(_Section):
         description="Largest drop of the primary metric (next item: NDCG@10 sampled; purchase: ROC-AUC), "
         "absolute, a candidate may show against the champion and still be promoted.",
     )
+    calibration_tolerance: float = Field(
+        0.02,
+        ge=0,
+        description="Largest rise of the calibration error (ECE), absolute, a candidate of a task with "
+        "probabilities (purchase, churn) may show against the champion and still be promoted.",
+    )
     bootstrap_samples: int = Field(
         1000, ge=50, description="Resamples of the paired bootstrap interval of the metric difference."
     )

@@ -125,11 +125,6 @@ def up(settings: Settings) -> LocalServer:
     return _start(settings)
 
 
-def start_local_server(settings: Settings) -> str:
-    """Start this data directory's server unless it runs (see :func:`up`); returns its URI."""
-    return str(up(settings).uri)
-
-
 def _start(settings: Settings) -> LocalServer:
     folder = _folder(settings)
     folder.mkdir(parents=True, exist_ok=True)

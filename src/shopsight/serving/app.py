@@ -4,9 +4,10 @@
 Serve, handles to the model deployments (:mod:`shopsight.serving.deploy`); in tests or one process,
 :class:`LocalBackend` over the predictors. The app itself knows nothing of Ray.
 
-Routes: ``POST /v1/recommendations``, ``POST /v1/purchase-propensity``, ``GET /v1/models`` (API key
-needed), ``GET /healthz`` (open), ``GET /metrics`` (open unless ``serving.metrics_open`` is false),
-``/docs`` and ``/openapi.json`` (open).
+Routes: one ``POST`` route per served task, from the task table (``Task.route``: e.g.
+``/v1/recommendations``, ``/v1/purchase-propensity``), and ``GET /v1/models`` (API key needed);
+``GET /healthz`` (open), ``GET /metrics`` (open unless ``serving.metrics_open`` is false), ``/docs`` and
+``/openapi.json`` (open).
 
 API keys: ``serving.api_keys`` maps a team to the sha256 hex digest of its key, so the settings never hold
 a key itself. A request sends the key as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``; its digest is
@@ -44,53 +45,45 @@ from prometheus_client import (
 )
 
 from shopsight import __version__
-from shopsight.serving.predictor import Outcome, PropensityPredictor, RecommendationPredictor
+from shopsight.serving.predictor import PREDICTORS, Outcome, ProbabilityPredictor
 from shopsight.serving.schemas import (
     ErrorResponse,
     HealthResponse,
-    ModelsResponse,
-    PropensityRequest,
-    PropensityResponse,
-    RecommendationRequest,
-    RecommendationResponse,
+    ServedModel,
+    models_response_model,
     propensity_request_model,
 )
+from shopsight.training.tasks import Task, get_task
 
 log = logging.getLogger("shopsight.serving")
 
-RECOMMENDATIONS = "/v1/recommendations"
-PROPENSITY = "/v1/purchase-propensity"
 MODELS = "/v1/models"
-ENDPOINTS = (RECOMMENDATIONS, PROPENSITY, MODELS, "/healthz", "/metrics", "/docs", "/openapi.json")
 KEYED_PREFIX = "/v1/"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Backend(Protocol):
-    """What the routes call; each answer is an :class:`Outcome`."""
+    """What the routes call: the served tasks, one :class:`Outcome` per request, the served versions."""
 
-    async def recommend(self, request: RecommendationRequest) -> Outcome: ...
+    tasks: tuple[str, ...]
 
-    async def propensity(self, request: PropensityRequest) -> Outcome: ...
+    async def answer(self, task: str, request) -> Outcome: ...
 
-    async def models(self) -> ModelsResponse: ...
+    async def models(self) -> dict[str, ServedModel]: ...
 
 
 class LocalBackend:
-    """The predictors in this process, one request at a time (tests; no Ray)."""
+    """Predictors in this process (task name -> predictor), one request at a time (tests; no Ray)."""
 
-    def __init__(self, next_item: RecommendationPredictor, purchase: PropensityPredictor) -> None:
-        self.next_item = next_item
-        self.purchase = purchase
+    def __init__(self, predictors: Mapping) -> None:
+        self.predictors = dict(predictors)
+        self.tasks = tuple(self.predictors)
 
-    async def recommend(self, request: RecommendationRequest) -> Outcome:
-        return self.next_item.recommend([request])[0]
+    async def answer(self, task: str, request) -> Outcome:
+        return self.predictors[task].answer([request])[0]
 
-    async def propensity(self, request: PropensityRequest) -> Outcome:
-        return self.purchase.propensity([request])[0]
-
-    async def models(self) -> ModelsResponse:
-        return ModelsResponse(next_item=self.next_item.describe(), purchase=self.purchase.describe())
+    async def models(self) -> dict[str, ServedModel]:
+        return {task: predictor.describe() for task, predictor in self.predictors.items()}
 
 
 def hash_key(key: str) -> str:
@@ -207,8 +200,11 @@ class ServingMetrics:
 class _Gate:
     """ASGI middleware: the API key check (before the body is read) and per-request metrics."""
 
-    def __init__(self, app, keys: Mapping[str, str], metrics: ServingMetrics, metrics_open: bool) -> None:
+    def __init__(
+        self, app, keys: Mapping[str, str], metrics: ServingMetrics, metrics_open: bool, endpoints: tuple
+    ) -> None:
         self.app = app
+        self.endpoints = endpoints
         self.keys = dict(keys)
         self.metrics = metrics
         self.metrics_open = metrics_open
@@ -219,7 +215,7 @@ class _Gate:
             return
         started = time.perf_counter()
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in self.endpoints else "other"
         status = [500]
         team = "-"
         if path.startswith(KEYED_PREFIX) or (path == "/metrics" and not self.metrics_open):
@@ -292,11 +288,14 @@ def build_app(
         timeout_s: a backend answer slower than this is a 503.
     """
     metrics = metrics or ServingMetrics()
+    tasks = [get_task(name) for name in backend.tasks]
+    models_response = models_response_model(tuple(task.name for task in tasks))
     app = FastAPI(
         title="Shopsight serving API",
         version=__version__,
-        description="Next-item recommendations and purchase propensity from the champion models, with "
-        "live features from the Feast online store. Send your team's key as `X-API-Key` (or "
+        description="Predictions of the champion models ("
+        + "; ".join(f"`{t.route.path}`: {t.route.summary.lower()}" for t in tasks)
+        + "), with live features from the Feast online store. Send your team's key as `X-API-Key` (or "
         "`Authorization: Bearer`). Every answer names the model version that produced it.",
         redoc_url=None,
     )
@@ -305,7 +304,6 @@ def build_app(
         Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="Your team's API key.")),
         Security(HTTPBearer(auto_error=False, description="The API key as a bearer token.")),
     ]
-    propensity_model = propensity_request_model(max_user_ids)
 
     async def call(endpoint: str, coroutine) -> Response:
         try:
@@ -325,38 +323,19 @@ def build_app(
             headers={"Server-Timing": _server_timing(outcome)},
         )
 
-    @app.post(
-        RECOMMENDATIONS,
-        response_model=RecommendationResponse,
-        responses=_ERRORS,
-        dependencies=keyed,
-        summary="Top-k next items of a user, from the next-item champion",
-    )
-    async def recommendations(body: RecommendationRequest) -> Response:
-        return await call(RECOMMENDATIONS, backend.recommend(body))
+    for task in tasks:
+        _add_route(app, task, call, backend, keyed, max_user_ids)
 
-    async def purchase_propensity(body) -> Response:
-        return await call(PROPENSITY, backend.propensity(body))
-
-    purchase_propensity.__annotations__ = {"body": propensity_model, "return": Response}
-    app.post(
-        PROPENSITY,
-        response_model=PropensityResponse,
-        responses=_ERRORS,
-        dependencies=keyed,
-        summary="Probability that each user buys tomorrow, from the purchase champion",
-    )(purchase_propensity)
-
-    @app.get(MODELS, response_model=ModelsResponse, responses=_ERRORS, dependencies=keyed,
+    @app.get(MODELS, response_model=models_response, responses=_ERRORS, dependencies=keyed,
              summary="The model versions being served")  # fmt: skip
-    async def models() -> ModelsResponse:
+    async def models():
         answer = await backend.models()
-        for served in (answer.next_item, answer.purchase):
+        for served in answer.values():
             for alias in ("champion", "challenger"):
                 version = getattr(served, alias)
                 if version is not None:
                     metrics.version(served.name, alias, version.version)
-        return answer
+        return models_response(**answer)
 
     @app.get("/healthz", response_model=HealthResponse, summary="Liveness, and whether champions are loaded")
     async def healthz() -> HealthResponse:
@@ -365,9 +344,7 @@ def build_app(
         except Exception as exc:  # noqa: BLE001 - the ingress is alive; say what is not
             log.warning("healthz: models unavailable: %s", exc)
             return HealthResponse(status="degraded", models={})
-        served = {
-            s.name: (s.champion.version if s.champion else None) for s in (answer.next_item, answer.purchase)
-        }
+        served = {s.name: (s.champion.version if s.champion else None) for s in answer.values()}
         return HealthResponse(status="ok" if all(served.values()) else "degraded", models=served)
 
     @app.get("/metrics", include_in_schema=False)
@@ -382,8 +359,32 @@ def build_app(
         message = f"invalid request: {where}: {first.get('msg', 'does not match the schema')}"
         return JSONResponse({"error": message, "detail": errors}, status_code=422)
 
-    app.add_middleware(_Gate, keys=api_keys, metrics=metrics, metrics_open=metrics_open)
+    endpoints = (*(t.route.path for t in tasks), MODELS, "/healthz", "/metrics", "/docs", "/openapi.json")
+    app.add_middleware(_Gate, keys=api_keys, metrics=metrics, metrics_open=metrics_open, endpoints=endpoints)
     return app
+
+
+def _add_route(app: FastAPI, task: Task, call, backend: Backend, keyed: list, max_user_ids: int) -> None:
+    """``POST task.route.path``: the task's predictor kind gives the request and response bodies."""
+    predictor = PREDICTORS[task.route.predictor]
+    request_model = (
+        propensity_request_model(max_user_ids)
+        if predictor is ProbabilityPredictor
+        else predictor.request_model
+    )
+
+    async def route(body) -> Response:
+        return await call(task.route.path, backend.answer(task.name, body))
+
+    route.__annotations__ = {"body": request_model, "return": Response}
+    route.__name__ = task.name
+    app.post(
+        task.route.path,
+        response_model=predictor.response_model,
+        responses=_ERRORS,
+        dependencies=keyed,
+        summary=f"{task.route.summary}, from the {task.name} champion",
+    )(route)
 
 
 def _error(status: int, message: str) -> JSONResponse:

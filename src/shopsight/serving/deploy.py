@@ -7,12 +7,15 @@ re-resolves the registry aliases every ``serving.poll_interval_s`` and swaps a n
 loaded, so a promotion reaches serving within seconds, with no redeployment and no dropped request.
 Requests are scored in batches (``@serve.batch``). Two layouts (``serving.layout``):
 
-- ``combined`` (default): one deployment, ``api``, is the FastAPI ingress and holds both model hosts.
-  Proxy -> replica -> proxy: one Ray call per request. On a small machine this is the fast one (the
-  benchmark measures both).
-- ``split``: the ingress ``api`` (auth, validation, metrics) calls two model deployments, ``next_item`` and
-  ``purchase``, by handle: they scale apart (e.g. GPU model replicas behind a CPU ingress), at the cost of
-  a second Ray call per request.
+- ``combined`` (default): one deployment, ``api``, is the FastAPI ingress and holds a model host per
+  served task. Proxy -> replica -> proxy: one Ray call per request. On a small machine this is the fast
+  one (the benchmark measures both).
+- ``split``: the ingress ``api`` (auth, validation, metrics) calls one model deployment per served task,
+  named after it (``next_item``, ``purchase``, ...), by handle: they scale apart (e.g. GPU model replicas
+  behind a CPU ingress), at the cost of a second Ray call per request.
+
+The served tasks, their routes, feature services and registered models come from the task table
+(:func:`~shopsight.training.tasks.served_tasks`); nothing here names a task.
 
 Replicas, CPUs/GPUs per replica, autoscaling, ``max_ongoing_requests`` and the HTTP address come from
 ``serving.*``. The routing (canary share, shadow, seed), the batch size and wait and the poll interval are
@@ -37,14 +40,8 @@ from pydantic import ValidationError
 from shopsight import __version__
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform._settings import ServingSettings
-from shopsight.serving.predictor import (
-    NEXT_ITEM_SERVICE,
-    PURCHASE_SERVICE,
-    ModelWatcher,
-    PropensityPredictor,
-    RecommendationPredictor,
-    Routing,
-)
+from shopsight.serving.predictor import PREDICTORS, ModelWatcher, Routing
+from shopsight.training.tasks import get_task, served_tasks
 
 # Ray Serve 2.60's own config models use a pydantic idiom pydantic deprecates: not ours to act on
 warnings.filterwarnings(
@@ -52,8 +49,6 @@ warnings.filterwarnings(
 )
 from ray import serve  # noqa: E402
 
-NEXT_ITEM_MODEL = "shopsight-next-item"  # = shopsight.training.train.NEXT_ITEM_MODEL
-PURCHASE_MODEL = "shopsight-purchase"  # = shopsight.training.train_purchase.PURCHASE_MODEL
 USER_CONFIG_KEYS = (
     "canary_share",
     "shadow",
@@ -72,22 +67,22 @@ def _replica_setup(settings: Settings) -> None:
 
 
 class ModelHost:
-    """One model in a replica: feature reader, predictor, alias watcher (started, champion loaded)."""
+    """One task's model in a replica: feature reader, predictor, alias watcher (started, champion loaded)."""
 
-    def __init__(self, settings: Settings, kind: str) -> None:
+    def __init__(self, settings: Settings, task_name: str) -> None:
         from shopsight.features.online import OnlineFeatureReader
         from shopsight.serving.models import MlflowModelSource, item_popularity
 
-        routing = _routing(settings.serving)
-        uri = settings.mlflow.tracking_uri
-        if kind == "next_item":
-            reader = OnlineFeatureReader(settings, NEXT_ITEM_SERVICE, ["seq_item_ids"])
-            self.predictor: Any = RecommendationPredictor(reader, NEXT_ITEM_MODEL, routing)
-            source = MlflowModelSource(uri, NEXT_ITEM_MODEL, "next_item", item_popularity(settings))
-        else:
-            reader = OnlineFeatureReader(settings, PURCHASE_SERVICE)
-            self.predictor = PropensityPredictor(reader, PURCHASE_MODEL, routing)
-            source = MlflowModelSource(uri, PURCHASE_MODEL, "purchase")
+        task = get_task(task_name)
+        kind = PREDICTORS[task.route.predictor]
+        reader = OnlineFeatureReader(settings, task.route.service, kind.features)
+        self.predictor: Any = kind(
+            reader, task.registered_model, _routing(settings.serving), endpoint=task.route.path
+        )
+        popularity = item_popularity(settings) if kind.kind == "ranking" else None
+        source = MlflowModelSource(
+            settings.mlflow.tracking_uri, task.registered_model, task.pyfunc.load_class(), popularity
+        )
         self.watcher = ModelWatcher(self.predictor, source, settings.serving.poll_interval_s)
         self.watcher.poll_once()  # the replica is ready once the champion (if any) is loaded
         self.watcher.start()
@@ -119,74 +114,81 @@ def _steady() -> None:
     gc.freeze()  # a steady tail: the collector stops walking the loaded registry and models
 
 
+async def _answer_grouped(hosts: dict[str, ModelHost], items: list) -> list:
+    """A batch of (task, request) pairs answered task by task, in the order they came."""
+    out: list[Any] = [None] * len(items)
+    for name, host in hosts.items():
+        rows = [i for i, (task, _) in enumerate(items) if task == name]
+        if rows:
+            for i, outcome in zip(rows, host.predictor.answer([items[i][1] for i in rows]), strict=True):
+                out[i] = outcome
+    return out
+
+
 @serve.deployment(max_constructor_retry_count=2)
 @serve.ingress()
 class Combined:
-    """Layout ``combined``: the HTTP API and both models in one replica."""
+    """Layout ``combined``: the HTTP API and every served task's model in one replica."""
 
     def __init__(self, settings: Settings) -> None:
         _replica_setup(settings)
         self.serving = settings.serving
-        self.next_item = ModelHost(settings, "next_item")
-        self.purchase = ModelHost(settings, "purchase")
+        self.hosts = {task.name: ModelHost(settings, task.name) for task in served_tasks()}
         _steady()
 
     def reconfigure(self, config: dict) -> None:
-        self.next_item.configure(config, self.recommend)
-        self.purchase.configure(config, self.propensity)
+        for host in self.hosts.values():
+            host.configure(config, self.score)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def recommend(self, requests: list) -> list:
-        return self.next_item.predictor.recommend(requests)
+    async def score(self, items: list) -> list:
+        return await _answer_grouped(self.hosts, items)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def propensity(self, requests: list) -> list:
-        return self.purchase.predictor.propensity(requests)
-
-    def describe(self, kind: str):
-        return (self.next_item if kind == "next_item" else self.purchase).predictor.describe()
+    def describe(self, task: str):
+        return self.hosts[task].predictor.describe()
 
     def __serve_build_asgi_app__(self):
         return _app(self.serving, _ReplicaBackend(self))
 
     def __del__(self) -> None:
-        for host in (getattr(self, "next_item", None), getattr(self, "purchase", None)):
-            if host is not None:
-                host.stop()
+        for host in getattr(self, "hosts", {}).values():
+            host.stop()
 
 
 class _ReplicaBackend:
-    """The combined replica's own batched methods, as the app's backend."""
+    """The combined replica's own batched method, as the app's backend."""
 
     def __init__(self, replica: Combined) -> None:
         self.replica = replica
+        self.tasks = tuple(replica.hosts)
 
-    async def recommend(self, request):
-        return await self.replica.recommend(request)
-
-    async def propensity(self, request):
-        return await self.replica.propensity(request)
+    async def answer(self, task: str, request):
+        return await self.replica.score((task, request))
 
     async def models(self):
-        from shopsight.serving.schemas import ModelsResponse
-
-        return ModelsResponse(
-            next_item=self.replica.describe("next_item"), purchase=self.replica.describe("purchase")
-        )
+        return {task: self.replica.describe(task) for task in self.tasks}
 
 
-class _ModelDeployment:
-    """Layout ``split``: one model per deployment."""
+@serve.deployment(max_constructor_retry_count=2)
+class ModelDeployment:
+    """Layout ``split``: one task's model per deployment."""
 
-    kind = ""
-    host: ModelHost
-
-    def _start(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, task: str) -> None:
         _replica_setup(settings)
-        self.host = ModelHost(settings, self.kind)
+        self.host = ModelHost(settings, task)
         _steady()
 
-    def describe(self, kind: str | None = None):
+    def reconfigure(self, config: dict) -> None:
+        self.host.configure(config, self.score)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
+    async def score(self, requests: list) -> list:
+        return self.host.predictor.answer(requests)
+
+    async def answer(self, request):
+        return await self.score(request)
+
+    def describe(self, task: str | None = None):
         return self.host.predictor.describe()
 
     def __del__(self) -> None:
@@ -195,78 +197,31 @@ class _ModelDeployment:
             host.stop()
 
 
-@serve.deployment(max_constructor_retry_count=2)
-class NextItemModel(_ModelDeployment):
-    """Recommendations: next_item_v1 features, the shopsight-next-item champion, popularity fallback."""
-
-    kind = "next_item"
-
-    def __init__(self, settings: Settings) -> None:
-        self._start(settings)
-
-    def reconfigure(self, config: dict) -> None:
-        self.host.configure(config, self.score)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def score(self, requests: list) -> list:
-        return self.host.predictor.recommend(requests)
-
-    async def recommend(self, request):
-        return await self.score(request)
-
-
-@serve.deployment(max_constructor_retry_count=2)
-class PurchaseModel(_ModelDeployment):
-    """Purchase propensity: purchase_propensity_v1 features, the shopsight-purchase champion."""
-
-    kind = "purchase"
-
-    def __init__(self, settings: Settings) -> None:
-        self._start(settings)
-
-    def reconfigure(self, config: dict) -> None:
-        self.host.configure(config, self.score)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def score(self, requests: list) -> list:
-        return self.host.predictor.propensity(requests)
-
-    async def propensity(self, request):
-        return await self.score(request)
-
-
 class ServeBackend:
     """The split ingress's backend: the model deployments, by handle."""
 
-    def __init__(self, next_item, purchase) -> None:
-        self.next_item = next_item
-        self.purchase = purchase
+    def __init__(self, handles: dict) -> None:
+        self.handles = handles
+        self.tasks = tuple(handles)
 
-    async def recommend(self, request):
-        return await self.next_item.recommend.remote(request)
-
-    async def propensity(self, request):
-        return await self.purchase.propensity.remote(request)
+    async def answer(self, task: str, request):
+        return await self.handles[task].answer.remote(request)
 
     async def models(self):
         import asyncio
 
-        from shopsight.serving.schemas import ModelsResponse
-
-        next_item, purchase = await asyncio.gather(
-            self.next_item.describe.remote(), self.purchase.describe.remote()
-        )
-        return ModelsResponse(next_item=next_item, purchase=purchase)
+        described = await asyncio.gather(*(h.describe.remote() for h in self.handles.values()))
+        return dict(zip(self.tasks, described, strict=True))
 
 
 @serve.deployment(max_constructor_retry_count=2)
 @serve.ingress()
 class Api:
-    """Layout ``split``: the HTTP ingress over the model deployments."""
+    """Layout ``split``: the HTTP ingress over the model deployments (one per task, in ``tasks`` order)."""
 
-    def __init__(self, serving: ServingSettings, next_item, purchase) -> None:
+    def __init__(self, serving: ServingSettings, tasks: tuple[str, ...], *handles) -> None:
         self.serving = serving
-        self.backend = ServeBackend(next_item, purchase)
+        self.backend = ServeBackend(dict(zip(tasks, handles, strict=True)))
 
     def __serve_build_asgi_app__(self):
         return _app(self.serving, self.backend)
@@ -348,8 +303,10 @@ def build_application(settings: Settings, **routing):
     }
     if serving.layout == "combined":
         return _options(Combined, version, name="api", **model_options).bind(settings)
-    next_item = _options(NextItemModel, version, name="next_item", **model_options).bind(settings)
-    purchase = _options(PurchaseModel, version, name="purchase", **model_options).bind(settings)
+    tasks = tuple(task.name for task in served_tasks())
+    models = [
+        _options(ModelDeployment, version, name=name, **model_options).bind(settings, name) for name in tasks
+    ]
     return _options(
         Api,
         version,
@@ -357,7 +314,7 @@ def build_application(settings: Settings, **routing):
         num_replicas=serving.ingress_replicas,
         ray_actor_options={"num_cpus": serving.ingress_num_cpus},
         max_ongoing_requests=4 * serving.max_ongoing_requests,
-    ).bind(serving, next_item, purchase)
+    ).bind(serving, tasks, *models)
 
 
 def _options(deployment, version: str, **options):
@@ -431,7 +388,7 @@ def status(settings: Settings) -> dict:
         for name, d in overview.deployments.items()
     }
     served = {}
-    for name in ("next_item", "purchase"):
+    for name in (task.name for task in served_tasks()):
         deployment = name if name in overview.deployments else "api"  # split | combined
         try:
             handle = serve.get_deployment_handle(deployment, app_name=app_name)

@@ -28,24 +28,22 @@ class MlflowModelSource:
     Args:
         tracking_uri: the MLflow server.
         registered_name: e.g. ``shopsight-next-item``.
-        kind: ``next_item`` (a NextItemRecommender) or ``purchase`` (a PurchasePropensity).
-        popularity: for next-item models, item ids -> their popularity (see :func:`item_popularity`).
+        pyfunc: the task's pyfunc class (``Task.pyfunc.load_class()``), loaded with ``from_folder``.
+        popularity: for ranking models, item ids -> their popularity (see :func:`item_popularity`).
     """
 
     def __init__(
         self,
         tracking_uri: str,
         registered_name: str,
-        kind: str,
+        pyfunc: type,
         popularity: Callable[[np.ndarray], Popularity | None] | None = None,
     ) -> None:
         from mlflow import MlflowClient
 
-        if kind not in ("next_item", "purchase"):
-            raise ValueError(f"unknown model kind {kind!r}")
         self.tracking_uri = tracking_uri
         self.registered_name = registered_name
-        self.kind = kind
+        self.pyfunc = pyfunc
         self.popularity = popularity
         self.client = MlflowClient(tracking_uri)
 
@@ -69,20 +67,12 @@ class MlflowModelSource:
             root = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"models:/{self.registered_name}/{ref.version}", dst_path=str(folder)
             )
-            model_dir = _artifact_dir(Path(root))
-            if self.kind == "next_item":
-                from shopsight.training.next_item_model import NextItemRecommender
-
-                model = NextItemRecommender()
-            else:
-                from shopsight.training.purchase_model import PurchasePropensity
-
-                model = PurchasePropensity()
-            model._load(model_dir)  # everything is read into memory: the files can go
+            # everything is read into memory: the files can go
+            model = self.pyfunc.from_folder(_artifact_dir(Path(root)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         popularity = None
-        if self.kind == "next_item" and self.popularity is not None:
+        if self.popularity is not None:
             popularity = self.popularity(model.item_ids[1:])
         return LoadedModel(
             name=self.registered_name,

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel
 
 from shopsight.serving.schemas import (
     ModelRef,
@@ -46,9 +47,7 @@ log = logging.getLogger("shopsight.serving")
 shadow_log = logging.getLogger("shopsight.serving.shadow")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-NEXT_ITEM_SERVICE = "next_item_v1"
-PURCHASE_SERVICE = "purchase_propensity_v1"
-SNAPSHOT = "event_timestamp"  # the column the purchase pyfunc reads "now" from
+SNAPSHOT = "event_timestamp"  # the column a user-snapshot pyfunc reads "now" from
 _LIST_FEATURES = {"top_categories", "seq_item_ids", "seq_category_ids", "seq_behaviors", "seq_ts"}
 
 
@@ -77,7 +76,7 @@ class Popularity:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A registered model version loaded in memory (a NextItemRecommender or PurchasePropensity)."""
+    """A registered model version loaded in memory (the task's pyfunc)."""
 
     name: str
     version: str
@@ -85,7 +84,7 @@ class LoadedModel:
     model: Any
     run_id: str | None = None
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    popularity: Popularity | None = None  # next-item models only
+    popularity: Popularity | None = None  # ranking models only
 
     def ref(self) -> ModelRef:
         return ModelRef(name=self.name, version=self.version, alias=self.alias)
@@ -143,11 +142,22 @@ def _utcnow() -> datetime:
 
 
 class _Predictor:
-    kind = ""
+    """What every predictor kind shares: the served models, their routing, the answer to a batch."""
 
-    def __init__(self, reader: FeatureReader, registered_name: str, routing: Routing | None = None) -> None:
+    kind = ""  # the predictor kind a task's route names (``Route.predictor``)
+    request_model: type = BaseModel
+    response_model: type = BaseModel
+
+    def __init__(
+        self,
+        reader: FeatureReader,
+        registered_name: str,
+        routing: Routing | None = None,
+        endpoint: str = "",
+    ) -> None:
         self.reader = reader
         self.registered_name = registered_name
+        self.endpoint = endpoint or registered_name  # how shadow logs name the route
         self._served = Served()
         self.routing = routing or Routing()
         self._rng = random.Random(self.routing.seed)
@@ -183,6 +193,10 @@ class _Predictor:
             error=self.last_error,
         )
 
+    def answer(self, requests: Sequence[Any]) -> list[Outcome]:
+        """One outcome per request of the batch."""
+        raise NotImplementedError
+
     def _variants(self, n: int, served: Served) -> list[str]:
         share = self.routing.canary_share
         if served.challenger is None or share <= 0:
@@ -198,11 +212,14 @@ class _Predictor:
 
 
 class RecommendationPredictor(_Predictor):
-    """Top-k next items of users, from their ``seq_item_ids`` feature (service ``next_item_v1``)."""
+    """Top-k items of users, from their ``seq_item_ids`` feature (the ``ranking`` kind)."""
 
-    kind = "next_item"
+    kind = "ranking"
+    request_model = RecommendationRequest
+    response_model = RecommendationResponse
+    features = ("seq_item_ids",)  # what it reads of the task's feature service
 
-    def recommend(self, requests: Sequence[RecommendationRequest]) -> list[Outcome]:
+    def answer(self, requests: Sequence[RecommendationRequest]) -> list[Outcome]:
         n, served = len(requests), self._served
         if served.champion is None:
             return [Outcome.unavailable(self._no_champion(), n) for _ in requests]
@@ -261,7 +278,7 @@ class RecommendationPredictor(_Predictor):
             shadow_log.info(
                 json.dumps(
                     {
-                        "endpoint": "recommendations",
+                        "endpoint": self.endpoint,
                         "user_id": requests[i].user_id,
                         "champion": served.model.version,
                         "challenger": challenger.version,
@@ -280,7 +297,7 @@ def recommend_items(
 ) -> list[tuple[list[int], list[float], str]]:
     """``(items, scores, source)`` per history: the model's top k; popularity for an unknown history.
 
-    The tensors are built exactly as :class:`~shopsight.training.next_item_model.NextItemRecommender`
+    The tensors are built exactly as :class:`~shopsight.training.next_item.pyfunc.NextItemRecommender`
     builds them (unknown items skipped, the last ``max_len`` known ones left-padded), so a response equals
     the registered pyfunc's prediction for the same history.
     """
@@ -323,22 +340,27 @@ def recommend_items(
     return out
 
 
-class PropensityPredictor(_Predictor):
-    """Probability of a purchase tomorrow, from the ``purchase_propensity_v1`` features of each user."""
+class ProbabilityPredictor(_Predictor):
+    """The probability of a task's label for each user, from the task's feature service (the
+    ``probability`` kind: purchase tomorrow, churn in three days, ...)."""
 
-    kind = "purchase"
+    kind = "probability"
+    request_model = PropensityRequest
+    response_model = PropensityResponse
+    features = None  # every feature of the task's service
 
     def __init__(
         self,
         reader: FeatureReader,
         registered_name: str,
         routing: Routing | None = None,
+        endpoint: str = "",
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        super().__init__(reader, registered_name, routing)
+        super().__init__(reader, registered_name, routing, endpoint)
         self.clock = clock
 
-    def propensity(self, requests: Sequence[PropensityRequest]) -> list[Outcome]:
+    def answer(self, requests: Sequence[PropensityRequest]) -> list[Outcome]:
         n, served = len(requests), self._served
         if served.champion is None:
             return [Outcome.unavailable(self._no_champion(), n) for _ in requests]
@@ -388,7 +410,7 @@ class PropensityPredictor(_Predictor):
                     shadow_log.info(
                         json.dumps(
                             {
-                                "endpoint": "purchase-propensity",
+                                "endpoint": self.endpoint,
                                 "user_ids": ids[lo:hi],
                                 "champion": served.champion.version,
                                 "challenger": served.challenger.version,
@@ -404,8 +426,13 @@ class PropensityPredictor(_Predictor):
         return outcomes
 
 
+PREDICTORS: dict[str, type[_Predictor]] = {
+    predictor.kind: predictor for predictor in (RecommendationPredictor, ProbabilityPredictor)
+}
+
+
 def feature_frame(features: dict[str, list], as_of: datetime) -> pd.DataFrame:
-    """The online feature rows as the purchase pyfunc takes them, described as of ``as_of``."""
+    """The online feature rows as a user-snapshot pyfunc takes them, described as of ``as_of``."""
     frame = pd.DataFrame(features)
     for name, values in features.items():
         if name not in _LIST_FEATURES and all(v is None for v in values):
@@ -420,7 +447,7 @@ def _has_history(features: dict[str, list], n: int) -> list[bool]:
 
 
 def predict_probabilities(loaded: LoadedModel, frame: pd.DataFrame) -> np.ndarray:
-    """The purchase pyfunc's own ``predict`` on the rows: the same transform and network as offline."""
+    """The pyfunc's own ``predict`` on the rows: the same transform, network and calibration as offline."""
     return loaded.model.predict(None, frame.reset_index(drop=True))["probability"].to_numpy()
 
 

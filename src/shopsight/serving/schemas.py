@@ -7,6 +7,7 @@ names the model version that produced it.
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -37,7 +38,7 @@ class RecommendationRequest(_Request):
 
 
 class PropensityRequest(_Request):
-    """Purchase propensity of several users (at most ``serving.max_user_ids``)."""
+    """The probability of a task's label for several users (at most ``serving.max_user_ids``)."""
 
     user_ids: list[UserId] = Field(
         ..., min_length=1, max_length=DEFAULT_MAX_USER_IDS, description="Users to score, in answer order."
@@ -87,7 +88,9 @@ class RecommendationResponse(_Response):
 
 class UserProbability(_Response):
     user_id: int
-    probability: float = Field(description="Probability that the user buys anything tomorrow.")
+    probability: float = Field(
+        description="Calibrated probability of the task's label (e.g. buying tomorrow, churning)."
+    )
     has_history: bool = Field(
         description="False when the online store holds no features of the user (a fallback: the model "
         "scores an empty history)."
@@ -115,9 +118,15 @@ class ServedModel(_Response):
     error: str | None = Field(None, description="The last loading problem, if any.")
 
 
-class ModelsResponse(_Response):
-    next_item: ServedModel
-    purchase: ServedModel
+@functools.cache
+def models_response_model(tasks: tuple[str, ...]) -> type[_Response]:
+    """The body of ``GET /v1/models``: one :class:`ServedModel` per served task, named after it."""
+    return create_model(
+        "ModelsResponse",
+        __base__=_Response,
+        __doc__="The model versions served, per task.",
+        **{task: (ServedModel, ...) for task in tasks},
+    )
 
 
 class HealthResponse(_Response):

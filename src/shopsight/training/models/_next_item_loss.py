@@ -9,7 +9,8 @@ alike): :class:`NextItemOutput` gives a model with ``encode`` and a shared input
   SASRec well past BCE). Logits are computed only at real positions, so the cost is
   (real positions x items x d) per batch: cheap for catalogues of tens of thousands of items.
 
-With a ``teacher`` (:class:`~shopsight.training.distill.TeacherBatch`), the two softmax losses become
+With a ``teacher`` (:class:`~shopsight.training.next_item.distill.TeacherBatch`), the two softmax
+losses become
 ``(1 - w) * loss + w * cross-entropy to the teachers' softmax over the same candidates`` (distillation).
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 if TYPE_CHECKING:
-    from shopsight.training.distill import TeacherBatch
+    from shopsight.training.next_item.distill import TeacherBatch
 
 LOSSES = ("bce", "sampled_softmax", "softmax")
 
@@ -94,7 +95,7 @@ class NextItemOutput:
         self, seq: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, teacher=None
     ) -> torch.Tensor:
         """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce;
-        ``teacher``: a :class:`~shopsight.training.distill.TeacherBatch` to distil from."""
+        ``teacher``: a :class:`~shopsight.training.next_item.distill.TeacherBatch` to distil from."""
         return next_item_loss(
             self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives, teacher
         )

@@ -24,7 +24,7 @@ well as the majority. An epoch is ``ceil(rows / batch_size)`` generator steps, e
 critic steps (CTGAN's meaning of epoch when its ``discriminator_steps`` equals ``n_critic``).
 
 The GAN is not a next-item model: it has ``fit`` / ``sample`` instead of ``loss`` / ``score`` /
-``predict``. Its quality is measured by :mod:`shopsight.training.synthetic`.
+``predict``. Its quality is measured by :mod:`shopsight.training.synthetic_users.evaluate`.
 """
 
 from __future__ import annotations

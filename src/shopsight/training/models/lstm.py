@@ -3,7 +3,7 @@
 Same contract as SASRec (``loss``, ``score``, ``predict`` over left-padded item-id sequences) and the
 same output embedding trick: the next item's score is the dot product of the projected LSTM state
 with the item's embedding. With ``n_dense > 0`` it has the same purchase head as SASRec
-(:mod:`._purchase_head`), over the LSTM's last state.
+(:mod:`._user_head`), over the LSTM's last state.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from shopsight.training.models._next_item_loss import NextItemOutput, check_loss
-from shopsight.training.models._purchase_head import PurchaseHead
+from shopsight.training.models._user_head import UserHead
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class LSTMConfig:
         check_loss(self.loss)
 
 
-class LSTMRec(NextItemOutput, PurchaseHead, nn.Module):
+class LSTMRec(NextItemOutput, UserHead, nn.Module):
     """Next-item model over item-id sequences (left-padded with 0)."""
 
     def __init__(self, cfg: LSTMConfig) -> None:
@@ -61,7 +61,7 @@ class LSTMRec(NextItemOutput, PurchaseHead, nn.Module):
         nn.init.xavier_normal_(self.item_emb.weight)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
-        self.build_purchase_head(cfg)
+        self.build_user_head(cfg)
 
     def encode(
         self, seq: torch.Tensor, side: torch.Tensor | None = None, present: torch.Tensor | None = None

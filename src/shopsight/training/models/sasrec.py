@@ -9,8 +9,8 @@ Losses (:mod:`._next_item_loss`): the paper's binary cross-entropy with one samp
 cross-entropy over the whole catalogue (``"softmax"``).
 ``pre_ln`` puts LayerNorm before attention and feed-forward (the variant that trains more stably).
 
-With ``n_dense > 0`` the model also has the purchase head of :mod:`._purchase_head` (Behavior Sequence
-Transformer style): ``purchase_loss`` / ``purchase_proba`` over items, categories, behaviours, time gaps
+With ``n_dense > 0`` the model also has the purchase head of :mod:`._user_head` (Behavior Sequence
+Transformer style): ``user_loss`` / ``user_proba`` over items, categories, behaviours, time gaps
 and the user's dense activity features. The encoder is the same, so a next-item model pretrained on all
 behaviour initialises it (:func:`transfer_pretrained`).
 """
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from shopsight.training.models._next_item_loss import NextItemOutput, check_loss
-from shopsight.training.models._purchase_head import PurchaseHead
+from shopsight.training.models._user_head import UserHead
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class _Block(nn.Module):
         return x * keep
 
 
-class SASRec(NextItemOutput, PurchaseHead, nn.Module):
+class SASRec(NextItemOutput, UserHead, nn.Module):
     """Next-item model over item-id sequences (left-padded with 0)."""
 
     def __init__(self, cfg: SASRecConfig) -> None:
@@ -95,7 +95,7 @@ class SASRec(NextItemOutput, PurchaseHead, nn.Module):
         causal = torch.triu(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool), diagonal=1)
         self.register_buffer("causal", causal, persistent=False)
         self._init()
-        self.build_purchase_head(cfg)
+        self.build_user_head(cfg)
 
     def _init(self) -> None:
         for name, param in self.named_parameters():

@@ -1,0 +1,389 @@
+"""MLflow model-registry helpers: what a registered model holds, its promotion history, and a lease that
+keeps two promotions of one model from interleaving. Stage-free: it knows tags, aliases and runs, never
+how a model is evaluated (that is :mod:`shopsight.lifecycle.promotion`).
+
+What the registry records, beside MLflow's own versions and aliases:
+
+Registered-model tags
+    ``eval.path``, ``eval.sha256``, ``eval.frozen_at``, ``eval.frozen_by``: the frozen evaluation set, on
+    which every promotion evaluates candidate and champion (set by the first promotion).
+    ``history.0001``, ``history.0002``, ...: one promotion or rollback each, as JSON (see
+    :func:`append_history`). One tag per entry, because a registered-model tag value holds at most 5,000
+    characters in MLflow's SQL stores; the zero-padded number keeps them in order.
+    ``promotion.lock``: the lease of a promotion or rollback in progress (see :class:`RegistryLock`).
+
+Model-version tags
+    ``promoted_at``, ``promoted_by``, ``promoted_from``, ``promotion_action`` (promote | rollback),
+    ``promotion_reason``, ``forced`` on the version that became champion; ``demoted_at``, ``demoted_by``,
+    ``replaced_by`` on the one it replaced (``rolled_back_at``, ``rolled_back_by``, ``rollback_reason``
+    when a rollback replaced it); ``gate.status``, ``gate.reason``, ``gate.checked_at`` on every candidate
+    the gate examined.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from shopsight.platform._errors import ShopsightError
+from shopsight.platform._settings import Settings
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+LOCK_TAG = "promotion.lock"
+HISTORY_PREFIX = "history."
+EVAL_PATH, EVAL_SHA256 = "eval.path", "eval.sha256"
+# the version tags train.py and train_binary.py set; the run's tags are read where a version lacks one
+_IDENTITY_KEYS = ("dataset.path", "dataset.sha256", "dataset.feature_service", "dataset.snapshot_range")
+_HISTORY_REASON_CHARS = 1000  # keeps one entry far below the 5,000-character tag limit
+
+
+def now_utc() -> str:
+    """The current instant, ISO 8601 in UTC to the second (how every promotion record says *when*)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def current_user() -> str:
+    """Who runs this command (the login name), for *who promoted*."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return os.environ.get("USER", "unknown")
+
+
+def registry_client(settings: Settings) -> MlflowClient:
+    """A client of the profile's tracking server and registry (the local server starts if needed)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+
+    uri = tracking_uri(settings)
+    mlflow.set_tracking_uri(uri)  # pyfunc.load_model("models:/...") resolves through the same server
+    return MlflowClient(uri)
+
+
+def _not_found(exc: Exception) -> bool:
+    return getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
+
+
+def registered_model(client: MlflowClient, name: str):
+    """The registered model ``name``; ShopsightError naming the registered ones when there is none."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
+    known = [m.name for m in list_registered_models(client)]
+    listing = ", ".join(known) if known else "none yet (`shopsight train` registers one)"
+    raise ShopsightError(f"no registered model {name!r}; registered: {listing}")
+
+
+def list_registered_models(client: MlflowClient) -> list:
+    """Every registered model, by name."""
+    models, token = [], None
+    while True:
+        page = client.search_registered_models(max_results=100, page_token=token)
+        models.extend(page)
+        token = page.token
+        if not token:
+            return sorted(models, key=lambda m: m.name)
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version ``alias`` points at, or None."""
+    aliases = registered_model(client, name).aliases or {}
+    value = aliases.get(alias)
+    return str(value) if value is not None else None
+
+
+def model_version(client: MlflowClient, name: str, version: str | int):
+    """One version of ``name``; ShopsightError listing the existing versions when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        # an unknown number is RESOURCE_DOES_NOT_EXIST, a non-number INVALID_PARAMETER_VALUE
+        if not _not_found(exc) and getattr(exc, "error_code", "") != "INVALID_PARAMETER_VALUE":
+            raise
+    versions = ", ".join(v.version for v in versions_of(client, name)) or "none"
+    raise ShopsightError(f"{name} has no version {version!r}; its versions: {versions}")
+
+
+def versions_of(client: MlflowClient, name: str) -> list:
+    """Every version of ``name``, oldest first."""
+    registered_model(client, name)
+    found = client.search_model_versions(f"name='{name}'")
+    return sorted(found, key=lambda v: int(v.version))
+
+
+@dataclass
+class VersionInfo:
+    """What ``models show`` tells about one version: its aliases, task, metrics, data, origin, promotions."""
+
+    version: str
+    aliases: list[str]
+    task: str | None
+    model_type: str | None
+    metrics: dict[str, float]  # the run's test_* metrics, prefix stripped
+    dataset: dict[str, str]  # dataset.* identity (version tags, else the run's tags)
+    created_by: str | None  # the run's mlflow.user
+    created_at: str  # the version's creation, ISO UTC
+    run_id: str | None
+    tags: dict[str, str] = field(default_factory=dict)  # the version's own tags
+
+
+def version_info(client: MlflowClient, name: str, version) -> VersionInfo:
+    """Facts of one version (``version`` is a number or a ModelVersion), reading its run for the rest."""
+    from mlflow.exceptions import MlflowException
+
+    mv = version if hasattr(version, "run_id") else model_version(client, name, version)
+    tags = dict(mv.tags or {})
+    run_tags: dict[str, str] = {}
+    params: dict[str, str] = {}
+    metrics: dict[str, float] = {}
+    if mv.run_id:
+        try:
+            run = client.get_run(mv.run_id)
+            run_tags, params = dict(run.data.tags), dict(run.data.params)
+            metrics = {k[5:]: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+        except MlflowException:  # the run was deleted: the version's own tags remain
+            pass
+    dataset = {k: tags.get(k) or run_tags.get(k) for k in _IDENTITY_KEYS if tags.get(k) or run_tags.get(k)}
+    created = datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    aliases = getattr(mv, "aliases", None)
+    if not aliases:  # versions from a search come without their aliases: the registered model has them
+        by_alias = registered_model(client, name).aliases or {}
+        aliases = [alias for alias, v in by_alias.items() if str(v) == str(mv.version)]
+    return VersionInfo(
+        version=str(mv.version),
+        aliases=sorted(aliases),
+        task=tags.get("task") or run_tags.get("task"),
+        model_type=tags.get("model") or params.get("model") or run_tags.get("model"),
+        metrics=metrics,
+        dataset=dataset,
+        created_by=run_tags.get("mlflow.user") or mv.user_id or None,
+        created_at=created,
+        run_id=mv.run_id,
+        tags=tags,
+    )
+
+
+def set_version_tags(client: MlflowClient, name: str, version: str, tags: dict[str, object]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, "" if value is None else str(value))
+
+
+# ----------------------------------------------------------------------------------------- history
+
+
+def read_history(client: MlflowClient, name: str) -> list[dict]:
+    """The promotion and rollback entries of ``name``, oldest first."""
+    tags = registered_model(client, name).tags or {}
+    entries = []
+    for key, value in tags.items():
+        if key.startswith(HISTORY_PREFIX) and key[len(HISTORY_PREFIX) :].isdigit():
+            try:
+                entries.append(json.loads(value))
+            except json.JSONDecodeError:
+                entries.append({"n": int(key[len(HISTORY_PREFIX) :]), "action": "unreadable", "raw": value})
+    return sorted(entries, key=lambda e: int(e.get("n", 0)))
+
+
+def append_history(client: MlflowClient, name: str, entry: dict) -> dict:
+    """Record ``entry`` as the next ``history.NNNN`` tag; returns it with its number ``n``.
+
+    An entry says ``action`` (promote | rollback), ``at``, ``by``, ``from`` (the previous champion or
+    None), ``to``, ``reason``, ``forced``, and the evaluation behind it (``metric``, ``metrics`` by
+    version, ``difference`` with its bootstrap interval, ``eval``). Call it only while holding the
+    :class:`RegistryLock`: numbering is read-then-write.
+    """
+    history = read_history(client, name)
+    entry = dict(entry)
+    entry["n"] = max((int(e.get("n", 0)) for e in history), default=0) + 1
+    if entry.get("reason") and len(entry["reason"]) > _HISTORY_REASON_CHARS:
+        entry["reason"] = entry["reason"][:_HISTORY_REASON_CHARS] + "..."
+    client.set_registered_model_tag(name, f"{HISTORY_PREFIX}{entry['n']:04d}", json.dumps(entry))
+    return entry
+
+
+def champion_stack(history: list[dict]) -> list[str]:
+    """The champions in the order they took over, as promotions push and rollbacks pop them.
+
+    ``[1, 2, 3]`` after promoting 1, 2, 3; a rollback then pops 3 (champion 2), a second one pops 2
+    (champion 1): rolling back walks back through the champions, it does not toggle between two.
+    """
+    stack: list[str] = []
+    for entry in history:
+        if entry.get("action") == "promote":
+            if not stack and entry.get("from"):
+                stack.append(str(entry["from"]))
+            stack.append(str(entry["to"]))
+        elif entry.get("action") == "rollback" and stack:
+            stack.pop()
+            if not stack or stack[-1] != str(entry["to"]):  # history edited by hand: trust the entry
+                stack.append(str(entry["to"]))
+    return stack
+
+
+# -------------------------------------------------------------------------------------------- lock
+
+
+@dataclass
+class Lease:
+    token: str
+    action: str  # "promotion" | "rollback"
+    owner: str
+    since: str
+    expires: float  # unix seconds
+    detail: str = ""  # what it promotes ("version 3")
+
+    @classmethod
+    def parse(cls, text: str | None) -> Lease | None:
+        if not text:
+            return None
+        try:
+            return cls(**json.loads(text))
+        except (TypeError, ValueError):
+            return cls(token="?", action="promotion", owner="unknown", since="?", expires=0.0)
+
+    def describe(self) -> str:
+        until = datetime.fromtimestamp(self.expires, UTC).strftime("%H:%M:%S UTC")
+        what = f"{self.detail}, " if self.detail else ""
+        return f"{what}by {self.owner}, since {self.since}; the lock expires at {until}"
+
+
+class PromotionInProgress(ShopsightError):
+    """Another promotion or rollback of the same model holds its lock."""
+
+
+class RegistryLock:
+    """A lease on one registered model, so that two promotions (or rollbacks) of it never interleave.
+
+    MLflow's registry has no compare-and-set, so the lease is a registered-model tag, ``promotion.lock``
+    (JSON: token, action, owner, since, expiry), taken in three steps: read it (absent or expired: free;
+    else fail naming the holder), write our token, wait ``settle_s``, read it again. Two commands that
+    both read "free" both write; the one written last is what both read back after the wait, so exactly
+    one continues and the other fails with :class:`PromotionInProgress`. That holds while a command
+    writes within ``settle_s`` of reading, i.e. one registry round trip. :meth:`confirm` is called again
+    right before the alias moves, and the caller also checks that the champion is still the version it
+    evaluated against: a lease lost to a long stall aborts instead of overwriting.
+    The lease expires after ``ttl_s``, so a command that died does not block the model for ever
+    (``shopsight models unlock NAME`` clears it at once). Release deletes the tag only if it still
+    holds our token.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        name: str,
+        action: str,
+        ttl_s: float = 3600.0,
+        settle_s: float = 1.0,
+        detail: str = "",
+    ) -> None:
+        self.client, self.name, self.action = client, name, action
+        self.ttl_s, self.settle_s = ttl_s, settle_s
+        self.lease = Lease(
+            token=uuid.uuid4().hex,
+            action=action,
+            owner=f"{current_user()}@{socket.gethostname()} pid {os.getpid()}",
+            since=now_utc(),
+            expires=time.time() + ttl_s,
+            detail=detail,
+        )
+
+    def _read(self) -> Lease | None:
+        return Lease.parse((registered_model(self.client, self.name).tags or {}).get(LOCK_TAG))
+
+    def _busy(self, holder: Lease | None) -> PromotionInProgress:
+        if holder is None:
+            return PromotionInProgress(
+                f"another promotion or rollback of {self.name} took its lock at the same moment; "
+                "run the command again"
+            )
+        return PromotionInProgress(
+            f"another {holder.action} of {self.name} is in progress ({holder.describe()}); "
+            "run the command again when it has finished"
+        )
+
+    def acquire(self) -> RegistryLock:
+        holder = self._read()
+        if holder is not None and holder.token != self.lease.token and holder.expires > time.time():
+            raise self._busy(holder)
+        self.lease.since, self.lease.expires = now_utc(), time.time() + self.ttl_s
+        self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(self.lease.__dict__))
+        time.sleep(self.settle_s)
+        self.confirm()
+        return self
+
+    def confirm(self) -> None:
+        """Raise :class:`PromotionInProgress` unless the lease is still ours."""
+        holder = self._read()
+        if holder is None or holder.token != self.lease.token:
+            raise self._busy(holder)
+
+    def release(self) -> None:
+        holder = self._read()
+        if holder is not None and holder.token == self.lease.token:
+            self.client.delete_registered_model_tag(self.name, LOCK_TAG)
+
+    def __enter__(self) -> RegistryLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def lock_holder(client: MlflowClient, name: str) -> Lease | None:
+    """The lease of a promotion or rollback in progress (None when free or expired)."""
+    holder = Lease.parse((registered_model(client, name).tags or {}).get(LOCK_TAG))
+    return holder if holder is not None and holder.expires > time.time() else None
+
+
+def break_lock(client: MlflowClient, name: str) -> Lease | None:
+    """Delete the lock tag whoever holds it (for a promotion that died); returns the lease it held."""
+    holder = Lease.parse((registered_model(client, name).tags or {}).get(LOCK_TAG))
+    if holder is not None:
+        client.delete_registered_model_tag(name, LOCK_TAG)
+    return holder
+
+
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "EVAL_PATH",
+    "EVAL_SHA256",
+    "Lease",
+    "PromotionInProgress",
+    "RegistryLock",
+    "VersionInfo",
+    "alias_version",
+    "append_history",
+    "break_lock",
+    "champion_stack",
+    "current_user",
+    "list_registered_models",
+    "lock_holder",
+    "model_version",
+    "now_utc",
+    "read_history",
+    "registered_model",
+    "registry_client",
+    "set_version_tags",
+    "version_info",
+    "versions_of",
+]
