@@ -10,7 +10,11 @@ on the last) compares, on the same test rows:
   oversampled by the ``gan`` model (synthetic buyer rows added to the training rows);
 - ``sasrec`` with the purchase head: unweighted, buyer-weighted, and pretrained on next-item prediction
   (self-supervised on all behaviour before the validation day) then fine-tuned, weighted;
-- ``lstm`` with the purchase head, weighted.
+- ``lstm`` with the purchase head, weighted;
+- each network's probabilities calibrated on the validation day (what ``shopsight train`` registers and
+  serves: isotonic or Platt, picked by cross-validation on that day), with the calibration error (ECE),
+  the Brier score and the largest gap between the mean predicted probability and the observed rate over
+  the test day's deciles beside the ranking metrics.
 
     python -m benchmarks.bench_purchase [--users 4000] [--data-dir DIR (reuse a built one)]
 """
@@ -89,6 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
+    from shopsight.training.binary.calibration import Calibration
     from shopsight.training.binary.data import SNAPSHOT, SnapshotFeatures, TimeSplit, read_training_set
     from shopsight.training.binary.fit import (
         TreeBaseline,
@@ -98,9 +103,9 @@ def main() -> None:
         threshold_report,
         train_binary,
     )
-    from shopsight.training.models import build_model
-    from shopsight.training.models._user_head import transfer_pretrained
+    from shopsight.training.models import build_model, transfer_pretrained
     from shopsight.training.runtime.loop import LoopConfig
+    from shopsight.training.runtime.metrics import decile_calibration
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-purchase-"))
     started = time.perf_counter()
@@ -116,19 +121,26 @@ def main() -> None:
     train, valid, test = (features.transform(f) for f in (split.train, split.valid, split.test))
     rows: dict[str, dict] = {}
 
-    def record(name: str, valid_proba, test_proba, seconds: float, note: str = "") -> None:
-        rows[name] = {**threshold_report(valid.labels, valid_proba, test.labels, test_proba),
-                      "train_seconds": seconds, "note": note}  # fmt: skip
-        r = rows[name]
-        print(f"{name:<40} roc_auc {r['roc_auc']:.4f} pr_auc {r['pr_auc']:.4f} f1 {r['f1']:.4f} "
-              f"({seconds:.0f} s)", flush=True)  # fmt: skip
-
     oracle_test = oracle_probabilities(
         data_dir / "simulated" / "truth" / "next_day_buy.parquet", test, "p_buy_next_day"
     )
     oracle_valid = oracle_probabilities(
         data_dir / "simulated" / "truth" / "next_day_buy.parquet", valid, "p_buy_next_day"
     )
+
+    def record(name: str, valid_proba, test_proba, seconds: float, note: str = "") -> None:
+        predicted, observed, per_decile = decile_calibration(test.labels, test_proba)
+        # the same deciles against the simulator's true probabilities: calibration without label noise
+        _, true_rate, _ = decile_calibration(oracle_test, test_proba)
+        rows[name] = {**threshold_report(valid.labels, valid_proba, test.labels, test_proba),
+                      "decile_gap": float(np.max(np.abs(predicted - observed))),
+                      "decile_gap_truth": float(np.max(np.abs(predicted - true_rate))),
+                      "decile_rows": int(per_decile.min()),
+                      "train_seconds": seconds, "note": note}  # fmt: skip
+        r = rows[name]
+        print(f"{name:<48} roc_auc {r['roc_auc']:.4f} pr_auc {r['pr_auc']:.4f} ece {r['ece']:.4f} "
+              f"decile gap {r['decile_gap']:.4f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+
     record("oracle (true probability)", oracle_valid, oracle_test, 0.0)
 
     for weight in (None, "balanced"):
@@ -186,12 +198,16 @@ def main() -> None:
             note += f"; {len(copied)} tensors from next-item pretraining ({pretrain_seconds:.0f} s)"
         t0 = time.perf_counter()
         train_binary(model, train, valid, loop, pos_weight=pos_weight, log=lambda line: print("  ", line))
+        seconds = time.perf_counter() - t0
+        raw_valid, raw_test = predict_probabilities(model, valid), predict_probabilities(model, test)
+        record(name, raw_valid, raw_test, seconds, note)
+        calibration = Calibration.fit(raw_valid, valid.labels)
         record(
-            name,
-            predict_probabilities(model, valid),
-            predict_probabilities(model, test),
-            time.perf_counter() - t0,
-            note,
+            f"{name}, calibrated",
+            calibration(raw_valid),
+            calibration(raw_test),
+            seconds,
+            f"{calibration.method} on the validation day (as registered and served)",
         )
 
     result = {"machine": describe_machine(), "split": split.describe(), "rows": rows,
@@ -202,15 +218,28 @@ def main() -> None:
         f"Split: train {split.describe()['train']}; valid {split.describe()['valid']}; "
         f"test {split.describe()['test']}.",
         "",
-        "| model | ROC-AUC | PR-AUC | log-loss | precision | recall | F1 | train s | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | ROC-AUC | PR-AUC | log-loss | Brier | ECE | mean p | max decile gap: observed / true "
+        "| precision | recall | F1 | train s | note |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for name, r in rows.items():
         lines.append(
-            f"| {name} | {r['roc_auc']:.4f} | {r['pr_auc']:.4f} | {r['log_loss']:.4f} | {r['precision']:.3f} "
+            f"| {name} | {r['roc_auc']:.4f} | {r['pr_auc']:.4f} | {r['log_loss']:.4f} | {r['brier']:.4f} "
+            f"| {r['ece']:.4f} | {r['mean_probability']:.3f} | {r['decile_gap']:.3f} / {r['decile_gap_truth']:.3f} "
+            f"| {r['precision']:.3f} "
             f"| {r['recall']:.3f} | {r['f1']:.3f} | {r['train_seconds']:.0f} | {r['note']} |"
         )
-    lines += ["", "Threshold of precision/recall/F1: the F1-best one on the validation day."]
+    smallest = min(r["decile_rows"] for r in rows.values())
+    rate = rows["oracle (true probability)"]["base_rate"]
+    lines += [
+        "",
+        "Threshold of precision/recall/F1: the F1-best one on the validation day. Observed buy rate on the "
+        f"test day {rate:.3f}. Max decile gap: the largest |mean predicted probability - rate| over the "
+        "deciles of the model's test probabilities, against the observed rate (at least "
+        f"{smallest:,} rows a decile: one standard error of a decile's rate is about "
+        f"{np.sqrt(rate * (1 - rate) / smallest):.3f}) and against the simulator's true probability of the "
+        "same rows (no label noise).",
+    ]
     append_report(
         RESULTS / "purchase.md",
         f"Purchase propensity, {args.users:,} simulated users",

@@ -427,3 +427,66 @@ def test_purchase_gate_checks_inputs_against_the_feature_service_and_compares_ro
     assert not forced.promoted and "n_secret_1d" in forced.reasons[0]
     assert "not fields of purchase_propensity_v1" in forced.reasons[0]
     assert registry.client.get_registered_model(name).aliases["champion"] == first.candidate
+
+
+def test_churn_is_gated_through_the_table_and_its_calibration_is_held_to_the_champions(registry):
+    """Churn, added through the task table alone, passes the same gate: its own service, its ROC-AUC on
+    rows; and a candidate that ranks exactly as well (the same network) but whose probabilities mean
+    less (a calibration that inflates them) is refused on its calibration error."""
+    import mlflow
+    import torch
+    from tests.conftest import purchase_frame
+
+    from shopsight.lifecycle.promotion import promote
+    from shopsight.training.binary.calibration import Calibration
+    from shopsight.training.binary.data import SnapshotFeatures, TimeSplit
+    from shopsight.training.binary.fit import predict_probabilities, train_binary
+    from shopsight.training.binary.pyfunc import input_example, log_snapshot_model, save_model_dir
+    from shopsight.training.models import build_model
+    from shopsight.training.runtime.loop import LoopConfig
+    from shopsight.training.runtime.tracking import dataset_identity
+
+    name = "shopsight-churn"
+    frame = purchase_frame(users=300, days=4, seed=3).rename(columns={"buy_next_1d": "churn_3d"})
+    data = registry.folder / "churn.parquet"
+    frame.to_parquet(data)
+    identity = dataset_identity(data)
+    split = TimeSplit.of(frame)
+    features = SnapshotFeatures.fit(split.train, max_len=20)
+    torch.manual_seed(0)
+    model = build_model(
+        "sasrec", n_items=features.n_items, n_dense=features.n_dense,
+        n_categories=features.n_categories, max_len=20, d_model=16,
+    )  # fmt: skip
+    valid = features.transform(split.valid)
+    train_binary(
+        model, features.transform(split.train), valid, LoopConfig(epochs=3, batch_size=64, lr=3e-3),
+        pos_weight=4.0, log=lambda _: None,
+    )  # fmt: skip
+    fitted = Calibration.fit(predict_probabilities(model, valid), valid.labels, "platt")
+    inflated = Calibration("platt", slope=fitted.slope, intercept=fitted.intercept + 2.0)  # same order
+
+    def register(calibration: Calibration) -> str:
+        mlflow.set_experiment("churn")
+        with mlflow.start_run():
+            mlflow.set_tags({**identity, "model": "sasrec", "task": "churn"})
+            folder = save_model_dir(
+                registry.folder / f"churn_{time.time_ns()}", "sasrec", model, features, calibration
+            )
+            info = log_snapshot_model(folder, input_example(split.test.head(5)), registered_name=name)
+        version = str(info.registered_model_version)
+        for key, value in {"task": "churn", "model": "sasrec", **identity}.items():
+            registry.client.set_model_version_tag(name, version, key, value)
+        return version
+
+    first = promote(registry.settings, name, register(fitted), log=lambda _: None)
+    assert first.promoted and first.task == "churn" and first.metric == "roc_auc"
+    assert "all fields of churn_risk_v1" in first.candidate_eval.checks["inputs"][1]
+    calibrated_ece = first.candidate_eval.metrics["ece"]
+    assert calibrated_ece < 0.1 and first.candidate_eval.metrics["roc_auc"] > 0.7
+
+    worse = promote(registry.settings, name, register(inflated), log=lambda _: None)
+    assert worse.difference["mean"] == pytest.approx(0.0, abs=1e-9)  # the same ranking, row for row
+    assert not worse.promoted and len(worse.reasons) == 1 and "ECE" in worse.reasons[0]
+    assert worse.candidate_eval.metrics["ece"] > calibrated_ece + 0.02
+    assert registry.client.get_registered_model(name).aliases["champion"] == first.candidate

@@ -25,7 +25,7 @@ pytestmark = [
     pytest.mark.slow,
 ]
 
-NEXT, PURCHASE = "shopsight-next-item", "shopsight-purchase"
+NEXT, PURCHASE, CHURN = "shopsight-next-item", "shopsight-purchase", "shopsight-churn"
 KEY = "component-test-key"
 AUTH = {"X-API-Key": KEY}
 SWITCH_LIMIT_S = 30
@@ -60,22 +60,27 @@ def _register_next_item(settings, sequences, split, tmp, seed, epochs) -> str:
     return str(info.registered_model_version)
 
 
-def _register_purchase(settings, tmp) -> str:
+def _register_snapshot_model(settings, tmp, task_name: str) -> str:
+    """A model of a task on user snapshots (purchase, churn), calibrated on its rows, registered."""
     import mlflow
     import torch
 
+    from shopsight.training.binary.calibration import Calibration
     from shopsight.training.binary.data import SnapshotFeatures
-    from shopsight.training.binary.fit import train_binary
+    from shopsight.training.binary.fit import predict_probabilities, train_binary
     from shopsight.training.binary.pyfunc import input_example, log_snapshot_model, save_model_dir
     from shopsight.training.models import build_model
     from shopsight.training.runtime.loop import LoopConfig
+    from shopsight.training.tasks import get_task
 
+    task = get_task(task_name)
     path, _ = store.training_set(
         settings,
-        "purchase_propensity_v1",
+        task.data.source,
         date(2017, 11, 25),
         date(2017, 12, 1),
-        tmp / "training_set.parquet",
+        tmp / f"training_set_{task.name}.parquet",
+        label=task.data.label,
     )
     frame = pd.read_parquet(path)
     features = SnapshotFeatures.fit(frame)
@@ -85,13 +90,15 @@ def _register_purchase(settings, tmp) -> str:
         d_model=16, n_heads=1, n_blocks=1, dropout=0.1,
     )  # fmt: skip
     tensors = features.transform(frame)
+    calibration = None
     if len(np.unique(tensors.labels)) == 2:
         train_binary(
             model, tensors, tensors, LoopConfig(epochs=2, batch_size=128, eval_every=1), log=lambda _: None
         )
-    folder = save_model_dir(tmp / "purchase", "sasrec", model.eval(), features)
-    with mlflow.start_run(run_name="serving-test-purchase"):
-        info = log_snapshot_model(folder, input_example(frame.head(5)), registered_name=PURCHASE)
+        calibration = Calibration.fit(predict_probabilities(model, tensors), tensors.labels, "platt")
+    folder = save_model_dir(tmp / task.name, "sasrec", model.eval(), features, calibration)
+    with mlflow.start_run(run_name=f"serving-test-{task.name}"):
+        info = log_snapshot_model(folder, input_example(frame.head(5)), registered_name=task.registered_model)
     return str(info.registered_model_version)
 
 
@@ -133,11 +140,13 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
         split = LeaveOneOut.split(sequences)
         v1 = _register_next_item(settings, sequences, split, tmp, seed=0, epochs=3)
         v2 = _register_next_item(settings, sequences, split, tmp, seed=1, epochs=1)
-        purchase = _register_purchase(settings, tmp)
+        purchase = _register_snapshot_model(settings, tmp, "purchase")
+        churn = _register_snapshot_model(settings, tmp, "churn")
         client = MlflowClient(tracking_uri(settings))
         client.set_registered_model_alias(NEXT, "champion", v1)
         client.set_registered_model_alias(NEXT, "challenger", v2)
         client.set_registered_model_alias(PURCHASE, "champion", purchase)
+        client.set_registered_model_alias(CHURN, "champion", churn)
         if not ray.is_initialized():
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
             started_ray = True
@@ -148,6 +157,7 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
             "v1": v1,
             "v2": v2,
             "purchase": purchase,
+            "churn": churn,
             "client": client,
         }
     finally:
@@ -218,20 +228,24 @@ def test_recommendations_equal_the_registered_pyfunc_offline(world):
         assert "features;dur=" in response.headers["Server-Timing"]
 
 
-def test_propensity_equals_the_registered_pyfunc_offline(world):
+@pytest.mark.parametrize("task_name", ["purchase", "churn"])
+def test_probabilities_equal_the_registered_pyfunc_offline(world, task_name):
+    """Every task on user snapshots is served from its table entry: its route, its feature service, its
+    registered model; the answer is the registered pyfunc's calibrated probability."""
     import mlflow
 
+    from shopsight.training.tasks import get_task
+
+    task = get_task(task_name)
     users = _users(world, n=10)
-    response = _post(world, "/v1/purchase-propensity", {"user_ids": users})
+    response = _post(world, task.route.path, {"user_ids": users})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == {"name": PURCHASE, "version": world["purchase"], "alias": "champion"}
-    online = store.online_features(
-        world["settings"], "purchase_propensity_v1", [{"user_id": u} for u in users]
-    )
+    assert body["model"] == {"name": task.registered_model, "version": world[task_name], "alias": "champion"}
+    online = store.online_features(world["settings"], task.route.service, [{"user_id": u} for u in users])
     frame = pd.DataFrame(online)
     frame["event_timestamp"] = pd.Timestamp(body["as_of"]).tz_convert("UTC").tz_localize(None)
-    offline = mlflow.pyfunc.load_model(f"models:/{PURCHASE}/{world['purchase']}")
+    offline = mlflow.pyfunc.load_model(f"models:/{task.registered_model}/{world[task_name]}")
     # the online store's rows go in as Feast returns them (int64), no casts
     expected = offline.predict(frame)["probability"].to_numpy()
     got = body["predictions"]
@@ -264,7 +278,7 @@ def test_api_keys_and_open_health(world):
     assert bearer.status_code == 200
     health = requests.get(url + "/healthz", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert health.json()["models"] == {NEXT: world["v1"], PURCHASE: world["purchase"]}
+    assert health.json()["models"] == {NEXT: world["v1"], PURCHASE: world["purchase"], CHURN: world["churn"]}
     assert requests.get(url + "/docs", timeout=10).status_code == 200
 
 
@@ -297,6 +311,7 @@ def test_models_status_and_metrics_name_the_served_versions(world):
     assert models["next_item"]["champion"]["version"] == world["v1"]
     assert models["next_item"]["challenger"] is None  # no canary, no shadow: not loaded
     assert models["purchase"]["champion"]["version"] == world["purchase"]
+    assert models["churn"]["champion"]["version"] == world["churn"]
     info = status(world["settings"])
     assert info["status"] == "RUNNING" and set(info["deployments"]) == {"api"}  # the combined layout
     assert info["served"]["next_item"]["champion"]["version"] == world["v1"]
@@ -415,9 +430,11 @@ def test_split_layout_answers_the_same(world):
     split = settings.model_copy(update={"serving": settings.serving.model_copy(update={"layout": "split"})})
     deploy(split)
     info = status(split)
-    assert set(info["deployments"]) == {"api", "next_item", "purchase"}
+    assert set(info["deployments"]) == {"api", "next_item", "purchase", "churn"}
     assert info["served"]["next_item"]["champion"]["version"] == world["v2"]  # promoted above
     after = [_post(world, "/v1/recommendations", {"user_id": u, "k": 5}).json()["items"] for u in users]
     assert after == before
     response = _post(world, "/v1/purchase-propensity", {"user_ids": users})
     assert response.status_code == 200 and response.json()["model"]["version"] == world["purchase"]
+    response = _post(world, "/v1/churn-risk", {"user_ids": users})
+    assert response.status_code == 200 and response.json()["model"]["version"] == world["churn"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shopsight.features.store import _service, feature_store
+from shopsight.features.store import feature_service, feature_store
 from shopsight.platform import Settings
 
 
@@ -31,7 +31,7 @@ class OnlineFeatureReader:
 
     def __init__(self, settings: Settings, service: str, features: Sequence[str] | None = None) -> None:
         store = feature_store(settings)
-        fs = _service(store, service)
+        fs = feature_service(store, service)
         self._config = store.config
         # The provider is Feast's own online store access; the SDK calls it the same way.
         self._provider = store._get_provider()

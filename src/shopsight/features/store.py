@@ -270,7 +270,7 @@ def describe(settings: Settings, name: str) -> ViewInfo:
     raise ShopsightError(f"no feature view or service named {name!r}; known: {known}")
 
 
-def _service(store, name: str):
+def feature_service(store, name: str):
     from feast.errors import FeatureServiceNotFoundException
 
     try:
@@ -283,7 +283,9 @@ def _service(store, name: str):
 def online_features(settings: Settings, service: str, entity_rows: list[dict], store=None) -> dict[str, list]:
     """Online values of a feature service for entity rows, as ``{column: [values]}``."""
     store = store or feature_store(settings)
-    return store.get_online_features(features=_service(store, service), entity_rows=entity_rows).to_dict()
+    return store.get_online_features(
+        features=feature_service(store, service), entity_rows=entity_rows
+    ).to_dict()
 
 
 def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.DataFrame:
@@ -293,7 +295,7 @@ def historical_features(store, entity_df: pd.DataFrame, service: str) -> pd.Data
     rows that have no feature row within the TTL and, asked for several views at once, loses all their
     features with them; so each view is joined separately and merged back on a row id.
     """
-    fs = _service(store, service)
+    fs = feature_service(store, service)
     rows = entity_df.reset_index(drop=True).copy()
     rows["__row"] = range(len(rows))
     result = rows
@@ -320,7 +322,7 @@ def training_set(
     if not labels_path.exists():
         raise ShopsightError(f"no labels under {labels_path}: run `shopsight features build` first")
     store = feature_store(settings)
-    _service(store, service)  # fail early on an unknown name
+    feature_service(store, service)  # fail early on an unknown name
     labels = pd.read_parquet(labels_path)
     known = sorted(set(labels.columns) - {USER_ID, "snapshot_day", SNAPSHOT_TS, CREATED_TS})
     if label not in known:

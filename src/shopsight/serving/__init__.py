@@ -1,3 +1,4 @@
-"""Request/response schemas, the framework-free predictor, the Ray Serve app (filled by the serving issue)."""
+"""Request/response schemas, the framework-free predictor core, the Ray Serve app (routes from the task
+table)."""
 
 __all__: list[str] = []

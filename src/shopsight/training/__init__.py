@@ -1,3 +1,3 @@
-"""Models, the plain PyTorch loop, Ray Train and Tune wrappers, evaluation (filled by the training issue)."""
+"""Training: the task table (``tasks``), the task-free runtime, the networks, one package a task."""
 
 __all__: list[str] = []

@@ -100,6 +100,43 @@ class Task:
 
 _SEQUENCE_HEAD = "the user's last hidden state -> a binary tower beside dense features; weighted BCE"
 
+
+def user_snapshot_task(name: str, description: str, service: str, label: str, route: Route | None) -> Task:
+    """A binary task on user snapshots (one label per user and snapshot day, a point-in-time training
+    set of ``service``), trained, calibrated, evaluated and served by :mod:`shopsight.training.binary`:
+    what purchase and churn share, with the task's own name, label, service and route."""
+    return Task(
+        name=name,
+        description=description,
+        package=f"shopsight.training.{name}",
+        registered_model=f"shopsight-{name.replace('_', '-')}",
+        experiment=name.replace("_", "-"),
+        data=Data(
+            service,
+            label,
+            "by time: earlier snapshot days train, the day before the last validates, the last tests",
+        ),
+        models={"sasrec": _SEQUENCE_HEAD, "lstm": _SEQUENCE_HEAD},
+        metric=Metric("roc_auc", "ROC-AUC (last snapshot day)"),
+        baselines=("trees", "oracle"),
+        pyfunc=Pyfunc(
+            "shopsight.training.binary.pyfunc:SnapshotClassifier",
+            inputs=(f"{service} fields",),
+            outputs=("probability",),
+        ),
+        reported=(
+            Metric("roc_auc", "ROC-AUC"),
+            Metric("pr_auc", "PR-AUC"),
+            Metric("log_loss", "log-loss", higher_is_better=False),
+            Metric("ece", "ECE", higher_is_better=False),
+            Metric("brier", "Brier score", higher_is_better=False),
+        ),
+        unit=Metric("n", "rows"),
+        guard=Metric("ece", "ECE (calibration error)", higher_is_better=False),
+        route=route,
+    )
+
+
 TASKS: dict[str, Task] = {
     task.name: task
     for task in (
@@ -131,34 +168,11 @@ TASKS: dict[str, Task] = {
             unit=Metric("users", "users"),
             route=Route("/v1/recommendations", "ranking", "next_item_v1", "Top-k next items of a user"),
         ),
-        Task(
+        user_snapshot_task(
             name="purchase",
             description="Whether a user buys anything on the day after the snapshot.",
-            package="shopsight.training.purchase",
-            registered_model="shopsight-purchase",
-            experiment="purchase",
-            data=Data(
-                "purchase_propensity_v1",
-                "buy_next_1d",
-                "by time: earlier snapshot days train, the day before the last validates, the last tests",
-            ),
-            models={"sasrec": _SEQUENCE_HEAD, "lstm": _SEQUENCE_HEAD},
-            metric=Metric("roc_auc", "ROC-AUC (last snapshot day)"),
-            baselines=("trees", "oracle"),
-            pyfunc=Pyfunc(
-                "shopsight.training.binary.pyfunc:SnapshotClassifier",
-                inputs=("purchase_propensity_v1 fields",),
-                outputs=("probability",),
-            ),
-            reported=(
-                Metric("roc_auc", "ROC-AUC"),
-                Metric("pr_auc", "PR-AUC"),
-                Metric("log_loss", "log-loss", higher_is_better=False),
-                Metric("ece", "ECE", higher_is_better=False),
-                Metric("brier", "Brier score", higher_is_better=False),
-            ),
-            unit=Metric("n", "rows"),
-            guard=Metric("ece", "ECE (calibration error)", higher_is_better=False),
+            service="purchase_propensity_v1",
+            label="buy_next_1d",
             route=Route(
                 "/v1/purchase-propensity",
                 "probability",
@@ -166,34 +180,11 @@ TASKS: dict[str, Task] = {
                 "Probability that each user buys tomorrow",
             ),
         ),
-        Task(
+        user_snapshot_task(
             name="churn",
             description="Whether a user has no event at all in the 3 days after the snapshot.",
-            package="shopsight.training.churn",
-            registered_model="shopsight-churn",
-            experiment="churn",
-            data=Data(
-                "churn_risk_v1",
-                "churn_3d",
-                "by time: earlier snapshot days train, the day before the last validates, the last tests",
-            ),
-            models={"sasrec": _SEQUENCE_HEAD, "lstm": _SEQUENCE_HEAD},
-            metric=Metric("roc_auc", "ROC-AUC (last snapshot day)"),
-            baselines=("trees", "oracle"),
-            pyfunc=Pyfunc(
-                "shopsight.training.binary.pyfunc:SnapshotClassifier",
-                inputs=("churn_risk_v1 fields",),
-                outputs=("probability",),
-            ),
-            reported=(
-                Metric("roc_auc", "ROC-AUC"),
-                Metric("pr_auc", "PR-AUC"),
-                Metric("log_loss", "log-loss", higher_is_better=False),
-                Metric("ece", "ECE", higher_is_better=False),
-                Metric("brier", "Brier score", higher_is_better=False),
-            ),
-            unit=Metric("n", "rows"),
-            guard=Metric("ece", "ECE (calibration error)", higher_is_better=False),
+            service="churn_risk_v1",
+            label="churn_3d",
             route=Route(
                 "/v1/churn-risk",
                 "probability",

@@ -68,3 +68,18 @@ def paired_difference(candidate, champion):
     from shopsight.training.binary.evaluate import paired_difference as paired
 
     return paired(candidate, champion)
+
+
+def task_hooks(task: str) -> tuple:
+    """The hooks a task's package hands the platform, bound to ``task``: ``check_data``, ``loop``,
+    ``prepare``, ``evaluate``, ``evaluate_version``, ``paired_difference``."""
+    from functools import partial
+
+    return (
+        partial(check_data, task),
+        loop,
+        partial(prepare, task),
+        evaluate,
+        evaluate_version,
+        paired_difference,
+    )

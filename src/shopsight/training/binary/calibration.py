@@ -4,12 +4,12 @@ fitted on the validation day and saved with the model.
 The network is trained with the positives' loss weighted (``pos_weight``, "balanced" by default), which
 ranks well but inflates every probability: a user whose true rate is 0.2 gets about 0.9. Two maps from
 scikit-learn: Platt scaling (a logistic regression on the logit: two parameters, right when the distortion
-is a shift and a scale of the logit) and isotonic regression (any monotone shape, but its steps are noisy
-on few rows). ``auto`` picks between them by two-fold cross-validation on the validation day (the lower
-Brier score on the held-out half, summed over both folds), then fits the winner on every validation row;
-below ``MIN_ISOTONIC_ROWS`` rows (or positives) it takes Platt without trying. The fitted map is stored as numbers (isotonic: its thresholds, applied by linear
-interpolation exactly as scikit-learn predicts; Platt: slope and intercept), not as a pickle, so the
-registered model needs no scikit-learn to serve.
+is a shift and a scale of the logit) and isotonic regression (any monotone shape, but its steps are noisy on
+few rows). ``auto`` picks between them by two-fold cross-validation on the validation day (the lower Brier
+score on the held-out half, summed over both folds), then fits the winner on every validation row; below
+``MIN_ISOTONIC_ROWS`` rows (or positives) it takes Platt without trying. The fitted map is stored as numbers
+(isotonic: its thresholds, applied by linear interpolation exactly as scikit-learn predicts; Platt: slope
+and intercept), not as a pickle, so the registered model needs no scikit-learn to serve.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pandas as pd
 
 from shopsight.data.schema import BEHAVIORS
 from shopsight.platform import ShopsightError
-from shopsight.training.models._user_head import N_GAP_BUCKETS
+from shopsight.training.models import N_GAP_BUCKETS
 from shopsight.training.tasks import TASKS
 
 # every label a training set may carry: the binary tasks' (one per training set)

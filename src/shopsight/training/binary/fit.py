@@ -141,8 +141,7 @@ def setup(config: dict, loop: LoopConfig) -> tuple[nn.Module, BinaryStep]:
     ``features`` the transform fitted once on the driver (every rank the same), ``label``, ``pos_weight``
     and an optional ``pretrained`` weights file (overwritten by a checkpoint when the run resumes)."""
     from shopsight.training.binary.data import SnapshotFeatures, TimeSplit, read_training_set
-    from shopsight.training.models import build_model
-    from shopsight.training.models._user_head import transfer_pretrained
+    from shopsight.training.models import build_model, transfer_pretrained
 
     split = TimeSplit.of(read_training_set(config["data"]))
     features = SnapshotFeatures(**config["features"])

@@ -24,22 +24,13 @@ from shopsight.training.binary.calibration import Calibration
 from shopsight.training.binary.data import LABELS, SNAPSHOT, SnapshotFeatures
 from shopsight.training.binary.fit import predict_probabilities
 from shopsight.training.models import build_model
+from shopsight.training.runtime.tracking import FolderModel
 
 WEIGHTS, CONFIG, FEATURES, CALIBRATION = "weights.pt", "config.json", "features.json", "calibration.json"
 
 
-class SnapshotClassifier(mlflow.pyfunc.PythonModel):
+class SnapshotClassifier(FolderModel, mlflow.pyfunc.PythonModel):
     """The calibrated probability of the task's label for each user snapshot."""
-
-    def load_context(self, context) -> None:
-        self.load(Path(context.artifacts["model_dir"]))
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> SnapshotClassifier:
-        """The pyfunc loaded from what :func:`save_model_dir` wrote."""
-        loaded = cls()
-        loaded.load(folder)
-        return loaded
 
     def load(self, folder: Path) -> None:
         meta = json.loads((folder / CONFIG).read_text())

@@ -10,16 +10,9 @@ simulator, so each user and day has a true churn probability).
 
 from __future__ import annotations
 
-from functools import partial
-
 from shopsight.training import binary
 
 ORACLE_FILE = "churn_3d.parquet"  # under the simulation's truth/ folder
 ORACLE_COLUMN = "p_churn_3d"  # the true probability of the label, per user and snapshot day
 
-check_data = partial(binary.check_data, "churn")
-loop = binary.loop
-prepare = partial(binary.prepare, "churn")
-evaluate = binary.evaluate
-evaluate_version = binary.evaluate_version
-paired_difference = binary.paired_difference
+check_data, loop, prepare, evaluate, evaluate_version, paired_difference = binary.task_hooks("churn")

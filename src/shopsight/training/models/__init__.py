@@ -39,4 +39,13 @@ def build_model(name: str, **config: Any):
     return getattr(module, model_name)(cfg)
 
 
-__all__ = ["MODELS", "build_model"]
+def __getattr__(name: str):
+    # the user head's public helpers, imported on first use like the models (the head needs torch)
+    if name in ("N_GAP_BUCKETS", "transfer_pretrained"):
+        from shopsight.training.models import _user_head
+
+        return getattr(_user_head, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["MODELS", "N_GAP_BUCKETS", "build_model", "transfer_pretrained"]

@@ -19,22 +19,13 @@ import pandas as pd
 import torch
 
 from shopsight.training.models import build_model
+from shopsight.training.runtime.tracking import FolderModel
 
 WEIGHTS, CONFIG, ITEMS = "weights.pt", "config.json", "item_ids.npy"
 
 
-class NextItemRecommender(mlflow.pyfunc.PythonModel):
+class NextItemRecommender(FolderModel, mlflow.pyfunc.PythonModel):
     """Top-k next items for sequences of original item ids."""
-
-    def load_context(self, context) -> None:
-        self.load(Path(context.artifacts["model_dir"]))
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> NextItemRecommender:
-        """The pyfunc loaded from what :func:`save_model_dir` wrote."""
-        loaded = cls()
-        loaded.load(folder)
-        return loaded
 
     def load(self, folder: Path) -> None:
         meta = json.loads((folder / CONFIG).read_text())

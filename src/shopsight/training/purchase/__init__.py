@@ -7,16 +7,9 @@ A binary prediction on user snapshots, trained, calibrated, evaluated and served
 
 from __future__ import annotations
 
-from functools import partial
-
 from shopsight.training import binary
 
 ORACLE_FILE = "next_day_buy.parquet"  # under the simulation's truth/ folder
 ORACLE_COLUMN = "p_buy_next_day"  # the true probability of the label, per user and snapshot day
 
-check_data = partial(binary.check_data, "purchase")
-loop = binary.loop
-prepare = partial(binary.prepare, "purchase")
-evaluate = binary.evaluate
-evaluate_version = binary.evaluate_version
-paired_difference = binary.paired_difference
+check_data, loop, prepare, evaluate, evaluate_version, paired_difference = binary.task_hooks("purchase")

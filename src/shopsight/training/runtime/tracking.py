@@ -57,6 +57,23 @@ def public(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
 
 
+class FolderModel:
+    """Mixin for a task's pyfunc whose files live in one folder (the ``model_dir`` artifact): MLflow's
+    ``load_context`` and the platform's ``from_folder`` both end in the class's ``load(folder)``."""
+
+    def load_context(self, context) -> None:
+        self.load(Path(context.artifacts["model_dir"]))
+
+    @classmethod
+    def from_folder(cls, folder: Path):
+        loaded = cls()
+        loaded.load(Path(folder))
+        return loaded
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
 @dataclass
 class Candidate:
     """A trained model as its task evaluated it, ready to be recorded and registered.
@@ -383,6 +400,7 @@ def default_run_name(prefix: str) -> str:
 __all__ = [
     "CHALLENGER",
     "Candidate",
+    "FolderModel",
     "Prepared",
     "TrackedRun",
     "TrainSummary",

@@ -29,6 +29,7 @@ from shopsight.training.binary.data import SNAPSHOT, read_training_set
 from shopsight.training.models.gan import GANConfig, TabularGAN
 from shopsight.training.runtime.tracking import (
     Candidate,
+    FolderModel,
     Prepared,
     TrainSummary,
     dataset_identity,
@@ -102,22 +103,13 @@ class GanData:
         return {"train": users(self.train), "valid": users(self.valid), "test": users(self.test)}
 
 
-class SyntheticUsers(mlflow.pyfunc.PythonModel):
+class SyntheticUsers(FolderModel, mlflow.pyfunc.PythonModel):
     """Synthetic users in the training set's feature schema.
 
     Input: a DataFrame with one row per wanted user and the column ``buy_next_1d`` (the condition: True
     for buyers). Params: ``seed`` (an int; -1, the default, draws fresh rows each call). Output: the
     generated feature rows, the condition included.
     """
-
-    def load_context(self, context) -> None:
-        self.load(Path(context.artifacts["model_dir"]))
-
-    @classmethod
-    def from_folder(cls, folder: Path) -> SyntheticUsers:
-        loaded = cls()
-        loaded.load(folder)
-        return loaded
 
     def load(self, folder: Path) -> None:
         self.gan = TabularGAN.load(Path(folder) / GAN_FILE)
