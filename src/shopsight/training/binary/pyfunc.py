@@ -11,8 +11,6 @@ sequence length work: the weights load into the eager module.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -23,21 +21,16 @@ import torch
 from shopsight.training.binary.calibration import Calibration
 from shopsight.training.binary.data import LABELS, SNAPSHOT, SnapshotFeatures
 from shopsight.training.binary.fit import predict_probabilities
-from shopsight.training.models import build_model
-from shopsight.training.runtime.tracking import FolderModel
+from shopsight.training.runtime.tracking import FolderModel, load_network, save_network
 
-WEIGHTS, CONFIG, FEATURES, CALIBRATION = "weights.pt", "config.json", "features.json", "calibration.json"
+FEATURES, CALIBRATION = "features.json", "calibration.json"  # beside the network's files (save_network)
 
 
 class SnapshotClassifier(FolderModel, mlflow.pyfunc.PythonModel):
     """The calibrated probability of the task's label for each user snapshot."""
 
     def load(self, folder: Path) -> None:
-        meta = json.loads((folder / CONFIG).read_text())
-        self.model_name = meta["model"]
-        self.model = build_model(meta["model"], **meta["config"])
-        self.model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-        self.model.eval()
+        self.model_name, self.model = load_network(folder)
         self.features = SnapshotFeatures.load(folder / FEATURES)
         self.calibration = Calibration.load(folder / CALIBRATION)
 
@@ -59,9 +52,7 @@ def save_model_dir(
 ) -> Path:
     """Write what :class:`SnapshotClassifier` loads: config, weights, fitted feature transform and the
     calibration (none: the network's probabilities as they are)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG).write_text(json.dumps({"model": model_name, "config": asdict(model.cfg)}, indent=2))
-    torch.save(model.state_dict(), folder / WEIGHTS)
+    save_network(folder, model_name, model)
     features.save(folder / FEATURES)
     (calibration or Calibration()).save(folder / CALIBRATION)
     return folder

@@ -10,7 +10,6 @@ graph of fixed shapes.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import mlflow
@@ -18,22 +17,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shopsight.training.models import build_model
-from shopsight.training.runtime.tracking import FolderModel
+from shopsight.training.runtime.tracking import FolderModel, load_network, save_network
 
-WEIGHTS, CONFIG, ITEMS = "weights.pt", "config.json", "item_ids.npy"
+ITEMS = "item_ids.npy"  # beside the network's files (save_network)
 
 
 class NextItemRecommender(FolderModel, mlflow.pyfunc.PythonModel):
     """Top-k next items for sequences of original item ids."""
 
     def load(self, folder: Path) -> None:
-        meta = json.loads((folder / CONFIG).read_text())
-        self.model_name = meta["model"]
-        self.model = build_model(meta["model"], **meta["config"])
-        self.model.load_state_dict(torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True))
-        self.model.eval()
-        self.max_len = meta["config"].get("max_len", 50)
+        self.model_name, self.model = load_network(folder)
+        self.max_len = self.model.cfg.max_len
         self.item_ids = np.load(folder / ITEMS)
         self.index = {int(item): k for k, item in enumerate(self.item_ids) if k > 0}
 
@@ -63,11 +57,7 @@ class NextItemRecommender(FolderModel, mlflow.pyfunc.PythonModel):
 
 def save_model_dir(folder: Path, model_name: str, model: torch.nn.Module, item_ids: np.ndarray) -> Path:
     """Write what :class:`NextItemRecommender` loads: config, weights, item mapping."""
-    from dataclasses import asdict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG).write_text(json.dumps({"model": model_name, "config": asdict(model.cfg)}, indent=2))
-    torch.save(model.state_dict(), folder / WEIGHTS)
+    save_network(folder, model_name, model)
     np.save(folder / ITEMS, item_ids)
     return folder
 

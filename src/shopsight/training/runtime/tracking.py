@@ -74,6 +74,32 @@ class FolderModel:
         raise NotImplementedError
 
 
+NETWORK_CONFIG, NETWORK_WEIGHTS = "config.json", "weights.pt"
+
+
+def save_network(folder: Path, model_name: str, model: torch.nn.Module) -> None:
+    """A network's family, config and weights in ``folder``, as :func:`load_network` reads them."""
+    import json
+    from dataclasses import asdict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model": model_name, "config": asdict(model.cfg)}
+    (folder / NETWORK_CONFIG).write_text(json.dumps(config, indent=2))
+    torch.save(model.state_dict(), folder / NETWORK_WEIGHTS)
+
+
+def load_network(folder: Path) -> tuple[str, torch.nn.Module]:
+    """``(family, network)`` from what :func:`save_network` wrote, in eval mode on the CPU."""
+    import json
+
+    from shopsight.training.models import build_model
+
+    meta = json.loads((folder / NETWORK_CONFIG).read_text())
+    model = build_model(meta["model"], **meta["config"])
+    model.load_state_dict(torch.load(folder / NETWORK_WEIGHTS, map_location="cpu", weights_only=True))
+    return meta["model"], model.eval()
+
+
 @dataclass
 class Candidate:
     """A trained model as its task evaluated it, ready to be recorded and registered.
@@ -401,6 +427,8 @@ __all__ = [
     "CHALLENGER",
     "Candidate",
     "FolderModel",
+    "load_network",
+    "save_network",
     "Prepared",
     "TrackedRun",
     "TrainSummary",
