@@ -40,7 +40,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _cli(data_dir: Path, *args: str) -> None:
-    command = [sys.executable, "-m", "shopsight.cli", "--data-dir", str(data_dir), *args]
+    command = [sys.executable, "-m", "shopsight", "--data-dir", str(data_dir), *args]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
