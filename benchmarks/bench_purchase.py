@@ -214,7 +214,12 @@ def main() -> None:
               "prepare_seconds": prepare_seconds, "users": args.users, "loop": loop.__dict__}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "purchase.json").write_text(json.dumps(result, indent=2, default=str))
+    machine = result["machine"]
     lines = [
+        "",
+        f"## {machine['date']}: {args.users:,} users, {machine['cpu']}, {machine['cores']} cores, "
+        f"{machine['memory']}, Python {machine['python']}",
+        "",
         f"Split: train {split.describe()['train']}; valid {split.describe()['valid']}; "
         f"test {split.describe()['test']}.",
         "",
