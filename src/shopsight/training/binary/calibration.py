@@ -5,8 +5,9 @@ The network is trained with the positives' loss weighted (``pos_weight``, "balan
 ranks well but inflates every probability: a user whose true rate is 0.2 gets about 0.9. Two maps from
 scikit-learn: Platt scaling (a logistic regression on the logit: two parameters, right when the distortion
 is a shift and a scale of the logit) and isotonic regression (any monotone shape, but its steps are noisy on
-few rows). ``auto`` picks between them by two-fold cross-validation on the validation day (the lower Brier
-score on the held-out half, summed over both folds), then fits the winner on every validation row; below
+few rows). ``auto`` picks between them by two-fold cross-validation on the validation day (the lower log-
+loss on the held-out half, summed over both folds: it punishes a confident probability that turns out wrong,
+which is what miscalibrated tails are), then fits the winner on every validation row; below
 ``MIN_ISOTONIC_ROWS`` rows (or positives) it takes Platt without trying. The fitted map is stored as numbers
 (isotonic: its thresholds, applied by linear interpolation exactly as scikit-learn predicts; Platt: slope
 and intercept), not as a pickle, so the registered model needs no scikit-learn to serve.
@@ -83,14 +84,16 @@ class Calibration:
 
 
 def _cross_validated(raw: np.ndarray, labels: np.ndarray, seed: int = 0) -> str:
-    """``isotonic`` or ``platt``, whichever has the lower held-out Brier score over two seeded folds."""
+    """``isotonic`` or ``platt``, whichever has the lower held-out log-loss over two seeded folds."""
     fold = np.random.default_rng(seed).permutation(len(raw)) % 2
     scores = {}
     for method in ("platt", "isotonic"):
         total = 0.0
         for k in (0, 1):
             fitted = Calibration.fit(raw[fold != k], labels[fold != k], method)
-            total += float(np.sum((fitted(raw[fold == k]) - labels[fold == k]) ** 2))
+            p = np.clip(fitted(raw[fold == k]), _EPS, 1 - _EPS)
+            y = labels[fold == k]
+            total -= float(np.sum(y * np.log(p) + (1 - y) * np.log(1 - p)))
         scores[method] = total
     return min(scores, key=scores.get)
 
