@@ -321,11 +321,20 @@ class RegistryLock:
         )
 
     def acquire(self) -> RegistryLock:
+        from mlflow.exceptions import MlflowException
+
         holder = self._read()
         if holder is not None and holder.token != self.lease.token and holder.expires > time.time():
             raise self._busy(holder)
         self.lease.since, self.lease.expires = now_utc(), time.time() + self.ttl_s
-        self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(self.lease.__dict__))
+        try:
+            self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(self.lease.__dict__))
+        except MlflowException as error:
+            # two first writes of the tag at once: the registry's SQL store inserts both and refuses
+            # the second on its unique key, so the other command holds the lock
+            holder = self._read()
+            if holder is None or holder.token != self.lease.token:
+                raise self._busy(holder) from error
         time.sleep(self.settle_s)
         self.confirm()
         return self
