@@ -72,7 +72,8 @@ bench: setup services
 	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable '.[dev,bench]'
 	$(BIN)/python -m benchmarks.bench_simulator
 	$(BIN)/python -m benchmarks.bench_features
-	$(BIN)/python -m benchmarks.bench_purchase
+	$(BIN)/python -m benchmarks.bench_user_snapshots --task purchase
+	$(BIN)/python -m benchmarks.bench_user_snapshots --task churn
 	$(BIN)/python -m benchmarks.bench_gan
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_serving

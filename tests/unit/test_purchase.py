@@ -88,6 +88,17 @@ def test_time_split_tests_on_the_last_day_and_validates_on_the_one_before():
     assert day(split.train) == {25, 26, 27} and day(split.valid) == {28} and day(split.test) == {29}
 
 
+def test_time_split_trains_only_on_labels_that_end_before_the_validation_day():
+    # churn_3d of day D looks at D+1..D+3: the labels of days 27-28 reach past the validation day (29)
+    churn = purchase_frame(users=50, days=6).rename(columns={"buy_next_1d": "churn_3d"})
+    split = TimeSplit.of(churn)
+    day = lambda f: set(pd.to_datetime(f["event_timestamp"]).dt.day)  # noqa: E731
+    assert day(split.train) == {25, 26} and day(split.valid) == {29} and day(split.test) == {30}
+    assert split.purged_days == 2 and "2 day(s) whose labels reach past" in split.describe()["left_out"]
+    with pytest.raises(ShopsightError, match="needs at least 5 for churn_3d"):
+        TimeSplit.of(churn[pd.to_datetime(churn["event_timestamp"]).dt.day > 26])
+
+
 @pytest.mark.parametrize("name", ["sasrec", "lstm"])
 def test_purchase_head_learns_on_tiny_data(name):
     torch.manual_seed(0)

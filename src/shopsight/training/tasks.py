@@ -33,6 +33,10 @@ class Data:
     source: str  # "interactions" (an event or SASRec-format file) or a feature service's name
     label: str | None
     split: str
+    # how many days past its snapshot the label looks (buy_next_1d: 1, churn_3d: 3); a time split keeps
+    # this many days between the last training snapshot and the validation day, so that no training
+    # label has seen the days the validation labels are about
+    horizon_days: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,9 @@ class Task:
 _SEQUENCE_HEAD = "the user's last hidden state -> a binary tower beside dense features; weighted BCE"
 
 
-def user_snapshot_task(name: str, description: str, service: str, label: str, route: Route | None) -> Task:
+def user_snapshot_task(
+    name: str, description: str, service: str, label: str, horizon_days: int, route: Route | None
+) -> Task:
     """A binary task on user snapshots (one label per user and snapshot day, a point-in-time training
     set of ``service``), trained, calibrated, evaluated and served by :mod:`shopsight.training.binary`:
     what purchase and churn share, with the task's own name, label, service and route."""
@@ -114,7 +120,9 @@ def user_snapshot_task(name: str, description: str, service: str, label: str, ro
         data=Data(
             service,
             label,
-            "by time: earlier snapshot days train, the day before the last validates, the last tests",
+            "by time: the last snapshot day tests, the day before validates, and the days whose labels "
+            "end before the validation day train",
+            horizon_days,
         ),
         models={"sasrec": _SEQUENCE_HEAD, "lstm": _SEQUENCE_HEAD},
         metric=Metric("roc_auc", "ROC-AUC (last snapshot day)"),
@@ -173,6 +181,7 @@ TASKS: dict[str, Task] = {
             description="Whether a user buys anything on the day after the snapshot.",
             service="purchase_propensity_v1",
             label="buy_next_1d",
+            horizon_days=1,
             route=Route(
                 "/v1/purchase-propensity",
                 "probability",
@@ -185,6 +194,7 @@ TASKS: dict[str, Task] = {
             description="Whether a user has no event at all in the 3 days after the snapshot.",
             service="churn_risk_v1",
             label="churn_3d",
+            horizon_days=3,
             route=Route(
                 "/v1/churn-risk",
                 "probability",
@@ -198,7 +208,9 @@ TASKS: dict[str, Task] = {
             package="shopsight.training.synthetic_users",
             registered_model="shopsight-synthetic-users",
             experiment="synthetic-users",
-            data=Data("purchase_propensity_v1", "buy_next_1d", "by user: 70% train, 10% validate, 20% test"),
+            data=Data(
+                "purchase_propensity_v1", "buy_next_1d", "by user: 70% train, 10% validate, 20% test", 1
+            ),
             models={"gan": "conditional WGAN-GP; the critic's Wasserstein loss with gradient penalty"},
             metric=Metric("tstr_ratio", "TSTR / TRTR (validation users)"),
             baselines=("real rows (TRTR)",),

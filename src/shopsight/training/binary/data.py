@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,10 @@ from shopsight.training.tasks import TASKS
 
 # every label a training set may carry: the binary tasks' (one per training set)
 LABELS = tuple(sorted({t.data.label for t in TASKS.values() if t.data.label}))
+# how far each label looks past its snapshot (the furthest any task that uses it declares)
+HORIZON_DAYS = {
+    label: max(t.data.horizon_days for t in TASKS.values() if t.data.label == label) for label in LABELS
+}
 SNAPSHOT = "event_timestamp"  # the snapshot instant of each training-set row
 SEQUENCE_COLUMNS = ("seq_item_ids", "seq_category_ids", "seq_behaviors", "seq_ts")
 REQUIRED = ("user_id", SNAPSHOT, *SEQUENCE_COLUMNS, "segment_id")
@@ -203,24 +208,41 @@ def _lookup(vocab: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 @dataclass
 class TimeSplit:
-    """Rows by snapshot day: the last day tests, the day before validates, earlier days train."""
+    """Rows by snapshot day: the last day tests, the day before validates, earlier days train.
+
+    Training stops ``horizon`` days before the validation day, the horizon being how far the label looks
+    past its snapshot (its task's ``data.horizon_days``). A churn label of day D says whether the user is
+    seen on D+1..D+3, so training on the two days before the validation day would teach the network
+    which of its users are quiet on the very days the validation labels are about: the validation
+    ROC-AUC then reaches the oracle's while the test day's stays far below, and early stopping and
+    calibration, both fitted on the validation day, follow the leak.
+    """
 
     train: pd.DataFrame
     valid: pd.DataFrame
     test: pd.DataFrame
+    purged_days: int = 0  # snapshot days between training and validation, left out
 
     @classmethod
     def of(cls, frame: pd.DataFrame, source: str = "training set") -> TimeSplit:
         check_columns(frame, source)
+        label = label_of(frame, source)
+        horizon = HORIZON_DAYS[label]
         day = pd.to_datetime(frame[SNAPSHOT], utc=True).dt.date
         days = sorted(day.unique())
-        if len(days) < 3:
+        train_days = [d for d in days[:-2] if d <= days[-2] - timedelta(days=horizon)]
+        if not train_days:
             raise ShopsightError(
-                f"{source}: {len(days)} snapshot day(s); the time split needs at least 3 "
-                "(train on earlier days, validate on the one before the last, test on the last)"
+                f"{source}: {len(days)} snapshot day(s); the time split needs at least {horizon + 2} "
+                f"for {label} (test on the last, validate on the one before, train on days at least "
+                f"{horizon} day(s) before that, as the label looks {horizon} day(s) ahead)"
             )
-        split = cls(frame[day < days[-2]], frame[day == days[-2]], frame[day == days[-1]])
-        label = label_of(frame, source)
+        split = cls(
+            frame[day <= train_days[-1]],
+            frame[day == days[-2]],
+            frame[day == days[-1]],
+            purged_days=len(days) - 2 - len(train_days),
+        )
         for name in ("train", "valid", "test"):
             if getattr(split, name)[label].nunique() < 2:
                 raise ShopsightError(f"{source}: the {name} days have only one class of {label}")
@@ -239,7 +261,11 @@ class TimeSplit:
             name: f"{days(getattr(self, name))}: {len(getattr(self, name)):,} rows, "
             f"{getattr(self, name)[self.label].mean():.1%} {self.label}"
             for name in ("train", "valid", "test")
-        }
+        } | (
+            {"left_out": f"{self.purged_days} day(s) whose labels reach past the validation day"}
+            if self.purged_days
+            else {}
+        )
 
 
 def read_training_set(path: Path | str, check: bool = True) -> pd.DataFrame:

@@ -2,10 +2,11 @@
 tracking, the protocol of docs/architecture.md, calibration, registration.
 
 The data is a point-in-time training set of the task's feature service, holding the task's label; the
-split is by time: earlier snapshot days train, the day before the last validates (early stopping, the
-calibration, the decision threshold), the last day tests. The network's probabilities are calibrated on the
-validation day (:mod:`~shopsight.training.binary.calibration`). One MLflow run
-(:mod:`shopsight.training.runtime.tracking`) records the parameters, the dataset's identity (feature
+split is by time: the last snapshot day tests, the day before validates (early stopping, the calibration,
+the decision threshold), and the days whose labels end by the validation day train (:class:`TimeSplit`).
+The network's probabilities are calibrated on the validation day
+(:mod:`~shopsight.training.binary.calibration`). One MLflow run (:mod:`shopsight.training.runtime.tracking`)
+records the parameters, the dataset's identity (feature
 service, snapshot range, content hash), per-epoch metrics, the test numbers (ranking and calibration)
 beside gradient-boosted trees on the same Feast features and, on simulator data, the oracle; learning, ROC,
 PR and reliability curves, an evaluation report, and the model as a pyfunc registered with the alias
@@ -290,7 +291,8 @@ def _report(
         f"Label {task.data.label}: {task.description}",
         f"Data: {identity['dataset.path']} ({identity['dataset.feature_service']}, snapshots "
         f"{identity['dataset.snapshot_range']}, sha256 {identity['dataset.sha256'][:12]}).",
-        f"Train {described['train']}; validation {described['valid']}; test {described['test']}.",
+        f"Train {described['train']}; validation {described['valid']}; test {described['test']}"
+        + (f"; left out: {described['left_out']}." if "left_out" in described else "."),
         f"{model_name}'s probabilities are calibrated on the validation day ({method}); its ECE before "
         f"calibration: {reports[model_name]['ece_uncalibrated']:.4f}. Observed rate on the test day: "
         f"{reports[model_name]['base_rate']:.4f}.",

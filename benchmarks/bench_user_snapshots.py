@@ -1,22 +1,23 @@
-"""Purchase-propensity quality on simulator data, beside the simulator's oracle.
+"""Quality of the tasks on user snapshots (purchase, churn) on simulator data, beside the simulator's oracle.
 
 Simulates users, builds the features, applies the Feast repository and takes the point-in-time training
-set of ``purchase_propensity_v1`` (all through the ``shopsight`` CLI, as a user would), then on the
-time split of docs/architecture.md (train on earlier snapshot days, validate on the one before the last, test
-on the last) compares, on the same test rows:
+set of the task's feature service (all through the ``shopsight`` CLI, as a user would), then on the
+task's time split (test on the last snapshot day, validate on the one before, train on the days whose
+labels end before the validation day; docs/training.md) compares, on the same test rows:
 
-- the oracle: the simulator's true next-day buy probability (the ceiling);
-- gradient-boosted trees on the Feast activity features: unweighted, class-weighted, and with buyers
-  oversampled by the ``gan`` model (synthetic buyer rows added to the training rows);
-- ``sasrec`` with the purchase head: unweighted, buyer-weighted, and pretrained on next-item prediction
+- the oracle: the simulator's true probability of the label (the ceiling);
+- gradient-boosted trees on the Feast activity features: unweighted, class-weighted, and with positives
+  oversampled by the ``gan`` model (synthetic positive rows added to the training rows);
+- ``sasrec`` with the task's head: unweighted, positive-weighted, and pretrained on next-item prediction
   (self-supervised on all behaviour before the validation day) then fine-tuned, weighted;
-- ``lstm`` with the purchase head, weighted;
+- ``lstm`` with the task's head, weighted;
 - each network's probabilities calibrated on the validation day (what ``shopsight train`` registers and
   serves: isotonic or Platt, picked by cross-validation on that day), with the calibration error (ECE),
   the Brier score and the largest gap between the mean predicted probability and the observed rate over
   the test day's deciles beside the ranking metrics.
 
-    python -m benchmarks.bench_purchase [--users 4000] [--data-dir DIR (reuse a built one)]
+    python -m benchmarks.bench_user_snapshots [--task purchase|churn] [--users 4000]
+        [--data-dir DIR (reuse a built one)]
 """
 
 from __future__ import annotations
@@ -44,19 +45,21 @@ def _cli(data_dir: Path, *args: str) -> None:
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
-def prepare(data_dir: Path, users: int) -> Path:
-    """Simulated events -> features -> Feast -> training set (reused when already there)."""
-    out = data_dir / "training_set.parquet"
+def prepare(data_dir: Path, users: int, task) -> Path:
+    """Simulated events -> features -> Feast -> training set (each step reused when already there)."""
+    out = data_dir / f"training_set_{task.name}.parquet"
     if out.exists():
         return out
-    _cli(data_dir, "data", "simulate", "--users", str(users))
+    if not (data_dir / "simulated" / "events").exists():
+        _cli(data_dir, "data", "simulate", "--users", str(users))
+    if not (data_dir / "feast" / "registry.db").exists():
+        _cli(
+            data_dir, "features", "build", "--events", str(data_dir / "simulated" / "events"),
+            "--start", "2017-11-25", "--end", "2017-12-02",
+        )  # fmt: skip
+        _cli(data_dir, "features", "apply")
     _cli(
-        data_dir, "features", "build", "--events", str(data_dir / "simulated" / "events"),
-        "--start", "2017-11-25", "--end", "2017-12-02",
-    )  # fmt: skip
-    _cli(data_dir, "features", "apply")
-    _cli(
-        data_dir, "features", "training-set", "--service", "purchase_propensity_v1",
+        data_dir, "features", "training-set", "--service", task.data.source, "--label", task.data.label,
         "--start", "2017-11-25", "--end", "2017-12-02", "--out", str(out),
     )  # fmt: skip
     return out
@@ -85,6 +88,7 @@ def _pretrain(data_dir: Path, before: pd.Timestamp, epochs: int, log) -> tuple[d
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--task", choices=("purchase", "churn"), default="purchase")
     parser.add_argument("--users", type=int, default=4000)
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--epochs", type=int, default=8)
@@ -106,10 +110,12 @@ def main() -> None:
     from shopsight.training.models import build_model, transfer_pretrained
     from shopsight.training.runtime.loop import LoopConfig
     from shopsight.training.runtime.metrics import decile_calibration
+    from shopsight.training.tasks import get_task
 
-    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-purchase-"))
+    task = get_task(args.task)
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="bench-user-snapshots-"))
     started = time.perf_counter()
-    path = prepare(data_dir, args.users)
+    path = prepare(data_dir, args.users, task)
     prepare_seconds = time.perf_counter() - started
     split = TimeSplit.of(read_training_set(path))
     print(json.dumps(split.describe(), indent=1), flush=True)
@@ -121,12 +127,9 @@ def main() -> None:
     train, valid, test = (features.transform(f) for f in (split.train, split.valid, split.test))
     rows: dict[str, dict] = {}
 
-    oracle_test = oracle_probabilities(
-        data_dir / "simulated" / "truth" / "next_day_buy.parquet", test, "p_buy_next_day"
-    )
-    oracle_valid = oracle_probabilities(
-        data_dir / "simulated" / "truth" / "next_day_buy.parquet", valid, "p_buy_next_day"
-    )
+    truth = data_dir / "simulated" / "truth" / task.code.ORACLE_FILE
+    oracle_test = oracle_probabilities(truth, test, task.code.ORACLE_COLUMN)
+    oracle_valid = oracle_probabilities(truth, valid, task.code.ORACLE_COLUMN)
 
     def record(name: str, valid_proba, test_proba, seconds: float, note: str = "") -> None:
         predicted, observed, per_decile = decile_calibration(test.labels, test_proba)
@@ -165,12 +168,12 @@ def main() -> None:
         cols = [f"f{k}" for k in range(train.dense.shape[1])]
         frame = pd.DataFrame(train.dense, columns=cols).assign(label=train.labels.astype(int))
         gan.fit(frame, "label", numeric=cols, categorical=[], log=lambda line: None)
-        n_extra = int(len(train) - 2 * train.labels.sum())  # as many buyers as non-buyers
+        n_extra = int(len(train) - 2 * train.labels.sum())  # as many positives as negatives
         synthetic = gan.sample(max(n_extra, 0), condition=1)
         extra = (synthetic[cols].to_numpy(np.float32), np.ones(len(synthetic), np.float32))
         tree = TreeBaseline().fit(train, extra=extra)
-        record("trees, GAN-oversampled buyers", tree.predict(valid), tree.predict(test), time.perf_counter() - t0,
-               f"{len(synthetic):,} synthetic buyers")  # fmt: skip
+        record("trees, GAN-oversampled positives", tree.predict(valid), tree.predict(test),
+               time.perf_counter() - t0, f"{len(synthetic):,} synthetic positives")  # fmt: skip
 
     balanced = balanced_pos_weight(train.labels)
     loop = LoopConfig(
@@ -210,18 +213,17 @@ def main() -> None:
             f"{calibration.method} on the validation day (as registered and served)",
         )
 
-    result = {"machine": describe_machine(), "split": split.describe(), "rows": rows,
+    result = {"machine": describe_machine(), "task": task.name, "split": split.describe(), "rows": rows,
               "prepare_seconds": prepare_seconds, "users": args.users, "loop": loop.__dict__}  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "purchase.json").write_text(json.dumps(result, indent=2, default=str))
+    (RESULTS / f"{task.name}.json").write_text(json.dumps(result, indent=2, default=str))
     machine = result["machine"]
     lines = [
         "",
         f"## {machine['date']}: {args.users:,} users, {machine['cpu']}, {machine['cores']} cores, "
         f"{machine['memory']}, Python {machine['python']}",
         "",
-        f"Split: train {split.describe()['train']}; valid {split.describe()['valid']}; "
-        f"test {split.describe()['test']}.",
+        "Split: " + "; ".join(f"{part} {what}" for part, what in split.describe().items()) + ".",
         "",
         "| model | ROC-AUC | PR-AUC | log-loss | Brier | ECE | mean p | max decile gap: observed / true "
         "| precision | recall | F1 | train s | note |",
@@ -238,17 +240,17 @@ def main() -> None:
     rate = rows["oracle (true probability)"]["base_rate"]
     lines += [
         "",
-        "Threshold of precision/recall/F1: the F1-best one on the validation day. Observed buy rate on the "
-        f"test day {rate:.3f}. Max decile gap: the largest |mean predicted probability - rate| over the "
+        "Threshold of precision/recall/F1: the F1-best one on the validation day. Observed rate of "
+        f"{task.data.label} on the test day {rate:.3f}. Max decile gap: the largest |mean predicted probability - rate| over the "
         "deciles of the model's test probabilities, against the observed rate (at least "
         f"{smallest:,} rows a decile: one standard error of a decile's rate is about "
         f"{np.sqrt(rate * (1 - rate) / smallest):.3f}) and against the simulator's true probability of the "
         "same rows (no label noise).",
     ]
     append_report(
-        RESULTS / "purchase.md",
-        f"Purchase propensity, {args.users:,} simulated users",
-        f"python -m benchmarks.bench_purchase --users {args.users}",
+        RESULTS / f"{task.name}.md",
+        f"{task.name.capitalize()} ({task.data.label}), simulated users",
+        f"python -m benchmarks.bench_user_snapshots --task {task.name} --users {args.users}",
         lines,
     )
 
