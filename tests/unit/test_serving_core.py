@@ -306,7 +306,8 @@ def test_watcher_follows_the_aliases_and_reuses_a_loaded_challenger():
     assert source.loads == [("1", "champion"), ("2", "challenger")]  # no second load of version 2
     source.fail = ConnectionError("registry away")
     assert not watcher.poll_once()
-    assert predictor.served.champion.version == "2" and "registry away" in predictor.last_error
+    assert predictor.served.champion.version == "2" and "registry did not answer" in predictor.last_error
+    assert "registry away" not in predictor.last_error  # the exception's text is logged, not shown
     source.fail = None
     predictor.set_routing(Routing())  # canary off: the challenger is dropped
     assert watcher.poll_once() and predictor.served.challenger is None
@@ -415,7 +416,7 @@ def test_missing_or_wrong_key_is_401_before_the_body_is_read(app):
         assert status == 401 and "API key" in body["error"] and hdrs["www-authenticate"] == "Bearer"
     assert call(app, "GET", "/v1/models")[0] == 401
     status, _, body = call(app, "GET", "/healthz")
-    assert status == 200 and body == {"status": "ok", "models": {NEXT: "1", PURCHASE: "3"}}
+    assert status == 200 and body == {"status": "ok", "models": {NEXT: "1", PURCHASE: "3"}, "problems": {}}
     assert call(app, "GET", "/openapi.json")[0] == 200 and call(app, "GET", "/docs")[0] == 200
 
 
@@ -458,7 +459,7 @@ def test_no_champion_is_503_and_health_says_degraded(recommenders, purchase):
     status, _, body = call(app, "POST", "/v1/recommendations", {"user_id": 1}, AUTH)
     assert status == 503 and "no champion of shopsight-next-item" in body["error"]
     status, _, body = call(app, "GET", "/healthz")
-    assert status == 200 and body["status"] == "degraded"
+    assert status == 503 and body["status"] == "degraded" and set(body["problems"]) == {NEXT, PURCHASE}
 
 
 def test_metrics_count_requests_fallbacks_and_served_versions(app):

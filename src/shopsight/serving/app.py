@@ -14,6 +14,12 @@ a key itself. A request sends the key as ``X-API-Key: KEY`` or ``Authorization: 
 compared with every team's by :func:`hmac.compare_digest`. The check runs before the body is read, so a
 request without a valid key gets 401 whatever it sends. With no keys configured every keyed route is 401.
 
+Limits, checked before the key: request headers over ``max_header_bytes`` (16 KiB) are a 431, a body
+whose ``Content-Length`` is over ``max_body_bytes`` a 413 before a byte of it is read; a body sent without
+one (chunked) is counted as it arrives and is a 413 the moment it passes the limit. Bodies are JSON
+whatever their Content-Type, parsed strictly (:mod:`shopsight.serving.bodies`); every 4xx the app sends
+is ``{"error": ..., "detail": ...}``, echoing at most a short preview of the input.
+
 Metrics are recorded here, in the ingress, from what the model deployments return (versions, fallbacks,
 stage timings, shadow agreement): one process sees every request, so a plain ``prometheus_client``
 registry serves them without Ray's metrics pipeline. With several ingress replicas each exposes its own
@@ -31,7 +37,6 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from fastapi import FastAPI, Security
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
@@ -45,6 +50,7 @@ from prometheus_client import (
 )
 
 from shopsight import __version__
+from shopsight.serving.bodies import JsonBodyRoute, error_details
 from shopsight.serving.predictor import PREDICTORS, Outcome, ProbabilityPredictor
 from shopsight.serving.schemas import (
     ErrorResponse,
@@ -59,6 +65,7 @@ log = logging.getLogger("shopsight.serving")
 
 MODELS = "/v1/models"
 KEYED_PREFIX = "/v1/"
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -84,6 +91,18 @@ class LocalBackend:
 
     async def models(self) -> dict[str, ServedModel]:
         return {task: predictor.describe() for task, predictor in self.predictors.items()}
+
+
+def default_body_limit(max_user_ids: int) -> int:
+    """The default cap on a request body: 64 KiB, or more when ``max_user_ids`` int64 ids need it (up to
+    20 characters and a separator each: 32 bytes leaves room for spaces).
+
+    Small on purpose: parsing and validating a body holds the GIL (a thread would not free the event
+    loop: the C parser never yields it), so the largest body is the longest stall of every request in the
+    replica. 1 MiB of ``[1,1,...]`` took ~35 ms to parse and validate on the 2-vCPU VM; 64 KiB ~2 ms;
+    ``serving.max_user_ids`` at its bound (10,000) gives 320 KiB.
+    """
+    return max(64 * 1024, 32 * max_user_ids)
 
 
 def hash_key(key: str) -> str:
@@ -198,16 +217,26 @@ class ServingMetrics:
 
 
 class _Gate:
-    """ASGI middleware: the API key check (before the body is read) and per-request metrics."""
+    """ASGI middleware: header and declared body size limits and the API key check (all before the body
+    is read), and per-request metrics."""
 
     def __init__(
-        self, app, keys: Mapping[str, str], metrics: ServingMetrics, metrics_open: bool, endpoints: tuple
+        self,
+        app,
+        keys: Mapping[str, str],
+        metrics: ServingMetrics,
+        metrics_open: bool,
+        endpoints: tuple,
+        max_header_bytes: int,
+        max_body_bytes: int,
     ) -> None:
         self.app = app
         self.endpoints = endpoints
         self.keys = dict(keys)
         self.metrics = metrics
         self.metrics_open = metrics_open
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -218,6 +247,20 @@ class _Gate:
         endpoint = path if path in self.endpoints else "other"
         status = [500]
         team = "-"
+        # the HTTP server (uvicorn with httptools under Ray Serve) sets no limit on headers it can be told
+        # of: they are counted here, before anything reads them
+        header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            message = (
+                f"request headers of {header_bytes} bytes: over the limit of {self.max_header_bytes} bytes"
+            )
+            await _send_json(send, 431, {"error": message})
+            self._record(endpoint, 431, team, started)
+            return
+        if _content_length(scope) > self.max_body_bytes:  # declared too large: refused unread
+            await _send_json(send, 413, {"error": _too_large(self.max_body_bytes)})
+            self._record(endpoint, 413, team, started)
+            return
         if path.startswith(KEYED_PREFIX) or (path == "/metrics" and not self.metrics_open):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
             team = authenticate(headers, self.keys)
@@ -247,6 +290,18 @@ class _Gate:
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
+def _content_length(scope) -> int:
+    """The declared body size; 0 when not declared (the body is then counted as it arrives)."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"content-length":
+            return int(value) if value.isdigit() else 0  # the HTTP server refuses a malformed one
+    return 0
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is over the limit of {limit} bytes"
+
+
 async def _send_json(send, status: int, body: dict, headers: list | None = None) -> None:
     payload = json.dumps(body).encode()
     await send(
@@ -265,7 +320,14 @@ async def _send_json(send, status: int, body: dict, headers: list | None = None)
 
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key."},
-    422: {"description": "The request does not match the schema (the body names the field)."},
+    413: {"model": ErrorResponse, "description": "The request body is over the size limit."},
+    422: {
+        "model": ErrorResponse,
+        "description": "The body is not JSON (not UTF-8, NaN or Infinity, a lone surrogate, nested too "
+        "deeply, ...) or does not match the schema: `error` names the field, `detail` lists every problem "
+        "with a short preview of the input.",
+    },
+    431: {"model": ErrorResponse, "description": "The request headers are over the size limit."},
     503: {"model": ErrorResponse, "description": "No champion model is loaded yet, or the service is busy."},
 }
 
@@ -278,6 +340,8 @@ def build_app(
     metrics_open: bool = True,
     metrics: ServingMetrics | None = None,
     timeout_s: float = 30.0,
+    max_body_bytes: int | None = None,
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
 ) -> FastAPI:
     """The FastAPI app of the serving API over ``backend``.
 
@@ -286,8 +350,11 @@ def build_app(
         max_user_ids: most users in one propensity request (``serving.max_user_ids``).
         metrics_open: serve ``/metrics`` without an API key.
         timeout_s: a backend answer slower than this is a 503.
+        max_body_bytes: larger request bodies are a 413 (default: :func:`default_body_limit`).
+        max_header_bytes: larger request headers (names and values, all together) are a 431.
     """
     metrics = metrics or ServingMetrics()
+    max_body_bytes = default_body_limit(max_user_ids) if max_body_bytes is None else max_body_bytes
     tasks = [get_task(name) for name in backend.tasks]
     models_response = models_response_model(tuple(task.name for task in tasks))
     app = FastAPI(
@@ -300,6 +367,7 @@ def build_app(
         redoc_url=None,
     )
     app.state.metrics = metrics
+    app.state.max_body_bytes = max_body_bytes
     keyed = [
         Security(APIKeyHeader(name="X-API-Key", auto_error=False, description="Your team's API key.")),
         Security(HTTPBearer(auto_error=False, description="The API key as a bearer token.")),
@@ -324,7 +392,7 @@ def build_app(
         )
 
     for task in tasks:
-        _add_route(app, task, call, backend, keyed, max_user_ids)
+        _add_route(app, task, call, backend, keyed, max_user_ids, max_body_bytes)
 
     @app.get(MODELS, response_model=models_response, responses=_ERRORS, dependencies=keyed,
              summary="The model versions being served")  # fmt: skip
@@ -337,15 +405,29 @@ def build_app(
                     metrics.version(served.name, alias, version.version)
         return models_response(**answer)
 
-    @app.get("/healthz", response_model=HealthResponse, summary="Liveness, and whether champions are loaded")
-    async def healthz() -> HealthResponse:
+    @app.get("/healthz", response_model=HealthResponse, summary="Liveness, and whether champions are loaded",
+             responses={503: {"model": HealthResponse, "description": "Degraded: `problems` says which "
+                              "model has no loadable champion, and why."}})  # fmt: skip
+    async def healthz(response: Response) -> HealthResponse:
         try:
             answer = await asyncio.wait_for(backend.models(), 5.0)
         except Exception as exc:  # noqa: BLE001 - the ingress is alive; say what is not
-            log.warning("healthz: models unavailable: %s", exc)
-            return HealthResponse(status="degraded", models={})
+            log.warning("healthz: models unavailable: %r", exc)
+            response.status_code = 503
+            return HealthResponse(
+                status="degraded", models={}, problems={"*": "the model replicas did not answer"}
+            )
         served = {s.name: (s.champion.version if s.champion else None) for s in answer.values()}
-        return HealthResponse(status="ok" if all(served.values()) else "degraded", models=served)
+        problems = {}
+        for s in answer.values():
+            # degraded also while an older version still answers: the registry's champion is not served
+            if s.champion is None or s.champion_error:
+                why = s.champion_error or s.error or "no champion is loaded"
+                still = f" (still serving version {s.champion.version})" if s.champion else ""
+                problems[s.name] = why + still
+        if problems:
+            response.status_code = 503
+        return HealthResponse(status="degraded" if problems else "ok", models=served, problems=problems)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -353,19 +435,31 @@ def build_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors(), custom_encoder={bytes: lambda b: b.decode("latin-1")})
+        # the input may be megabytes, NaN or a lone surrogate: only JSON-safe previews go back
+        errors = error_details(exc.errors())
         first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        loc = first.get("loc", [])
+        where = ".".join(str(p) for p in (loc[1:] if loc[:1] == ["body"] else loc)) or "body"
         message = f"invalid request: {where}: {first.get('msg', 'does not match the schema')}"
         return JSONResponse({"error": message, "detail": errors}, status_code=422)
 
+    @app.exception_handler(413)  # a body sent without Content-Length, counted past the limit as it came
+    async def too_large(_request, _exc) -> JSONResponse:
+        return _error(413, _too_large(max_body_bytes))
+
     endpoints = (*(t.route.path for t in tasks), MODELS, "/healthz", "/metrics", "/docs", "/openapi.json")
-    app.add_middleware(_Gate, keys=api_keys, metrics=metrics, metrics_open=metrics_open, endpoints=endpoints)
+    app.add_middleware(
+        _Gate, keys=api_keys, metrics=metrics, metrics_open=metrics_open, endpoints=endpoints,
+        max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes,
+    )  # fmt: skip
     return app
 
 
-def _add_route(app: FastAPI, task: Task, call, backend: Backend, keyed: list, max_user_ids: int) -> None:
-    """``POST task.route.path``: the task's predictor kind gives the request and response bodies."""
+def _add_route(
+    app: FastAPI, task: Task, call, backend: Backend, keyed: list, max_user_ids: int, max_body_bytes: int
+) -> None:
+    """``POST task.route.path``: the task's predictor kind gives the request and response bodies; the body
+    is JSON whatever its Content-Type (:class:`JsonBodyRoute`), at most ``max_body_bytes``."""
     predictor = PREDICTORS[task.route.predictor]
     request_model = (
         propensity_request_model(max_user_ids)
@@ -378,13 +472,18 @@ def _add_route(app: FastAPI, task: Task, call, backend: Backend, keyed: list, ma
 
     route.__annotations__ = {"body": request_model, "return": Response}
     route.__name__ = task.name
-    app.post(
+    app.router.add_api_route(
         task.route.path,
+        route,
+        methods=["POST"],
         response_model=predictor.response_model,
         responses=_ERRORS,
         dependencies=keyed,
         summary=f"{task.route.summary}, from the {task.name} champion",
-    )(route)
+        route_class_override=JsonBodyRoute,
+        # counts the bytes of a body sent without Content-Length as they come (Starlette's limiter)
+        max_body_size=max_body_bytes,
+    )
 
 
 def _error(status: int, message: str) -> JSONResponse:

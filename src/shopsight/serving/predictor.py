@@ -161,7 +161,10 @@ class _Predictor:
         self._served = Served()
         self.routing = routing or Routing()
         self._rng = random.Random(self.routing.seed)
+        # shown to clients (/v1/models, 503s, /healthz): short, with no file path or registry internals;
+        # the whole error is in the replica's log
         self.last_error: str | None = None
+        self.champion_error: str | None = None  # why the champion alias's version is not the one served
 
     @property
     def served(self) -> Served:
@@ -191,6 +194,7 @@ class _Predictor:
             canary_share=self.routing.canary_share,
             shadow=self.routing.shadow,
             error=self.last_error,
+            champion_error=self.champion_error,
         )
 
     def answer(self, requests: Sequence[Any]) -> list[Outcome]:
@@ -479,7 +483,10 @@ class ModelWatcher:
     answered by the current one) and swapped in. A version already loaded under the other alias is reused,
     so promoting the challenger switches at once. A missing alias or an unreachable registry keeps the
     current models (and is reported in ``predictor.last_error``): serving never stops because the
-    registry is briefly away.
+    registry is briefly away. A champion alias that names no version, or a version that cannot be loaded,
+    is also ``predictor.champion_error`` (health is degraded), even while an older champion answers.
+    What clients see of an error is a short message; the exception itself goes to the log (a loading
+    error names the replica's temporary files, a registry error its URI).
     """
 
     def __init__(self, predictor: _Predictor, source: ModelSource, interval_s: float = 5.0) -> None:
@@ -495,6 +502,8 @@ class ModelWatcher:
         with self._lock:
             changed = False
             errors = []
+            name = self.predictor.registered_name
+            champion_error = self.predictor.champion_error  # unknown while the registry does not answer
             for alias in (CHAMPION, CHALLENGER):
                 served = self.predictor.served
                 current = getattr(served, alias)
@@ -506,16 +515,21 @@ class ModelWatcher:
                 try:
                     ref = self.source.resolve(alias)
                 except Exception as exc:  # noqa: BLE001 - the registry being away must not stop serving
-                    errors.append(f"cannot resolve {alias}: {_first_line(exc)}")
+                    errors.append(
+                        _problem(name, f"cannot resolve {alias}", "the model registry did not answer", exc)
+                    )
                     continue
                 if ref is None:
                     if alias == CHALLENGER and current is not None:
                         self.predictor.swap(challenger=None)
                         changed = True
                     elif alias == CHAMPION:
-                        errors.append(f"{self.predictor.registered_name} has no version with alias {alias}")
+                        champion_error = f"{name} has no version with alias {alias}"
+                        errors.append(champion_error)
+                        log.warning("%s", champion_error)
                     continue
                 if current is not None and current.version == ref.version:
+                    champion_error = None if alias == CHAMPION else champion_error
                     continue
                 other = served.challenger if alias == CHAMPION else served.champion
                 try:
@@ -524,9 +538,16 @@ class ModelWatcher:
                     else:
                         loaded = self.source.load(ref, alias)
                 except Exception as exc:  # noqa: BLE001 - a broken version must not take serving down
-                    errors.append(f"cannot load version {ref.version} as {alias}: {_first_line(exc)}")
+                    why = (
+                        "the model's files could not be read"
+                        if isinstance(exc, OSError)
+                        else f"loading failed ({type(exc).__name__})"
+                    )
+                    errors.append(_problem(name, f"cannot load version {ref.version} as {alias}", why, exc))
+                    champion_error = errors[-1] if alias == CHAMPION else champion_error
                     continue
                 self.predictor.swap(**{alias: loaded})
+                champion_error = None if alias == CHAMPION else champion_error
                 changed = True
                 log.info(
                     "%s: now serving version %s as %s (was %s)",
@@ -536,8 +557,7 @@ class ModelWatcher:
                     current.version if current else "none",
                 )
             self.predictor.last_error = "; ".join(errors) or None
-            for error in errors:
-                log.warning("%s", error)
+            self.predictor.champion_error = champion_error
             return changed
 
     def start(self) -> None:
@@ -560,6 +580,8 @@ class ModelWatcher:
                 log.exception("model watcher of %s", self.predictor.registered_name)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+def _problem(model: str, what: str, why: str, exc: BaseException) -> str:
+    """Log the whole error; return what clients may see of it: what failed and why, without the
+    exception's text (file paths, URIs)."""
+    log.warning("%s: %s: %s: %s", model, what, type(exc).__name__, exc)
+    return f"{what}: {why}; see the server log"

@@ -37,11 +37,18 @@ class RecommendationRequest(_Request):
     exclude_seen: bool = Field(True, description="Leave out items already in the user's recent history.")
 
 
+def _user_ids_description(most: int) -> str:
+    return f"Users to score, in answer order: at most {most} (more is a 422 naming the limit)."
+
+
 class PropensityRequest(_Request):
     """The probability of a task's label for several users (at most ``serving.max_user_ids``)."""
 
     user_ids: list[UserId] = Field(
-        ..., min_length=1, max_length=DEFAULT_MAX_USER_IDS, description="Users to score, in answer order."
+        ...,
+        min_length=1,
+        max_length=DEFAULT_MAX_USER_IDS,
+        description=_user_ids_description(DEFAULT_MAX_USER_IDS),
     )
 
 
@@ -55,7 +62,9 @@ def propensity_request_model(max_user_ids: int) -> type[PropensityRequest]:
         __doc__=PropensityRequest.__doc__,
         user_ids=(
             list[UserId],
-            Field(..., min_length=1, max_length=max_user_ids, description="Users to score, in answer order."),
+            Field(
+                ..., min_length=1, max_length=max_user_ids, description=_user_ids_description(max_user_ids)
+            ),
         ),
     )
 
@@ -115,7 +124,14 @@ class ServedModel(_Response):
     challenger: ServedVersion | None = Field(description="Loaded only when canary or shadow routing is on.")
     canary_share: float
     shadow: bool
-    error: str | None = Field(None, description="The last loading problem, if any.")
+    error: str | None = Field(
+        None, description="The last problem resolving or loading its versions, if any (details: server log)."
+    )
+    champion_error: str | None = Field(
+        None,
+        description="Why the version the champion alias points at is not the one served (no such alias, "
+        "or it cannot be loaded; an older champion may still answer); None: it is served.",
+    )
 
 
 @functools.cache
@@ -130,8 +146,15 @@ def models_response_model(tasks: tuple[str, ...]) -> type[_Response]:
 
 
 class HealthResponse(_Response):
-    status: Literal["ok", "degraded"] = Field(description="degraded: a model has no champion loaded.")
+    status: Literal["ok", "degraded"] = Field(
+        description="degraded (HTTP 503): a model has no loadable champion: none is loaded, or the version "
+        "the champion alias points at cannot be loaded."
+    )
     models: dict[str, str | None] = Field(description="Champion version served per model (None: none).")
+    problems: dict[str, str] = Field(
+        default_factory=dict,
+        description="Why each degraded model is degraded (`*`: the models did not answer).",
+    )
 
 
 class ErrorResponse(_Response):
