@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shopsight.data import EventReader, TimeWindow
+from shopsight.data import EventReader, TimeWindow, quarantine_file
 from shopsight.features.build import TABLES, build_features
 from shopsight.platform import DataSettings, ShopsightError
 
@@ -324,8 +324,48 @@ def test_bad_input_is_reported_clearly(spark, taobao_sample, tmp_path, make_sett
     assert result.events_rejected["wrong_field_count"] == 1
     assert result.events_rejected["non_numeric_id"] == 1 and result.events_rejected["unknown_behavior"] == 1
     assert result.quarantine.exists()
+    # named per input, so that another folder's mixed.csv keeps its own rejects
+    assert result.quarantine == quarantine_file(settings.data_dir.absolute() / "quarantine", bad)
     activity = pd.read_parquet(tmp_path / "features" / "user_activity")
     quiet = activity[activity.snapshot_day.astype(str) == "2017-11-28"]
     assert len(quiet) > 0 and (quiet.n_pv_1d == 0).all() and (quiet.active_days_1d == 0).all()
     reader = EventReader(bad, window=TimeWindow.from_settings(settings.data))
     assert result.events_read == sum(t.num_rows for t in reader) + sum(reader.report.rejected.values())
+
+
+# One shop-local day of Taobao-shaped rows (2017-11-26, China time): the last day of its own data, so
+# no label can be known, and a day on which most users have a single event, as in a real time slice.
+ONE_DAY = [
+    "1,2268318,2520377,pv,1511661005",
+    "1,2333346,2520771,pv,1511661370",
+    "1,2576651,149192,cart,1511663480",
+    "100,1603476,2951233,pv,1511656702",
+    "115,3886469,4526093,pv,1511682013",
+    "117,2945933,2355072,buy,1511698432",
+    "1000,4365585,2520377,fav,1511630004",
+]
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [ONE_DAY, [line for line in ONE_DAY if line.startswith("1,")], ONE_DAY[:1]],
+    ids=["one-day", "one-user", "one-event"],
+)
+def test_any_input_the_reader_accepts_builds_with_typed_empty_labels(spark, tmp_path, make_settings, lines):
+    settings = make_settings(tmp_path)
+    events = tmp_path / "slice.csv"
+    events.write_text("\n".join(lines) + "\n")
+    day = date(2017, 11, 26)
+
+    result = build_features(settings, events, day, day)
+
+    users = len({line.split(",")[0] for line in lines})
+    assert result.days == ["2017-11-26"] and result.events_read == len(lines)
+    assert result.rows["user_activity"] == result.rows["user_segment"] == users
+    assert result.rows["labels"] == 0  # the day after is not observed: no label is known
+    labels = _table(settings, "labels")  # empty, but readable and typed like any other day's
+    assert labels.empty
+    assert {"user_id", "buy_next_1d", "churn_3d", "snapshot_ts"} <= set(labels.columns)
+    assert str(labels.user_id.dtype) == "int64" and str(labels.buy_next_1d.dtype) == "bool"
+    assert sum(s["size"] for s in result.segment_profile) == users
+    assert np.isnan(result.silhouette) if users < 3 else -1.0 <= result.silhouette <= 1.0

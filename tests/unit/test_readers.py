@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from shopsight.data import DayPartitionedWriter, EventReader, TimeWindow
+from shopsight.data import DayPartitionedWriter, EventReader, EventStats, TimeWindow, quarantine_file
 from shopsight.data.schema import EVENT_SCHEMA
 from shopsight.platform import DataSettings, InputFormatError
 
@@ -228,3 +229,111 @@ def test_parquet_missing_columns_or_wrong_types_stop(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(InputFormatError, match="no .parquet files"):
         EventReader(tmp_path / "empty_dir")
+
+
+# -- edges of real files ------------------------------------------------------------------------------
+
+
+def _lines(n: int) -> list[str]:
+    return [f"{i},{1000 + i},{i % 7},pv,{IN_WINDOW + i}" for i in range(1, n + 1)]
+
+
+@pytest.mark.parametrize("rows", [40, 30_000])  # within the format sniff's first block, and far past it
+def test_truncated_gzip_keeps_the_complete_rows_and_reports_the_break(tmp_path, rows):
+    whole = gzip.compress(("\n".join(_lines(rows)) + "\n").encode())
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(whole[: len(whole) * 2 // 3])
+    # what the cut file holds, decoded independently: its complete lines, then a part of one
+    text = zlib.decompressobj(wbits=31).decompress(path.read_bytes()).decode()
+    complete, partial = text[: text.rfind("\n") + 1].splitlines(), text[text.rfind("\n") + 1 :]
+    assert 0 < len(complete) < rows
+
+    reader = EventReader(path, window=WINDOW, quarantine=tmp_path / "q.csv", batch_rows=1000)
+    table = reader.read_all()
+
+    assert table.column("user_id").to_pylist() == [int(line.split(",")[0]) for line in complete]
+    assert reader.report.rejected == Counter({"truncated_input": 1})
+    assert reader.report.rows_read == len(complete) + 1
+    [row] = _read_quarantine(tmp_path / "q.csv")
+    assert (int(row["source_row"]), row["reason"], row["raw"]) == (
+        len(complete) + 1,
+        "truncated_input",
+        partial,
+    )
+    [warning] = reader.report.warnings
+    assert "truncated" in warning and f"line {len(complete):,}" in warning and "\n" not in warning
+    assert reader.report.notes["warning"] == warning
+
+
+def test_a_gzip_cut_before_its_first_line_is_a_one_line_error(tmp_path):
+    path = tmp_path / "cut.csv.gz"
+    path.write_bytes(gzip.compress(("\n".join(_lines(3)) + "\n").encode())[:15])
+    with pytest.raises(InputFormatError, match="cannot be read") as info:
+        EventReader(path, "taobao")
+    assert "\n" not in str(info.value)
+
+
+def test_millisecond_timestamps_are_bad_timestamps_in_parquet_as_in_csv(tmp_path):
+    millis = IN_WINDOW * 1000
+    (tmp_path / "ms.csv").write_text(
+        f"1,10,100,pv,{IN_WINDOW}\n2,20,200,pv,{millis}\n3,30,300,pv,999999999999\n"
+    )
+    for ts in (
+        pa.array([IN_WINDOW, millis, 999_999_999_999], pa.int64()),
+        pa.array([IN_WINDOW, millis, 999_999_999_999], pa.timestamp("s")),
+        pa.array([IN_WINDOW, millis, 2**63 - 1], pa.uint64()),
+    ):
+        events = {"user_id": [1, 2, 3], "item_id": [10, 20, 30], "category_id": [100, 200, 300]}
+        pq.write_table(pa.table({**events, "behavior": ["pv"] * 3, "ts": ts}), tmp_path / "ms.parquet")
+        for name in ("ms.csv", "ms.parquet"):
+            reader = EventReader(tmp_path / name, quarantine=tmp_path / "q.csv")  # no window
+            stats = EventStats()
+            for table in reader:
+                stats.update(table)
+            assert reader.report.rejected == Counter({"bad_timestamp": 2}), (name, ts.type)
+            assert stats.events == 1 and stats.last_ts == datetime.fromtimestamp(IN_WINDOW, UTC)
+            # CSV lines count from 1, parquet rows from 0
+            rejected_rows = [2, 3] if name.endswith(".csv") else [1, 2]
+            assert [int(r["source_row"]) for r in _read_quarantine(tmp_path / "q.csv")] == rejected_rows
+
+
+def test_ids_up_to_int64_max_are_accepted(tmp_path):
+    top = 2**63 - 1
+    lines = [f"{top},{top},{top},pv", f"{top + 1},1,1,pv", "1,99999999999999999999,1,pv"]
+    (tmp_path / "ids.csv").write_text("".join(f"{line},{IN_WINDOW}\n" for line in lines))
+    reader = EventReader(tmp_path / "ids.csv", window=WINDOW)
+    assert reader.read_all().column("user_id").to_pylist() == [top]
+    assert reader.report.rejected == Counter({"non_numeric_id": 2})
+
+    ids = {"item_id": [1, 2], "category_id": [3, 4], "behavior": ["pv", "pv"], "ts": [IN_WINDOW] * 2}
+    for user_ids in (pa.array([top, top + 1], pa.uint64()), pa.array([str(top), str(top + 1)])):
+        pq.write_table(pa.table({"user_id": user_ids, **ids}), tmp_path / "ids.parquet")
+        reader = EventReader(tmp_path / "ids.parquet", window=WINDOW)
+        assert reader.read_all().column("user_id").to_pylist() == [top], user_ids.type
+        assert reader.report.rejected == Counter({"non_numeric_id": 1})
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_blank_lines_are_counted_and_rows_keep_their_file_line(tmp_path, newline):
+    lines = ["", f"1,10,100,pv,{IN_WINDOW}", "", "", "2,20,200,pv", "   ", f"3,30,300,like,{IN_WINDOW}", ""]
+    lines += [f"4,40,400,buy,{IN_WINDOW}"]
+    path = tmp_path / "blank.csv"
+    path.write_bytes(newline.join(lines).encode() + b"\n")
+    reader = EventReader(path, window=WINDOW, quarantine=tmp_path / "q.csv", batch_rows=2)
+    assert reader.read_all().column("user_id").to_pylist() == [1, 4]
+    report = reader.report
+    assert report.blank_lines == 5 and report.notes["blank lines"].startswith("5 ")
+    assert report.rows_read == 4 and report.rows_rejected == 2  # blank lines are not rows
+    rows = _read_quarantine(tmp_path / "q.csv")
+    assert sorted((int(r["source_row"]), r["reason"]) for r in rows) == [
+        (5, "wrong_field_count"),
+        (7, "unknown_behavior"),
+    ]
+
+
+def test_quarantine_files_of_inputs_with_the_same_name_differ(tmp_path):
+    a, b = tmp_path / "a" / "events.csv", tmp_path / "b" / "events.csv"
+    first = quarantine_file(tmp_path / "q", a)
+    assert first != quarantine_file(tmp_path / "q", b)
+    assert first == quarantine_file(tmp_path / "q", a) and first.parent == tmp_path / "q"
+    assert first.name.startswith("events.csv.") and first.name.endswith(".rejected.csv")

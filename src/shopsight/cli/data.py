@@ -16,6 +16,7 @@ from shopsight.data import (
     SimulationResult,
     SimulatorConfig,
     TimeWindow,
+    quarantine_file,
     simulate,
 )
 from shopsight.data.schema import BEHAVIORS, TAOBAO_BEHAVIOR_MIX
@@ -71,7 +72,7 @@ def validate_command(
     """Check every row of an event file; count and quarantine the bad ones, summarise the good ones."""
     settings = state(ctx).settings
     window = None if no_window else _window(settings, since, until)
-    quarantine = quarantine or settings.data_dir / "quarantine" / f"{path.name}.rejected.csv"
+    quarantine = quarantine or quarantine_file(settings.data_dir / "quarantine", path)
     report, stats, seconds = validate_events(path, format, window, quarantine, settings.data.batch_rows)
     print_validation(report, stats, window, seconds)
     if strict and report.rows_rejected:
@@ -143,6 +144,7 @@ def print_validation(
             "good rows": f"{report.rows_good:,}",
             "rejected rows": f"{report.rows_rejected:,}"
             + (f" -> {report.quarantine_path}" if report.quarantine_path else ""),
+            **report.notes,  # blank lines, warnings such as a truncated gzip
             "window": str(window) if window else "any time",
             "users / items / categories": (
                 f"{stats.users:,} / {len(stats.items):,} / {len(stats.categories):,}"

@@ -1,6 +1,13 @@
 """Event data: the schema contract, readers with quarantine, a day-partitioned writer, the simulator."""
 
-from shopsight.data._readers import FORMATS, EventReader, ReadReport, TimeWindow, detect_format
+from shopsight.data._readers import (
+    FORMATS,
+    EventReader,
+    ReadReport,
+    TimeWindow,
+    detect_format,
+    quarantine_file,
+)
 from shopsight.data._simulator import SimulationResult, SimulatorConfig, simulate
 from shopsight.data._stats import EventStats
 from shopsight.data._writer import DayPartitionedWriter, publish_dir
@@ -16,5 +23,6 @@ __all__ = [
     "TimeWindow",
     "detect_format",
     "publish_dir",
+    "quarantine_file",
     "simulate",
 ]

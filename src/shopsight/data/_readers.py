@@ -10,13 +10,17 @@ names the file and what was expected.
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
+import io
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -40,8 +44,16 @@ _EXPECTED = {
 }
 _TAOBAO_LINE = re.compile(r"^[^,]*,[^,]*,[^,]*,(pv|cart|fav|buy),[^,]*$")
 _SASREC_LINE = re.compile(r"^\d+ \d+$")
-_ID_PATTERN = r"^[0-9]{1,18}$"
+_ID_PATTERN = r"^[0-9]{1,19}$"
+# int64's largest value: a 19-digit id is valid up to here. Equal-length digit strings compare as
+# numbers do, so the bound is checked on the text, before any cast could overflow.
+_ID_MAX = np.iinfo(np.int64).max
+_ID_MAX_TEXT = str(_ID_MAX)
 _TS_PATTERN = r"^-?[0-9]{1,12}$"
+# Unix seconds a datetime can hold in any timezone (a day's margin at either end). Beyond them a value
+# is not seconds at all, typically milliseconds (1511600000000 is 1000x a 2017 time): rejected.
+_TS_MIN = int(datetime(1, 1, 2, tzinfo=UTC).timestamp())
+_TS_MAX = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp())
 _SNIFF_BYTES = 64 * 1024
 _SNIFF_LINES = 20
 
@@ -52,6 +64,18 @@ MISSING_VALUE = "missing_value"
 UNKNOWN_BEHAVIOR = "unknown_behavior"
 BAD_TIMESTAMP = "bad_timestamp"
 OUT_OF_WINDOW = "out_of_window"
+TRUNCATED_INPUT = "truncated_input"  # a compressed file that breaks off: the rest is unreadable
+
+
+def quarantine_file(folder: Path | str, events_path: Path | str) -> Path:
+    """The default quarantine file of an input: ``<folder>/<name>.<hash>.rejected.csv``.
+
+    The hash (of the absolute path) keeps ``a/events.csv`` and ``b/events.csv`` from overwriting each
+    other's rejects, while the same input always gets the same file (a re-run replaces it).
+    """
+    path = Path(events_path)
+    digest = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:8]
+    return Path(folder) / f"{path.name}.{digest}.rejected.csv"
 
 
 @dataclass(frozen=True)
@@ -90,10 +114,24 @@ class ReadReport:
     rows_good: int = 0
     rejected: Counter = field(default_factory=Counter)
     quarantine_path: Path | None = None
+    #: Lines holding nothing but whitespace: not rows (neither read nor rejected), but counted.
+    blank_lines: int = 0
+    #: One line each, for problems with the file as a whole (e.g. a gzip that breaks off).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def rows_rejected(self) -> int:
         return sum(self.rejected.values())
+
+    @property
+    def notes(self) -> dict[str, str]:
+        """Summary lines beyond the row counts: blank lines and warnings, where there are any."""
+        notes = {}
+        if self.blank_lines:
+            notes["blank lines"] = f"{self.blank_lines:,} (skipped, not rows)"
+        for i, warning in enumerate(self.warnings):
+            notes["warning" if i == 0 else f"warning {i + 1}"] = warning
+        return notes
 
 
 class _Quarantine:
@@ -198,37 +236,65 @@ class EventReader:
 
     def _text_batches(self, names: list[str], delimiter: str, quarantine: _Quarantine) -> Iterator[tuple]:
         """Yield ``(string record batch, line numbers of its rows)``; wrong field counts are quarantined."""
+        # Arrow skips empty lines and numbers rows without them; `stream` notes where they are, and
+        # rows the parser rejects (or skips as whitespace-only) are kept in `invalid_lines`.
+        stream = _TextStream(self.path)
         invalid_lines: list[int] = []
         expected = len(names)
 
         def on_invalid(row: pacsv.InvalidRow) -> str:
             invalid_lines.append(row.number)
+            if not row.text.strip():
+                self.report.blank_lines += 1
+                return "skip"
             self.report.rows_read += 1
             self.report.rejected[WRONG_FIELD_COUNT] += 1
+            line = int(_skip_lines(np.array([row.number]), stream.blank_lines)[0])
             quarantine.add(
-                row.number, WRONG_FIELD_COUNT, f"{row.actual_columns} fields, expected {expected}", row.text
+                line, WRONG_FIELD_COUNT, f"{row.actual_columns} fields, expected {expected}", row.text
             )
             return "skip"
 
-        reader = pacsv.open_csv(
-            pa.input_stream(str(self.path), compression="detect" if _is_gzip(self.path) else None),
-            read_options=pacsv.ReadOptions(
-                column_names=names, use_threads=False, block_size=_block_size(self.batch_rows)
-            ),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+        with stream:
+            reader = pacsv.open_csv(
+                io.BufferedReader(stream, buffer_size=1 << 20),
+                read_options=pacsv.ReadOptions(
+                    column_names=names, use_threads=False, block_size=_block_size(self.batch_rows)
+                ),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+                convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names}),
+            )
+            parsed = 0
+            try:
+                for batch in reader:
+                    first = parsed
+                    parsed += batch.num_rows
+                    self.report.rows_read += batch.num_rows
+                    yield batch, _LineNumbers(first, invalid_lines, stream.blank_lines)
+            except pa.ArrowInvalid as exc:
+                raise InputFormatError(
+                    f"{self.path}: cannot be read as {_EXPECTED[self.format]}: {exc}"
+                ) from None
+            finally:
+                self.report.blank_lines += len(stream.blank_lines)
+        if stream.error is not None:
+            self._truncated(stream, quarantine)
+
+    def _truncated(self, stream: _TextStream, quarantine: _Quarantine) -> None:
+        """Count, quarantine and report a compressed stream that breaks off: one row, one warning."""
+        after = stream.lines
+        self.report.rows_read += 1
+        self.report.rejected[TRUNCATED_INPUT] += 1
+        quarantine.add(
+            after + 1,
+            TRUNCATED_INPUT,
+            f"the compressed stream breaks off here ({stream.error}); nothing after it can be read",
+            stream.cut_line.decode("utf-8", errors="replace"),
         )
-        parsed = 0
-        try:
-            for batch in reader:
-                first = parsed
-                parsed += batch.num_rows
-                self.report.rows_read += batch.num_rows
-                yield batch, _LineNumbers(first, invalid_lines)
-        except pa.ArrowInvalid as exc:
-            raise InputFormatError(
-                f"{self.path}: cannot be read as {_EXPECTED[self.format]}: {exc}"
-            ) from None
+        self.report.warnings.append(
+            f"{self.path.name} is truncated or corrupt after line {after:,} ({stream.error}): "
+            "the complete rows before it were read, the rest of the file is lost"
+        )
 
     def _taobao(self, quarantine: _Quarantine) -> Iterator[pa.Table]:
         names = [*ID_COLUMNS, "behavior", TS]
@@ -350,16 +416,16 @@ def _check_text_columns(
     reject = rejections.reject
     for name in ID_COLUMNS:
         if name in columns:
-            ok = pc.match_substring_regex(columns[name], _ID_PATTERN).to_numpy(zero_copy_only=False)
-            reject(~ok, NON_NUMERIC_ID, f"{name} is not a non-negative integer")
+            reject(~_is_id_text(columns[name]), NON_NUMERIC_ID, f"{name} is not a non-negative int64")
     if "behavior" in columns:
         ok = pc.is_in(columns["behavior"], value_set=pa.array(BEHAVIORS)).to_numpy(zero_copy_only=False)
         reject(~ok, UNKNOWN_BEHAVIOR, f"behavior not one of {'/'.join(BEHAVIORS)}")
     if TS in columns:
         numeric = pc.match_substring_regex(columns[TS], _TS_PATTERN).to_numpy(zero_copy_only=False)
         reject(~numeric, BAD_TIMESTAMP, "timestamp is not unix seconds")
+        seconds = pc.cast(pc.if_else(pa.array(numeric), columns[TS], "0"), pa.int64()).to_numpy()
+        _reject_out_of_range(reject, numeric, seconds)
         if window is not None:
-            seconds = pc.cast(pc.if_else(pa.array(numeric), columns[TS], "0"), pa.int64()).to_numpy()
             _reject_outside(reject, numeric, seconds, window)
     return rejections.reasons, rejections.details
 
@@ -372,20 +438,49 @@ def _check_typed_columns(batch: pa.RecordBatch, window: TimeWindow | None) -> tu
     for name in ID_COLUMNS:
         column = batch.column(name)
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            ok = pc.match_substring_regex(column, _ID_PATTERN).to_numpy(zero_copy_only=False)
-            reject(~ok, NON_NUMERIC_ID, f"{name} is not a non-negative integer")
-        else:
+            reject(~_is_id_text(column), NON_NUMERIC_ID, f"{name} is not a non-negative int64")
+        elif pa.types.is_signed_integer(column.type):
             negative = pc.fill_null(pc.less(column, 0), False).to_numpy(zero_copy_only=False)
             reject(negative, NON_NUMERIC_ID, f"{name} is negative")
+        elif column.type == pa.uint64():  # the one integer type that holds more than int64
+            big = pc.fill_null(pc.greater(column, pa.scalar(_ID_MAX, pa.uint64())), False)
+            reject(big.to_numpy(zero_copy_only=False), NON_NUMERIC_ID, f"{name} is beyond int64")
     behavior = pc.cast(batch.column("behavior"), pa.string())
     ok = pc.fill_null(pc.is_in(behavior, value_set=pa.array(BEHAVIORS)), True).to_numpy(zero_copy_only=False)
     reject(~ok, UNKNOWN_BEHAVIOR, f"behavior not one of {'/'.join(BEHAVIORS)}")
+    present, seconds = _typed_seconds(batch.column(TS))
+    _reject_out_of_range(reject, present, seconds)
     if window is not None:
-        ts = _to_utc_micros(batch.column(TS))
-        present = ts.is_valid().to_numpy(zero_copy_only=False)
-        seconds = pc.fill_null(pc.cast(ts, pa.int64()), 0).to_numpy() // 1_000_000
         _reject_outside(reject, present, seconds, window)
     return rejections.reasons, rejections.details
+
+
+def _is_id_text(column: pa.Array) -> np.ndarray:
+    """Whether each string is a non-negative integer that fits int64 (a null passes: it is missing)."""
+    digits = pc.match_substring_regex(column, _ID_PATTERN)
+    fits = pc.or_(pc.less(pc.utf8_length(column), len(_ID_MAX_TEXT)), pc.less_equal(column, _ID_MAX_TEXT))
+    return pc.fill_null(pc.and_(digits, fits), True).to_numpy(zero_copy_only=False)
+
+
+def _typed_seconds(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(present, whole unix seconds) of a parquet ``ts`` column (timestamps or integer seconds).
+
+    Computed on the integer values, never through a cast to microseconds, which overflows (and raises
+    for the whole batch) on the very values that are to be rejected, such as milliseconds.
+    """
+    present = column.is_valid().to_numpy(zero_copy_only=False)
+    if pa.types.is_timestamp(column.type):
+        per_second = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[column.type.unit]
+        values = pc.fill_null(column.cast(pa.int64()), 0).to_numpy()
+        return present, values // per_second
+    if column.type == pa.uint64():  # beyond int64 is beyond any time: clip, the range check rejects it
+        column = pc.min_element_wise(column, pa.scalar(_ID_MAX, pa.uint64()))
+    return present, pc.fill_null(column.cast(pa.int64()), 0).to_numpy()
+
+
+def _reject_out_of_range(reject, present: np.ndarray, seconds: np.ndarray) -> None:
+    bad = present & ((seconds < _TS_MIN) | (seconds > _TS_MAX))
+    reject(bad, BAD_TIMESTAMP, "timestamp is not a time in unix seconds (milliseconds?)")
 
 
 def _reject_outside(reject, present: np.ndarray, seconds: np.ndarray, window: TimeWindow) -> None:
@@ -398,9 +493,9 @@ def _quarantine_rows(quarantine, report: ReadReport, reasons, details, numbers, 
     """Count and quarantine the rejected rows of a batch; raw text is the line (text) or JSON (parquet)."""
     for i in np.flatnonzero(reasons != ""):
         report.rejected[reasons[i]] += 1
-        row = {name: batch.column(name)[int(i)].as_py() for name in batch.schema.names}
+        row = {name: _raw_value(batch.column(name)[int(i)]) for name in batch.schema.names}
         if separator is None:
-            raw = json.dumps({k: _jsonable(v) for k, v in row.items()})
+            raw = json.dumps(row)
         else:
             raw = separator.join("" if v is None else str(v) for v in row.values())
         quarantine.add(int(numbers.of(np.array([i]))[0]), reasons[i], details[i], raw)
@@ -409,23 +504,29 @@ def _quarantine_rows(quarantine, report: ReadReport, reasons, details, numbers, 
 class _LineNumbers:
     """Maps a batch's row index to its 1-based file line, skipping lines the parser rejected."""
 
-    def __init__(self, first_parsed: int, invalid_lines: list[int]) -> None:
+    def __init__(self, first_parsed: int, invalid_lines: list[int], blank_lines: list[int]) -> None:
         self.first = first_parsed
-        self.invalid = sorted(invalid_lines)
+        self.invalid = sorted(invalid_lines)  # numbered as Arrow does: without the empty lines
+        self.blank = list(blank_lines)  # physical line numbers, ascending
 
     def of(self, rows: np.ndarray) -> np.ndarray:
         lines = self.first + np.asarray(rows, dtype=np.int64) + 1
-        if not self.invalid:
-            return lines
-        invalid = np.asarray(self.invalid, dtype=np.int64)
-        # Every invalid line at or before a candidate line pushes the parsed row one line further:
-        # iterate to the fixed point (at most one pass per invalid line in the way).
-        skipped = np.zeros_like(lines)
-        while True:
-            now = np.searchsorted(invalid, lines + skipped, side="right")
-            if np.array_equal(now, skipped):
-                return lines + skipped
-            skipped = now
+        return _skip_lines(_skip_lines(lines, self.invalid), self.blank)
+
+
+def _skip_lines(lines: np.ndarray, skipped_lines: list[int]) -> np.ndarray:
+    """Renumber lines counted without ``skipped_lines`` (sorted) as lines counted with them."""
+    if not skipped_lines:
+        return lines
+    skipped_at = np.asarray(skipped_lines, dtype=np.int64)
+    # Every skipped line at or before a candidate line pushes it one line further: iterate to the
+    # fixed point (at most one pass per skipped line in the way).
+    skipped = np.zeros_like(lines)
+    while True:
+        now = np.searchsorted(skipped_at, lines + skipped, side="right")
+        if np.array_equal(now, skipped):
+            return lines + skipped
+        skipped = now
 
 
 class _RowNumbers:
@@ -436,16 +537,96 @@ class _RowNumbers:
         return rows + self.first
 
 
+class _TextStream(io.RawIOBase):
+    """The bytes of a text event file, plain or gzip, handed out in complete lines.
+
+    Arrow's gzip codec raises on a truncated or corrupt stream and drops the block it was decoding,
+    so every row before the break would be lost. Here a break ends the stream after the last complete
+    line instead, and is recorded in :attr:`error`; the cut line is held back in :attr:`cut_line`
+    (``1,2,3,pv,15116`` must not pass for a row). On the way, the numbers of empty lines (which Arrow
+    skips without a trace) are noted in :attr:`blank_lines`.
+    """
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, path: Path) -> None:
+        compressed = _is_gzip(path)
+        self._raw = gzip.open(path, "rb") if compressed else open(path, "rb")  # noqa: SIM115 (close())
+        # What a broken gzip raises; a plain file's I/O errors are real errors and propagate.
+        self._breaks = (EOFError, OSError, zlib.error) if compressed else ()
+        self._ready = memoryview(b"")
+        self._tail = b""  # the bytes after the last newline: a line not complete yet
+        self._ended = False
+        self.lines = 0  # newline-terminated lines handed out
+        self.blank_lines: list[int] = []
+        self.error: str | None = None
+        self.cut_line = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._ready and not self._ended:
+            self._fill()
+        n = min(len(buffer), len(self._ready))
+        buffer[:n] = self._ready[:n]
+        self._ready = self._ready[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+    def _fill(self) -> None:
+        try:
+            chunk = self._raw.read1(self._CHUNK)  # one decompression step: no data lost to a raise
+        except self._breaks as exc:
+            self.error = str(exc) or type(exc).__name__
+            self.cut_line, self._tail = self._tail, b""
+            self._ended = True
+            return
+        if chunk:
+            data = self._tail + chunk
+            cut = data.rfind(b"\n") + 1
+            data, self._tail = data[:cut], data[cut:]
+        else:  # a clean end: a last line without a newline is complete
+            data, self._tail = self._tail, b""
+            self._ended = True
+        self._note_blank_lines(data)
+        self.lines += data.count(b"\n")
+        self._ready = memoryview(data)
+
+    def _note_blank_lines(self, data: bytes) -> None:
+        # `data` starts at a line start: an empty line is a newline at the start or right after another.
+        starts = [0] if data.startswith((b"\n", b"\r\n")) else []
+        for pair in (b"\n\n", b"\n\r\n"):
+            at = data.find(pair)
+            while at != -1:
+                starts.append(at + 1)
+                at = data.find(pair, at + 1)
+        line, counted = self.lines + 1, 0
+        for start in sorted(starts):
+            line += data.count(b"\n", counted, start)
+            counted = start
+            self.blank_lines.append(line)
+
+
 def _to_utc_micros(column: pa.Array) -> pa.Array:
     if pa.types.is_timestamp(column.type):
         if column.type.tz is None:  # naive times are taken as UTC, the contract's zone
             column = pc.assume_timezone(column, "UTC")
         return pc.cast(column, pa.timestamp("us", tz="UTC"))
-    # integer unix seconds
-    return pc.cast(pc.cast(column, pa.timestamp("s", tz="UTC")), pa.timestamp("us", tz="UTC"))
+    # integer unix seconds, of any integer type (Arrow casts only signed ones to timestamps)
+    seconds = pc.cast(pc.cast(column, pa.int64()), pa.timestamp("s", tz="UTC"))
+    return pc.cast(seconds, pa.timestamp("us", tz="UTC"))
 
 
-def _jsonable(value):
+def _raw_value(scalar: pa.Scalar):
+    """A value as JSON can hold it: times in ISO format, a time beyond datetime's years as its number."""
+    try:
+        value = scalar.as_py()
+    except (OverflowError, ValueError):  # e.g. milliseconds stored as timestamp[s]
+        return scalar.cast(pa.int64()).as_py()
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
@@ -490,10 +671,12 @@ def _head_text(path: Path) -> str:
     if _is_parquet_file(path):
         raise InputFormatError(f"{path}: this is a parquet file, not text (use --format parquet)")
     try:
-        with pa.input_stream(str(path), compression="detect" if _is_gzip(path) else None) as stream:
-            head = stream.read(_SNIFF_BYTES)
-    except (pa.ArrowInvalid, OSError) as exc:
+        with _TextStream(path) as stream:
+            head = io.BufferedReader(stream).read(_SNIFF_BYTES)
+    except OSError as exc:
         raise InputFormatError(f"{path}: cannot be read: {exc}") from None
+    if not head and stream.error is not None:  # not even one complete line before a gzip breaks off
+        raise InputFormatError(f"{path}: cannot be read: {stream.error}")
     if b"\x00" in head:
         raise InputFormatError(f"{path}: this is a binary file, not text")
     text = head.decode("utf-8", errors="replace")

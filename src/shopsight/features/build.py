@@ -15,6 +15,7 @@ replaces that day's partition and nothing else; a build that fails leaves the pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from shopsight.data import DayPartitionedWriter, EventReader, TimeWindow
+from shopsight.data import DayPartitionedWriter, EventReader, TimeWindow, quarantine_file
 from shopsight.data.schema import TS, USER_ID
 from shopsight.features import jobs
 from shopsight.features._spark import spark_session
@@ -50,9 +51,10 @@ class BuildResult:
     events_read: int
     events_rejected: dict[str, int]
     quarantine: Path | None
-    silhouette: float | None
+    silhouette: float | None  # NaN where undefined: fewer than two segments (e.g. a single user)
     seconds: float
     segment_profile: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the reader's, e.g. a truncated gzip
 
 
 def build_features(
@@ -84,7 +86,7 @@ def build_features(
     staging.mkdir(parents=True)
     try:
         step(f"reading and validating {events_path}")
-        quarantine = settings.data_dir.absolute() / "quarantine" / f"{Path(events_path).name}.rejected.csv"
+        quarantine = quarantine_file(settings.data_dir.absolute() / "quarantine", events_path)
         reader = EventReader(
             events_path,
             format,  # type: ignore[arg-type]
@@ -115,6 +117,7 @@ def build_features(
             silhouette=result["silhouette"],
             seconds=watch.seconds,
             segment_profile=result["profile"],
+            warnings=list(reader.report.warnings),
         )
         _log_build(out, build, start, end, events_path)
         return build
@@ -146,6 +149,7 @@ def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) 
         "user_segment": segments,
         "labels": jobs.labels(label_events, days),
     }
+    snapshot_days = [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
     rows = {}
     for name, frame in tables.items():
         path = staging / name
@@ -156,6 +160,15 @@ def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) 
             .partitionBy(jobs.SNAPSHOT_DAY)
             .parquet(str(path))
         )
+        # Spark writes no partition for a day without rows (the labels of the last observed day have
+        # none), and a table without files cannot even be read back (UNABLE_TO_INFER_SCHEMA). An empty
+        # file keeps the day's partition and its schema: readers get a typed empty day, and a re-run
+        # replaces the day's earlier rows, as for any other day.
+        for day in snapshot_days:
+            partition = path / f"{jobs.SNAPSHOT_DAY}={day}"
+            if not partition.exists():
+                frame.drop(jobs.SNAPSHOT_DAY).limit(0).coalesce(1).write.parquet(str(partition))
+                (partition / "_SUCCESS").unlink(missing_ok=True)  # the table's own marker is enough
         rows[name] = spark.read.parquet(str(path)).count()
     return {"rows": rows, "profile": profile, "silhouette": silhouette}
 
@@ -203,7 +216,8 @@ def _log_build(out: Path, build: BuildResult, start: date, end: date, events_pat
         "rows": build.rows,
         "events_read": build.events_read,
         "events_rejected": build.events_rejected,
-        "silhouette": build.silhouette,
+        "silhouette": None if build.silhouette is None or math.isnan(build.silhouette) else build.silhouette,
+        "warnings": build.warnings,
         "seconds": round(build.seconds, 1),
     }
     with (out / "builds.jsonl").open("a") as f:

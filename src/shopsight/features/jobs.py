@@ -363,6 +363,10 @@ def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7
     snapshot day (assigned with the model of the last day, so ids mean the same on every day); the
     profile of each segment on the last day (size and mean raw features: the user portrait) as a list
     of dicts; and the silhouette score of the last day's clustering.
+
+    ``k`` is capped at the number of distinct users' feature vectors on the last day (a small or
+    one-day input has few: most users there have a single view). With fewer than two, every user is
+    in segment 0 and the silhouette, undefined for one cluster, is NaN.
     """
     from pyspark.ml import Pipeline
     from pyspark.ml.clustering import KMeans
@@ -389,17 +393,27 @@ def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7
     )
     last_day = activity.agg(F.max(SNAPSHOT_DAY)).first()[0]
     last = logged.filter(F.col(SNAPSHOT_DAY) == F.lit(last_day))
-    k = max(2, min(k, last.count()))
-    pipeline = Pipeline(
-        stages=[
-            VectorAssembler(inputCols=[f"_log_{c}" for c in raw] + rates, outputCol="_vector"),
-            StandardScaler(inputCol="_vector", outputCol="_scaled", withMean=True, withStd=True),
-            KMeans(featuresCol="_scaled", predictionCol="segment_id", k=k, seed=seed),
-        ]
-    )
-    model = pipeline.fit(last)
-    scored_last = model.transform(last)
-    silhouette = ClusteringEvaluator(featuresCol="_scaled", predictionCol="segment_id").evaluate(scored_last)
+    inputs = [f"_log_{c}" for c in raw] + rates
+    # Spark's KMeans fails (ArrayIndexOutOfBounds) when it finds fewer distinct points than k.
+    k = min(k, last.select(*inputs).distinct().count())
+    if k < 2:
+        scored_last = last.withColumn("segment_id", F.lit(0))
+        silhouette = float("nan")
+        segments = logged.withColumn("segment_id", F.lit(0))
+    else:
+        pipeline = Pipeline(
+            stages=[
+                VectorAssembler(inputCols=inputs, outputCol="_vector"),
+                StandardScaler(inputCol="_vector", outputCol="_scaled", withMean=True, withStd=True),
+                KMeans(featuresCol="_scaled", predictionCol="segment_id", k=k, seed=seed),
+            ]
+        )
+        model = pipeline.fit(last)
+        scored_last = model.transform(last)
+        silhouette = ClusteringEvaluator(featuresCol="_scaled", predictionCol="segment_id").evaluate(
+            scored_last
+        )
+        segments = model.transform(logged)
     profile_rows = (
         scored_last.groupBy("segment_id")
         .agg(F.count(F.lit(1)).alias("size"), *[F.avg(c).alias(f"mean_{c}") for c in raw + rates])
@@ -407,7 +421,7 @@ def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7
         .collect()
     )
     profile = [{**row.asDict(), "snapshot_day": last_day.isoformat()} for row in profile_rows]
-    segments = model.transform(logged).select(
+    segments = segments.select(
         USER_ID, SNAPSHOT_DAY, SNAPSHOT_TS, CREATED_TS, F.col("segment_id").cast("long").alias("segment_id")
     )
     return segments, profile, float(silhouette)

@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
-from shopsight.data import EventReader
+from shopsight.data import EventReader, quarantine_file
 from shopsight.data.schema import BEHAVIORS, USER_ID
 from shopsight.features.definitions import SEQUENCE_FIELDS, user_activity_fields
 from shopsight.features.jobs import CREATED_TS, DAY_PARTS, SNAPSHOT_TS
@@ -43,9 +43,7 @@ def push_events(settings: Settings, events_path: Path, format: str = "auto") -> 
     reader = EventReader(
         events_path,
         format,  # type: ignore[arg-type]
-        quarantine=Path(settings.data_dir).absolute()
-        / "quarantine"
-        / f"{Path(events_path).name}.rejected.csv",
+        quarantine=quarantine_file(Path(settings.data_dir).absolute() / "quarantine", events_path),
     )
     events = reader.read_all().to_pandas()
     if events.empty:
