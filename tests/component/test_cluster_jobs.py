@@ -21,7 +21,13 @@ import pytest
 import yaml
 
 from shopsight.platform import load_settings
-from shopsight.platform.ray_cluster import WorkerNode, local_head, start_worker_node, stop_worker_node
+from shopsight.platform.ray_cluster import (
+    WorkerNode,
+    local_head,
+    ray_temp_dir,
+    start_worker_node,
+    stop_worker_node,
+)
 
 pytestmark = pytest.mark.timeout(1500)
 
@@ -118,6 +124,10 @@ def test_two_node_training_job_spreads_workers_and_survives_a_node_restart(clust
     data = cluster.root / "games-head.txt"
     with open(sasrec_games) as source:
         data.write_text("".join(line for _, line in zip(range(30_000), source, strict=False)))
+    # the head's session is this data directory's alone: another one on this machine never finds it
+    assert (ray_temp_dir(cluster.settings) / "session_latest").is_dir()
+    other = load_settings(overrides={"data_dir": str(cluster.root / "other")}, environ={}).settings
+    assert ray_temp_dir(other) != ray_temp_dir(cluster.settings)
     node = cluster.join()
     nodes = cluster.nodes()
     assert len(nodes) == 2 and sum(nodes.values()) == 1, nodes

@@ -366,14 +366,12 @@ def test_unknown_names_and_a_changed_evaluation_set_fail_clearly(registry):
     assert "frozen evaluation set" in changed and "changed" in changed
 
 
-def test_purchase_gate_checks_inputs_against_the_feature_service_and_compares_roc_auc(registry):
-    """The purchase task through the Python API: ROC-AUC on the last snapshot day, rows paired; a model
-    fitted on a column the feature service lacks is refused even with --force."""
+def _purchase_versions(registry, name: str, frame):
+    """``register(trained, extra_column=False)``: a new purchase version of ``name`` trained on ``frame``
+    (``extra_column``: fitted on a column the feature service lacks), tagged as train.py tags it."""
     import mlflow
     import torch
-    from tests.conftest import purchase_frame
 
-    from shopsight.lifecycle.promotion import promote
     from shopsight.training.binary.data import SnapshotFeatures, TimeSplit
     from shopsight.training.binary.fit import train_binary
     from shopsight.training.binary.pyfunc import input_example, log_snapshot_model, save_model_dir
@@ -381,9 +379,7 @@ def test_purchase_gate_checks_inputs_against_the_feature_service_and_compares_ro
     from shopsight.training.runtime.loop import LoopConfig
     from shopsight.training.runtime.tracking import dataset_identity
 
-    name = "shopsight-purchase"
-    frame = purchase_frame(users=200, days=4)
-    data = registry.folder / "ts.parquet"
+    data = registry.folder / f"{name}.parquet"
     frame.to_parquet(data)
     identity = dataset_identity(data)
 
@@ -410,6 +406,19 @@ def test_purchase_gate_checks_inputs_against_the_feature_service_and_compares_ro
         for key, value in {"task": "purchase", "model": "sasrec", **identity}.items():
             registry.client.set_model_version_tag(name, version, key, value)
         return version
+
+    return register
+
+
+def test_purchase_gate_checks_inputs_against_the_feature_service_and_compares_roc_auc(registry):
+    """The purchase task through the Python API: ROC-AUC on the last snapshot day, rows paired; a model
+    fitted on a column the feature service lacks is refused even with --force."""
+    from tests.conftest import purchase_frame
+
+    from shopsight.lifecycle.promotion import promote
+
+    name = "shopsight-purchase"
+    register = _purchase_versions(registry, name, purchase_frame(users=200, days=4))
 
     first = promote(registry.settings, name, register(trained=True), log=lambda _: None)
     assert first.promoted and first.entry["gate"] == "first" and first.metric == "roc_auc"
@@ -447,7 +456,7 @@ def test_churn_is_gated_through_the_table_and_its_calibration_is_held_to_the_cha
     from shopsight.training.runtime.tracking import dataset_identity
 
     name = "shopsight-churn"
-    frame = purchase_frame(users=300, days=4, seed=3).rename(columns={"buy_next_1d": "churn_3d"})
+    frame = purchase_frame(users=300, days=5, seed=3).rename(columns={"buy_next_1d": "churn_3d"})
     data = registry.folder / "churn.parquet"
     frame.to_parquet(data)
     identity = dataset_identity(data)
@@ -490,3 +499,29 @@ def test_churn_is_gated_through_the_table_and_its_calibration_is_held_to_the_cha
     assert not worse.promoted and len(worse.reasons) == 1 and "ECE" in worse.reasons[0]
     assert worse.candidate_eval.metrics["ece"] > calibrated_ece + 0.02
     assert registry.client.get_registered_model(name).aliases["champion"] == first.candidate
+
+
+def test_the_demo_bootstraps_a_champion_through_the_gate_or_says_why_it_serves_none(registry):
+    """Without a champion the demo promotes the challenger through the gate (a history entry, so that a
+    rollback works later); a challenger that fails a check nothing may override is never served."""
+    from tests.conftest import purchase_frame
+
+    from shopsight.cli.serve import ensure_champion
+    from shopsight.lifecycle.registry import read_history
+    from shopsight.platform import ShopsightError
+
+    register = _purchase_versions(registry, "shopsight-bootstrap", purchase_frame(users=120, days=4))
+    unserved = register(trained=False, extra_column=True)
+    registry.client.set_registered_model_alias("shopsight-bootstrap", "challenger", unserved)
+    refused = f"refused version {unserved}, so there is no champion to serve.*n_secret_1d"
+    with pytest.raises(ShopsightError, match=refused):
+        ensure_champion(registry.settings, registry.client, "shopsight-bootstrap")
+    assert "champion" not in registry.client.get_registered_model("shopsight-bootstrap").aliases
+    assert read_history(registry.client, "shopsight-bootstrap") == []
+
+    good = register(trained=True)
+    registry.client.set_registered_model_alias("shopsight-bootstrap", "challenger", good)
+    assert ensure_champion(registry.settings, registry.client, "shopsight-bootstrap") == good
+    (entry,) = read_history(registry.client, "shopsight-bootstrap")
+    assert (entry["action"], entry["to"], entry["gate"]) == ("promote", good, "first")
+    assert ensure_champion(registry.settings, registry.client, "shopsight-bootstrap") == good  # kept

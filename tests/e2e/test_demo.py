@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from shopsight.data.schema import TAOBAO_BEHAVIOR_MIX
 
@@ -21,34 +26,52 @@ from shopsight.data.schema import TAOBAO_BEHAVIOR_MIX
 def test_demo_runs_every_stage(tmp_path):
     shopsight = shutil.which("shopsight", path=str(Path(sys.executable).parent)) or "shopsight"
     data_dir = tmp_path / "dd"
+    command = [
+        shopsight, "--data-dir", str(data_dir), "--set", "ray.num_cpus=2", "demo",
+        "--users", "500", "--train-epochs", "5", "--purchase-epochs", "3", "--keep-serving",
+    ]  # fmt: skip
+    stderr = tmp_path / "stderr.log"
     try:
-        result = subprocess.run(
-            [
-                shopsight,
-                "--data-dir",
-                str(data_dir),
-                "--set",
-                "ray.num_cpus=2",
-                "demo",
-                "--users",
-                "500",
-                "--train-epochs",
-                "5",
-                "--purchase-epochs",
-                "3",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=1500,
-            env={**os.environ, "COLUMNS": "200"},
-        )
+        with stderr.open("w") as err:
+            demo = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "COLUMNS": "200"}
+            )
+            lines: list[str] = []
+            reader = threading.Thread(
+                target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True
+            )
+            reader.start()
+            deadline = time.time() + 1500
+            while not any("serving until Ctrl-C" in line for line in lines):
+                assert demo.poll() is None and time.time() < deadline, "".join(lines) + stderr.read_text()
+                time.sleep(1)
+            out = "".join(lines)
+            summary = _summary(out)
+            # the command the demo prints, run as it is printed (curl -d sends a form content-type)
+            tried = subprocess.run(shlex.split(summary["try"]), capture_output=True, text=True, timeout=60)
+            assert tried.returncode == 0 and '"items"' in tried.stdout, tried.stdout + tried.stderr
+            # one Ctrl-C stops serving and every server the demo started, within 10 s
+            url = summary["API docs"].rsplit("/", 1)[0]
+            demo.send_signal(signal.SIGINT)
+            started = time.time()
+            demo.wait(timeout=10)
+            stopped_in = time.time() - started
+            reader.join(timeout=5)
     finally:
+        if demo.poll() is None:
+            demo.kill()
         from shopsight.platform import load_settings
-        from shopsight.platform.mlflow_server import stop_local_server
+        from shopsight.platform.mlflow_server import local_server, stop_local_server
 
-        stop_local_server(load_settings(overrides={"data_dir": str(data_dir)}, environ={}).settings)
-    assert result.returncode == 0, result.stdout + result.stderr
-    out = result.stdout
+        settings = load_settings(overrides={"data_dir": str(data_dir)}, environ={}).settings
+        mlflow_left = local_server(settings).running
+        stop_local_server(settings)
+    assert demo.returncode == 0 and stopped_in < 10, "".join(lines) + stderr.read_text()
+    assert "serving stopped" in "".join(lines)
+    while time.time() < started + 10 and _answers(url):  # the process is gone; Ray's proxy goes with it
+        time.sleep(0.2)
+    assert not _answers(url), f"{url} still answers 10 s after Ctrl-C"
+    assert not mlflow_left, "the MLflow server the demo started is stopped with it"
     stages = (
         "1. data: simulate",
         "2. data: validate",
@@ -69,11 +92,6 @@ def test_demo_runs_every_stage(tmp_path):
     for behavior, real in TAOBAO_BEHAVIOR_MIX.items():
         simulated, taobao = (float(cell) for cell in rows[behavior])
         assert taobao == real and abs(simulated - real) < 1.0
-    summary = {
-        line.split("│")[1].strip(): line.split("│")[2].strip()
-        for line in out.splitlines()
-        if line.count("│") == 3
-    }
     assert summary["rejected rows"] == "0"
     assert (
         summary["good rows"] == summary["rows read"] and int(summary["good rows"].replace(",", "")) > 20_000
@@ -104,3 +122,20 @@ def test_demo_runs_every_stage(tmp_path):
         before = float(summary[f"{task} calibration"].split("before calibration ")[1].split(")")[0])
         assert ece < before, f"{task}: calibration lowers the calibration error ({ece} vs {before})"
     assert "shopsight-churn v" in summary["served"]
+
+
+def _summary(out: str) -> dict[str, str]:
+    """The rows of the demo's final summary table."""
+    return {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in out.splitlines()
+        if line.count("│") == 3
+    }
+
+
+def _answers(url: str) -> bool:
+    try:
+        requests.get(url, timeout=2)
+        return True
+    except requests.ConnectionError:
+        return False

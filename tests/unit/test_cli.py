@@ -108,7 +108,7 @@ def test_simulate_then_validate_with_summaries(tmp_path):
     assert late.returncode == 0
     strict = _shopsight("--data-dir", "dd", "data", "validate", "late/events", "--strict", cwd=tmp_path)
     assert strict.returncode == 1 and "out_of_window" in strict.stdout
-    assert list((tmp_path / "dd" / "quarantine").glob("events.rejected.csv"))
+    assert list((tmp_path / "dd" / "quarantine").glob("events.*.rejected.csv"))
 
 
 def test_usage_errors_are_reported_by_the_parser(tmp_path):
@@ -141,3 +141,25 @@ def test_training_errors_name_the_problem(tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
         errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and name in errors[0] and message in errors[0], result.stdout
+
+
+def test_a_failing_command_leaves_no_server_running(tmp_path):
+    """A bad argument fails before anything starts; a command that fails later stops the MLflow server
+    it started (a succeeding one leaves it up for the next command)."""
+    from tests.conftest import purchase_frame
+
+    from shopsight.platform import load_settings
+    from shopsight.platform.mlflow_server import local_server
+
+    purchase_frame(users=20, days=4).to_parquet(tmp_path / "set.parquet")
+    data_dir = ["--data-dir", str(tmp_path / "dd")]
+    result = _shopsight(*data_dir, "evaluate", "--model-uri", "x", "--data", "set.parquet", cwd=tmp_path)
+    assert result.returncode == 2 and "'x' is not a model" in result.stderr + result.stdout
+    assert not (tmp_path / "dd" / "mlflow").exists()  # nothing started, nothing written
+
+    missing = "models:/nope@champion"
+    result = _shopsight(*data_dir, "evaluate", "--model-uri", missing, "--data", "set.parquet", cwd=tmp_path)
+    assert result.returncode == 1 and f"cannot load {missing}" in result.stdout, result.stdout + result.stderr
+    settings = load_settings(overrides={"data_dir": str(tmp_path / "dd")}).settings
+    server = local_server(settings)
+    assert not server.running and server.pid is None

@@ -74,9 +74,20 @@ app.command("tune")(tune.tune_command)
 
 
 def main() -> None:
-    """Entry point: user errors print one line and exit 1, never a traceback."""
+    """Entry point: user errors print one line and exit 1, never a traceback. A command that fails stops
+    the MLflow server it started: no long-lived server is left as the side effect of a failure."""
+    from shopsight.platform.mlflow_server import stop_servers_started_here
+
     try:
         app()
     except ShopsightError as exc:
         console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        stop_servers_started_here()
         sys.exit(1)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            stop_servers_started_here()
+        raise
+    except BaseException:
+        stop_servers_started_here()
+        raise

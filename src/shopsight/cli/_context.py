@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -52,3 +53,18 @@ def parse_day(text: str, option: str) -> date:
         return date.fromisoformat(text)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is not a day (YYYY-MM-DD)", param_hint=option) from None
+
+
+_MODEL_URI = re.compile(r"^(models:/[^/@]+(@[\w-]+|/\d+)|runs:/[0-9a-f]+/.+)$")
+
+
+def model_uri_option(text: str) -> str:
+    """A ``--model-uri`` value, checked before any server starts: ``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``, ``runs:/RUN_ID/PATH`` or an existing local model folder."""
+    if _MODEL_URI.match(text) or Path(text).is_dir():
+        return text
+    raise typer.BadParameter(
+        f"{text!r} is not a model: use models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH "
+        "or a local model folder",
+        param_hint="--model-uri",
+    )

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import parse_day, state
+from shopsight.cli._context import model_uri_option, parse_day, state
 from shopsight.platform import Settings, Stopwatch, console, print_summary
 
 app = typer.Typer(
@@ -110,7 +110,11 @@ def materialize_command(
 def embed_command(
     ctx: typer.Context,
     model_uri: Annotated[
-        str, typer.Option(help="A registered next-item model: models:/NAME@ALIAS or models:/NAME/VERSION.")
+        str,
+        typer.Option(
+            help="A registered next-item model: models:/NAME@ALIAS or models:/NAME/VERSION.",
+            callback=model_uri_option,
+        ),
     ] = "models:/shopsight-next-item@champion",
     day: Annotated[
         list[str] | None, typer.Option(help="Only this snapshot day, YYYY-MM-DD (repeatable); default all.")

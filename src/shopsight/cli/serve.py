@@ -208,38 +208,26 @@ def key_command(
 # ------------------------------------------------------------------------------------- the demo's stage
 
 
-def _ensure_champion(settings: Settings, client, name: str) -> str:
-    """The champion version of ``name``; without one, the challenger is promoted (through the gate of
-    ``shopsight.lifecycle.promotion`` where it exists, else by setting the alias)."""
-    from mlflow.exceptions import MlflowException
+def ensure_champion(settings: Settings, client, name: str) -> str:
+    """The champion version of ``name``; without one, the challenger goes through the gate like any
+    promotion (recorded in the history, so that ``models rollback`` works later). A first champion is
+    judged only on the candidate's own checks (it loads, takes the service's inputs, gives finite
+    outputs), which nothing may override: a refusal stops the demo with the gate's reasons."""
+    from shopsight.lifecycle.promotion import promote
+    from shopsight.lifecycle.registry import CHALLENGER, CHAMPION, alias_version
 
-    def alias(which: str) -> str | None:
-        try:
-            return str(client.get_model_version_by_alias(name, which).version)
-        except MlflowException:
-            return None
-
-    champion = alias("champion")
+    champion = alias_version(client, name, CHAMPION)
     if champion:
         return champion
-    challenger = alias("challenger")
-    if challenger is None:
-        raise ShopsightError(f"{name} has neither a champion nor a challenger to serve")
-    try:
-        from shopsight.lifecycle.promotion import promote
-    except ImportError:
-        promote = None
-    if promote is not None:
-        try:
-            result = promote(settings, name, log=console.print)
-            if result.promoted:
-                return str(result.candidate)
-            console.print(f"[yellow]{name}: the gate refused version {challenger}:[/yellow] {result.reasons}")
-        except ShopsightError as exc:
-            console.print(f"[yellow]{name}: promotion failed ({exc})[/yellow]")
-    client.set_registered_model_alias(name, "champion", challenger)
-    console.print(f"{name}: alias champion set to version {challenger} directly (demo)")
-    return challenger
+    if alias_version(client, name, CHALLENGER) is None:
+        raise ShopsightError(f"{name} has neither a {CHAMPION} nor a {CHALLENGER} to serve")
+    result = promote(settings, name, log=console.print)
+    if not result.promoted:
+        raise ShopsightError(
+            f"{name}: the gate refused version {result.candidate}, so there is no {CHAMPION} to serve: "
+            + "; ".join(result.reasons)
+        )
+    return str(result.candidate)
 
 
 def _free_or(port: int) -> int:
@@ -270,7 +258,7 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
 
     client = MlflowClient(tracking_uri(settings))
     tasks = served_tasks()
-    versions = {t.registered_model: _ensure_champion(settings, client, t.registered_model) for t in tasks}
+    versions = {t.registered_model: ensure_champion(settings, client, t.registered_model) for t in tasks}
     key = secrets.token_urlsafe(16)
     serving = settings.serving.model_copy(
         update={
@@ -329,17 +317,31 @@ def _ray_dashboard() -> str | None:
 
 
 def stop_serving(settings: Settings, keep: bool) -> None:
-    """End of the demo: keep serving until Ctrl-C (``keep``), then delete the application."""
-    import time
+    """End of the demo: keep serving until Ctrl-C or SIGTERM (``keep``), then delete the application and,
+    after a signal, stop the servers the command started (its Ray ends with the process).
 
+    The wait installs its own handlers: Ray Train leaves a SIGINT handler behind from the training stage
+    that only logs "Gracefully aborting the training run", so the first Ctrl-C would otherwise be lost.
+    """
+    import signal
+    import threading
+
+    from shopsight.platform.mlflow_server import stop_servers_started_here
     from shopsight.serving.deploy import shutdown
 
+    signalled = threading.Event()
     if keep:
         console.print("serving until Ctrl-C (the Ray of this process ends with it) ...")
+        handlers = {
+            sig: signal.signal(sig, lambda *_: signalled.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+            while not signalled.wait(0.5):  # short waits: the handlers run between them
+                pass
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
     shutdown(settings)
+    if signalled.is_set():
+        stop_servers_started_here()
     console.print("serving stopped" + ("" if keep else " (run the demo with --keep-serving to keep it up)"))

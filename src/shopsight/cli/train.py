@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import state
+from shopsight.cli._context import model_uri_option, state
 from shopsight.platform import console, print_summary
 from shopsight.platform.ray_cluster import connect
 from shopsight.training.tasks import TASKS, Task, get_task, model_families, task_for
@@ -169,7 +169,10 @@ def summary_rows(task: Task, summary) -> dict[str, str]:
 def evaluate_command(
     ctx: typer.Context,
     model_uri: Annotated[
-        str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model.")
+        str,
+        typer.Option(
+            help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/ID/model.", callback=model_uri_option
+        ),
     ],
     data: Annotated[
         Path, typer.Option(help="Interactions (next item) or a training set of the model's task.")

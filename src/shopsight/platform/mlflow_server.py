@@ -28,6 +28,7 @@ from shopsight.platform._errors import ShopsightError
 from shopsight.platform._settings import Settings
 
 _START_TIMEOUT_S = 90
+_started_here: list[Settings] = []  # the servers this process started (stopped if its command fails)
 _SQL_BACKENDS = ("sqlite", "postgresql", "mysql", "mssql")  # what MLflow's SQL store accepts
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
 
@@ -171,10 +172,19 @@ def _start(settings: Settings) -> LocalServer:
             partial = folder / "server.json.partial"
             partial.write_text(json.dumps(record) + "\n")
             partial.replace(folder / "server.json")
+            _started_here.append(settings)
             return LocalServer(True, uri, process.pid, mask(backend), artifacts, log_path, True, note)
         time.sleep(0.5)
     _kill_group(process.pid)
     raise ShopsightError(f"the MLflow server did not answer within {_START_TIMEOUT_S} s; see {log_path}")
+
+
+def stop_servers_started_here() -> int:
+    """Stop the local servers this process started; for a command that failed, so that it leaves no
+    long-lived server behind (a command that succeeds leaves it up for the next one). Returns how many."""
+    stopped = sum(stop_local_server(settings) for settings in _started_here)
+    _started_here.clear()
+    return stopped
 
 
 def stop_local_server(settings: Settings) -> bool:

@@ -13,6 +13,7 @@ client of the Jobs API sends it as a bearer header.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -129,7 +130,12 @@ def connect(settings: Settings) -> None:
         join_head(head)
         return
     # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
-    ray.init(num_cpus=settings.ray.num_cpus, include_dashboard=True)
+    ray.init(
+        num_cpus=settings.ray.num_cpus,
+        include_dashboard=True,
+        _node_ip_address="127.0.0.1",
+        _temp_dir=str(ray_temp_dir(settings)),
+    )
 
 
 def join_head(head: Head, **init_options) -> None:
@@ -153,6 +159,19 @@ def _use_token_in_this_process(path: Path) -> None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
+
+
+def ray_temp_dir(settings: Settings) -> Path:
+    """Ray's session folder for this data directory's Ray (the local head, or a command's private one).
+
+    With Ray's default, ``/tmp/ray``, two data directories on one machine share one folder, and a Ray
+    process that looks for "the" local cluster finds the other directory's ("Found multiple active Ray
+    instances ... Connecting to latest"). It cannot live under the data directory itself: Ray keeps Unix
+    sockets inside it, and a socket path is limited to 107 bytes, so it is a short folder named after the
+    data directory's path.
+    """
+    digest = hashlib.sha256(str(Path(settings.data_dir).absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"shopsight-ray-{digest}"
 
 
 def _state_file(settings: Settings) -> Path:
@@ -194,7 +213,7 @@ def start_local_head(settings: Settings, started_by: str = "shopsight cluster up
         f"--dashboard-port={settings.ray.dashboard_port}", "--disable-usage-stats",
         # ports Ray would otherwise fix (another cluster on this machine may hold them)
         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
-        f"--resources={json.dumps(settings.ray.head_resources)}",
+        f"--resources={json.dumps(settings.ray.head_resources)}", f"--temp-dir={ray_temp_dir(settings)}",
     ]  # fmt: skip
     if settings.ray.num_cpus:
         command.append(f"--num-cpus={settings.ray.num_cpus}")
@@ -232,7 +251,7 @@ def stop_local_head(settings: Settings) -> bool:
     port = head.gcs_address.rsplit(":", 1)[1]
     killed = kill_ray_processes(port)
     # `ray start` left its address for ray.init() to find: a later ray.init() would try to join the dead head
-    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    current = ray_temp_dir(settings) / "ray_current_cluster"
     with contextlib.suppress(OSError):
         if current.read_text().strip().endswith(f":{port}"):
             current.unlink()
