@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
+import pyarrow.parquet as pq
 import pytest
 
 from shopsight.data import EventReader, TimeWindow, quarantine_file
-from shopsight.features.build import TABLES, build_features
+from shopsight.features import build as feature_build
+from shopsight.features.build import KEYS, TABLES, build_features
 from shopsight.platform import DataSettings, ShopsightError
 
 pytestmark = pytest.mark.spark
@@ -302,6 +310,101 @@ def test_rerunning_a_day_is_byte_identical_and_leaves_other_days(
         build_features(settings, taobao_sample, date(2017, 12, 1), date(2017, 12, 1), on_step=crash)
     assert _digest(out) == before
     assert not list(out.glob(".staging-*"))
+
+
+def _files(table: Path) -> dict[str, str]:
+    """sha256 of every file under a table folder, hidden ones included (a .crc, a _SUCCESS)."""
+    return {
+        str(p.relative_to(table)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(table.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_builds_of_the_same_input_are_byte_identical(spark, taobao_sample, tmp_path, make_settings):
+    """Two builds of the same input, into two folders and again into the first, give the same files.
+
+    One JVM writes all three here, so the footer is also checked for what changes from one JVM to the
+    next: parquet-mr lists each column's encodings in a HashSet's order (identity hashes), which is
+    what made every file's sha256 differ between separate ``shopsight features build`` runs.
+    """
+    events = tmp_path / "events.csv"
+    events.write_text("\n".join(taobao_sample.read_text().splitlines()[:1500]) + "\n")  # 24 users
+    start, end = date(2017, 11, 29), date(2017, 12, 1)
+    first, second = make_settings(tmp_path / "first"), make_settings(tmp_path / "second")
+    build_features(first, events, start, end)
+    build_features(second, events, start, end)
+    tables = [first.data_dir.absolute() / "features" / name for name in (*TABLES, "segment_profile")]
+    digests = {t.name: _files(t) for t in tables}
+    days = {f"snapshot_day={start + timedelta(days=i)}/part-00000.parquet" for i in range(3)}
+    for name in TABLES:
+        assert set(digests[name]) == days, name  # one file per day, named by the day alone
+    for name, digest in digests.items():
+        assert _files(second.data_dir.absolute() / "features" / name) == digest, name
+    build_features(first, events, start, end)  # rebuilt in place
+    assert {t.name: _files(t) for t in tables} == digests
+
+    for name, table in zip(TABLES, tables, strict=False):
+        frame = pd.read_parquet(table)
+        # the sort keys are a total order within a day: no tie is left for a shuffle to order
+        assert not frame.duplicated(["snapshot_day", *KEYS[name]]).any(), name
+        for path in table.rglob("*.parquet"):
+            footer = pq.ParquetFile(path).metadata
+            assert not footer.created_by.startswith("parquet-mr"), path
+            assert not any(key.startswith(b"org.apache.spark") for key in footer.metadata or {}), path
+
+
+def test_segments_do_not_depend_on_the_order_rows_arrive_in(spark, built):
+    """KMeans seeds from rows sampled by partition and position, and sums in task order: a shuffle's
+    order, which changes from run to run, must not change the segments, the profile or the score."""
+    from pyspark.sql import functions as F
+
+    from shopsight.features import jobs
+
+    settings, _ = built
+    activity = spark.read.parquet(str(settings.data_dir.absolute() / "features" / "user_activity")).cache()
+    runs = []
+    for partitions, seed in ((1, None), (3, 1), (5, 2)):
+        shuffled = activity if seed is None else activity.orderBy(F.rand(seed)).repartition(partitions)
+        segments, profile, silhouette = jobs.user_segments(shuffled, 6, WINDOWS)
+        runs.append(
+            (sorted(segments.select("user_id", "snapshot_day", "segment_id").collect()), profile, silhouette)
+        )
+    activity.unpersist()
+    assert runs[1] == runs[0] and runs[2] == runs[0]
+
+
+def test_a_build_removes_the_staging_of_killed_builds_only(spark, taobao_sample, tmp_path, make_settings):
+    """A SIGKILLed build leaves its staging folder; the next build removes it, but not a running one's."""
+    settings = make_settings(tmp_path)
+    out = settings.data_dir.absolute() / "features"
+    events = tmp_path / "slice.csv"
+    events.write_text("\n".join(ONE_DAY) + "\n")
+    env = {**os.environ, "SHOPSIGHT_DATA_DIR": str(tmp_path), "SHOPSIGHT_SPARK__MASTER": "local[1]"}
+    command = [sys.executable, "-m", "shopsight", "features", "build", "--events", str(events)]
+    killed = subprocess.Popen(
+        [*command, "--start", "2017-11-26", "--end", "2017-11-26", "--out", str(out)],
+        env=env,
+        start_new_session=True,  # its own process group: the kill reaches a JVM it may have started
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".staging-*")) and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+    (leftover,) = out.glob(".staging-*")
+    legacy = out / ".staging-0badf00d"  # an earlier version's, which named no builder
+    legacy.mkdir()
+    running = feature_build._new_staging(out)  # named after this process, which is alive
+    assert running.name.startswith(f".staging-{os.getpid()}-") and psutil.pid_exists(os.getpid())
+
+    build_features(settings, events, date(2017, 11, 26), date(2017, 11, 26))
+
+    assert not leftover.exists() and not legacy.exists()
+    assert running.exists()
+    assert sorted(out.glob(".staging-*")) == [running]
 
 
 def test_bad_input_is_reported_clearly(spark, taobao_sample, tmp_path, make_settings):

@@ -10,6 +10,14 @@ Layout under the output folder (``<data_dir>/features`` by default)::
 Writes are idempotent and atomic per day: Spark writes the whole build into a staging folder; only
 when every table is complete are the built days swapped in, one rename per partition. Re-running a day
 replaces that day's partition and nothing else; a build that fails leaves the previous output as it was.
+
+Builds are reproducible to the byte: the same input gives the same files, wherever and however often it
+is built. Nothing in a partition file depends on the run: rows come in a total order (the table's keys
+within the day), every column is computed from the events (``created_ts`` too, see :mod:`jobs`), the
+segmentation is fitted on its rows in a fixed order, and Spark's files are rewritten by
+:func:`_normalise_partition` into one ``part-00000.parquet`` per day whose footer holds nothing of the
+writing JVM. A staging folder is named after its builder (pid and start time), so that the next build
+can remove those of builds that were killed (SIGKILL, power loss) and leave running ones alone.
 """
 
 from __future__ import annotations
@@ -17,12 +25,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+
+import psutil
 
 from shopsight.data import DayPartitionedWriter, EventReader, TimeWindow, quarantine_file
 from shopsight.data.schema import TS, USER_ID
@@ -38,6 +49,18 @@ KEYS = {
     "category_stats": ["category_id"],
     "user_segment": [USER_ID],
     "labels": [USER_ID],
+}
+STAGING_PREFIX = ".staging-"
+# Rows per row group of a published file: fixed, so that the file's layout depends on its rows alone.
+_ROW_GROUP_ROWS = 64 * 1024
+# The writer's settings, spelled out, so that a new default of pyarrow's does not change the bytes.
+_PARQUET_OPTIONS = {
+    "compression": "snappy",
+    "use_dictionary": True,
+    "write_statistics": True,
+    "version": "2.6",
+    "data_page_version": "1.0",
+    "store_schema": False,  # no ARROW:schema: the footer holds the Parquet schema, as Spark's did
 }
 
 
@@ -82,8 +105,8 @@ def build_features(
     out = Path(out or settings.data_dir / "features").absolute()
     step = on_step or (lambda _message: None)
     watch = Stopwatch()
-    staging = out / f".staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
+    _remove_abandoned_staging(out)
+    staging = _new_staging(out)
     try:
         step(f"reading and validating {events_path}")
         quarantine = quarantine_file(settings.data_dir.absolute() / "quarantine", events_path)
@@ -153,10 +176,14 @@ def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) 
     rows = {}
     for name, frame in tables.items():
         path = staging / name
+        # One task per day (so one file per day), its rows sorted by day then keys: the order the
+        # partitioned writer needs, so Spark adds no sort of its own, and a total order within the
+        # day (the keys are unique there), so no tie is left in the order the shuffle delivered.
         (
             frame.repartition(jobs.SNAPSHOT_DAY)
-            .sortWithinPartitions(*KEYS[name])
+            .sortWithinPartitions(jobs.SNAPSHOT_DAY, *KEYS[name])
             .write.mode("overwrite")
+            .option("maxRecordsPerFile", 0)  # never split a day into several files
             .partitionBy(jobs.SNAPSHOT_DAY)
             .parquet(str(path))
         )
@@ -168,9 +195,101 @@ def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) 
             partition = path / f"{jobs.SNAPSHOT_DAY}={day}"
             if not partition.exists():
                 frame.drop(jobs.SNAPSHOT_DAY).limit(0).coalesce(1).write.parquet(str(partition))
-                (partition / "_SUCCESS").unlink(missing_ok=True)  # the table's own marker is enough
-        rows[name] = spark.read.parquet(str(path)).count()
+        rows[name] = sum(
+            _normalise_partition(partition) for partition in sorted(path.glob(f"{jobs.SNAPSHOT_DAY}=*"))
+        )
     return {"rows": rows, "profile": profile, "silhouette": silhouette}
+
+
+def _normalise_partition(folder: Path) -> int:
+    """Rewrite Spark's files of one day as ``part-00000.parquet``, whose bytes depend on the rows alone.
+
+    Spark's own files differ from run to run with the same rows: their names hold a random uuid, and
+    parquet-mr lists each column chunk's encodings in a HashSet's order, that is by the enum constants'
+    identity hashes, which change from one JVM to the next (this alone changed every file's sha256).
+    Its key-value metadata (``org.apache.spark.version``, the Spark schema) also changes with an upgrade
+    of Spark. pyarrow writes the same rows to the same bytes: the rows are copied as they are, in
+    Spark's order, into fixed-size row groups; the footer keeps the Parquet schema and no metadata.
+    The checksums (``.*.crc``) and ``_SUCCESS`` markers Spark leaves beside them go too.
+
+    Returns the number of rows.
+    """
+    import pyarrow.parquet as pq
+
+    # One task wrote the day (see _run_jobs), so its files (if it ever wrote several) are named alike
+    # but for their counter: name order is the order it wrote them in.
+    parts = sorted(folder.glob("part-*.parquet"))
+    target = folder / "part-00000.parquet"  # Spark's names all hold a uuid: no clash with this one
+    schema = pq.read_schema(parts[0]).remove_metadata()
+    rows = 0
+    with pq.ParquetWriter(target, schema, **_PARQUET_OPTIONS) as writer:
+        for group in _row_groups(parts, schema):
+            writer.write_table(group)
+            rows += group.num_rows
+    for leftover in folder.iterdir():
+        if leftover != target:
+            leftover.unlink()
+    return rows
+
+
+def _row_groups(parts: list[Path], schema) -> Iterator:
+    """The rows of ``parts``, in order, as tables of ``_ROW_GROUP_ROWS`` rows (the last one fewer).
+
+    Regrouped, and each group's columns made contiguous, so that neither the row groups nor the pages
+    within them (cut as values are fed in) follow how Spark happened to group the rows.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pending = schema.empty_table()
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=_ROW_GROUP_ROWS):
+            pending = pa.concat_tables([pending, pa.Table.from_batches([batch]).cast(schema)])
+            while pending.num_rows >= _ROW_GROUP_ROWS:
+                yield pending.slice(0, _ROW_GROUP_ROWS).combine_chunks()
+                pending = pending.slice(_ROW_GROUP_ROWS)
+    if pending.num_rows:
+        yield pending.combine_chunks()
+
+
+def _new_staging(out: Path) -> Path:
+    """A fresh staging folder under ``out``, named after this process: its pid and start time.
+
+    The name is the record: it exists as soon as the folder does (one mkdir), so no other build can
+    see the folder without its builder. The start time tells this process from a later one that got
+    the same pid. Pids are a machine's own: builds that share an output folder run on one machine.
+    """
+    me = psutil.Process()
+    staging = out / f"{STAGING_PREFIX}{me.pid}-{_start_time(me)}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def _start_time(process: psutil.Process) -> int:
+    # in hundredths of a second, the kernel's clock ticks: the same value every time it is read
+    return round(process.create_time() * 100)
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Remove the staging folders of builds that no longer run (killed before their cleanup ran)."""
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        if not _builder_running(folder.name):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _builder_running(name: str) -> bool:
+    owner = re.fullmatch(rf"{re.escape(STAGING_PREFIX)}(\d+)-(\d+)-[0-9a-f]+", name)
+    if owner is None:
+        # Named before builders were recorded (``.staging-<hex>``): a folder left by an earlier
+        # version, since every build of this one names its builder from the start.
+        return False
+    pid, started = int(owner[1]), int(owner[2])
+    try:
+        return _start_time(psutil.Process(pid)) == started
+    except psutil.NoSuchProcess:  # a zombie included: it has exited
+        return False
+    except psutil.AccessDenied:  # cannot tell: keep the folder rather than break a running build
+        return True
 
 
 def _publish(staging: Path, out: Path) -> list[str]:
@@ -181,11 +300,6 @@ def _publish(staging: Path, out: Path) -> list[str]:
         target_table = out / name
         target_table.mkdir(parents=True, exist_ok=True)
         for staged in sorted(staged_table.glob(f"{jobs.SNAPSHOT_DAY}=*")):
-            # Spark names files part-<task>-<uuid>; fixed names make re-runs byte-identical.
-            for stray in staged.glob(".*.crc"):
-                stray.unlink()
-            for index, part in enumerate(sorted(staged.glob("part-*.parquet"))):
-                part.rename(staged / f"part-{index:05d}.parquet")
             target = target_table / staged.name
             trash = target_table / f".{staged.name}.old-{uuid.uuid4().hex[:8]}"
             if target.exists():

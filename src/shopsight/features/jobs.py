@@ -121,6 +121,9 @@ def _to_snapshots(dense: DataFrame, days: DataFrame) -> DataFrame:
     return (
         dense.join(days.withColumnRenamed(SNAPSHOT_DAY, "day"), "day")
         .withColumnRenamed("day", SNAPSHOT_DAY)
+        # Feast's created_ts says when a row was made; the wall clock would make every build's bytes
+        # differ. A row is complete once its snapshot's day has ended, and a re-run of that day makes
+        # the same row, so the snapshot's end is when it was made, whenever the build ran.
         .withColumn(CREATED_TS, F.col(SNAPSHOT_TS))
     )
 
@@ -392,7 +395,18 @@ def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7
         *[F.log1p(c).alias(f"_log_{c}") for c in raw],
     )
     last_day = activity.agg(F.max(SNAPSHOT_DAY)).first()[0]
-    last = logged.filter(F.col(SNAPSHOT_DAY) == F.lit(last_day))
+    # The fit must see the same rows in the same order on every run, or the segments change from one
+    # build of the same input to the next: k-means|| seeds from rows drawn by partition and position,
+    # and the scaler's moments and each step's centres are floating-point sums merged in the order the
+    # tasks finish. The rows come out of shuffles, whose order varies with timing, so they go into one
+    # partition in user order (one row per user on the last day): one task sums them, always in that
+    # order. The profile and the silhouette below are then sums over the same single ordered partition.
+    last = (
+        logged.filter(F.col(SNAPSHOT_DAY) == F.lit(last_day))
+        .repartition(1)
+        .sortWithinPartitions(USER_ID)
+        .cache()
+    )
     inputs = [f"_log_{c}" for c in raw] + rates
     # Spark's KMeans fails (ArrayIndexOutOfBounds) when it finds fewer distinct points than k.
     k = min(k, last.select(*inputs).distinct().count())
@@ -420,6 +434,7 @@ def user_segments(activity: DataFrame, k: int, windows: Sequence[int] = (1, 3, 7
         .orderBy("segment_id")
         .collect()
     )
+    last.unpersist()
     profile = [{**row.asDict(), "snapshot_day": last_day.isoformat()} for row in profile_rows]
     segments = segments.select(
         USER_ID, SNAPSHOT_DAY, SNAPSHOT_TS, CREATED_TS, F.col("segment_id").cast("long").alias("segment_id")
