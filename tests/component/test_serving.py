@@ -315,7 +315,7 @@ def test_models_status_and_metrics_name_the_served_versions(world):
     info = status(world["settings"])
     assert info["status"] == "RUNNING" and set(info["deployments"]) == {"api"}  # the combined layout
     assert info["served"]["next_item"]["champion"]["version"] == world["v1"]
-    metrics = requests.get(world["url"] + "/metrics", timeout=10).text
+    metrics = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
     assert (
         _metric(metrics, "shopsight_served_version", model=NEXT, alias="champion", version=world["v1"]) == 1
     )
@@ -357,7 +357,7 @@ def test_shadow_scoring_never_changes_responses(world):
               what="the shadow challenger to load")  # fmt: skip
     shadowed = [_post(world, "/v1/recommendations", {"user_id": u, "k": 10}).json() for u in users]
     assert shadowed == plain
-    metrics = requests.get(world["url"] + "/metrics", timeout=10).text
+    metrics = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
     assert _metric(metrics, "shopsight_shadow_comparisons_total", endpoint="/v1/recommendations") >= len(
         users
     )

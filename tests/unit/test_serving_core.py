@@ -466,7 +466,7 @@ def test_metrics_count_requests_fallbacks_and_served_versions(app):
     call(app, "POST", "/v1/recommendations", {"user_id": 1}, AUTH)
     call(app, "POST", "/v1/recommendations", {"user_id": 3}, AUTH)  # popularity fallback
     call(app, "POST", "/v1/recommendations", {"user_id": 1})  # 401
-    status, _, text = call(app, "GET", "/metrics")
+    status, _, text = call(app, "GET", "/metrics", headers=AUTH)
     assert status == 200
     lines = text.splitlines()
 
@@ -481,18 +481,21 @@ def test_metrics_count_requests_fallbacks_and_served_versions(app):
     assert value('shopsight_stage_seconds_count{endpoint="/v1/recommendations",stage="features"}') == 2
 
 
-def test_metrics_can_require_a_key(recommenders, purchase):
-    app = build_app(
-        LocalBackend(
-            {
-                "next_item": _next_item_predictor(recommenders),
-                "purchase": ProbabilityPredictor(purchase[1], PURCHASE),
-            }
-        ),
-        {"t": hash_key(KEY)},
-        metrics_open=False,
+def test_metrics_name_teams_so_they_need_a_key_unless_opened(recommenders, purchase):
+    def app(**options):
+        predictors = {
+            "next_item": _next_item_predictor(recommenders),
+            "purchase": ProbabilityPredictor(purchase[1], PURCHASE),
+        }
+        return build_app(LocalBackend(predictors), {"t": hash_key(KEY)}, **options)
+
+    closed = app()
+    assert (
+        call(closed, "GET", "/metrics")[0] == 401 and call(closed, "GET", "/metrics", headers=AUTH)[0] == 200
     )
-    assert call(app, "GET", "/metrics")[0] == 401 and call(app, "GET", "/metrics", headers=AUTH)[0] == 200
+    bearer = {"Authorization": f"Bearer {KEY}"}  # what Prometheus's `authorization` block sends
+    assert call(closed, "GET", "/metrics", headers=bearer)[0] == 200
+    assert call(app(metrics_open=True), "GET", "/metrics")[0] == 200
 
 
 def test_schemathesis_finds_no_server_error(app):
@@ -591,7 +594,7 @@ def test_shadow_comparisons_are_counted_by_the_ingress(recommenders, purchase):
     )
     for user in (1, 2, 3):
         assert call(app, "POST", "/v1/recommendations", {"user_id": user}, AUTH)[0] == 200
-    text = call(app, "GET", "/metrics")[2]
+    text = call(app, "GET", "/metrics", headers=AUTH)[2]
     counted = [line for line in text.splitlines() if line.startswith("shopsight_shadow_comparisons_total{")]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 3
     assert any('stage="shadow"' in line for line in text.splitlines())

@@ -256,7 +256,11 @@ class ServingSettings(_Section):
         description="Team -> sha256 hex of its API key (`shopsight serve key TEAM` makes one); "
         "empty: every /v1 request is refused.",
     )
-    metrics_open: bool = Field(True, description="Serve /metrics without an API key (scrapers).")
+    metrics_open: bool = Field(
+        False,
+        description="Serve /metrics without an API key. It names the teams and their traffic, so by "
+        "default a scraper sends a key too (Prometheus: `authorization: {credentials: KEY}`).",
+    )
 
     @field_validator("api_keys")
     @classmethod

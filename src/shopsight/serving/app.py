@@ -6,8 +6,8 @@ Serve, handles to the model deployments (:mod:`shopsight.serving.deploy`); in te
 
 Routes: one ``POST`` route per served task, from the task table (``Task.route``: e.g.
 ``/v1/recommendations``, ``/v1/purchase-propensity``), and ``GET /v1/models`` (API key needed);
-``GET /healthz`` (open), ``GET /metrics`` (open unless ``serving.metrics_open`` is false), ``/docs`` and
-``/openapi.json`` (open).
+``GET /healthz`` (open), ``GET /metrics`` (with an API key like ``/v1``, since it names the teams, unless
+``serving.metrics_open``), ``/docs`` and ``/openapi.json`` (open).
 
 API keys: ``serving.api_keys`` maps a team to the sha256 hex digest of its key, so the settings never hold
 a key itself. A request sends the key as ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``; its digest is
@@ -337,7 +337,7 @@ def build_app(
     api_keys: Mapping[str, str],
     *,
     max_user_ids: int = 100,
-    metrics_open: bool = True,
+    metrics_open: bool = False,
     metrics: ServingMetrics | None = None,
     timeout_s: float = 30.0,
     max_body_bytes: int | None = None,
