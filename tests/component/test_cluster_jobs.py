@@ -198,7 +198,7 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
     )
     result = submit("train", "--data", str(cluster.config), config=remote)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
-    assert "Authentication" in result.stdout or "token" in result.stdout.lower(), result.stdout
+    assert "invalid token" in result.stdout and str(token) in result.stdout, result.stdout
 
     # a job that fails on the cluster: status FAILED, the tail of its log, exit 1
     empty = tmp_path / "empty.txt"

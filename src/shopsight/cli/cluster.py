@@ -24,8 +24,8 @@ def up_command(ctx: typer.Context) -> None:
         "Ray head " + ("started" if started else "already running"),
         {
             "Jobs API / dashboard": head.dashboard_url,
-            "join another node": f"ray start --address={head.gcs_address} (with RAY_AUTH_MODE=token and "
-            f"RAY_AUTH_TOKEN_PATH={head.token_path})",
+            "listens on": f"127.0.0.1 only (GCS {head.gcs_address}): nodes of other machines join a cluster "
+            "of the `cluster` profile (docs/cluster.md)",
             "token": head.token_path,
             "submit work": "shopsight jobs submit train --data ...",
         },

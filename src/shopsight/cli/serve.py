@@ -341,7 +341,14 @@ def stop_serving(settings: Settings, keep: bool) -> None:
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
-    shutdown(settings)
-    if signalled.is_set():
-        stop_servers_started_here()
+    if signalled.is_set():  # a user who pressed Ctrl-C waits for nothing graceful: all at once
+        import ray
+
+        stopping = threading.Thread(target=stop_servers_started_here, kwargs={"grace_s": 3.0})
+        stopping.start()
+        shutdown(settings, wait=False)
+        ray.shutdown()  # this process's own Ray ends now, not at exit; from a shared one it disconnects
+        stopping.join()
+    else:
+        shutdown(settings)
     console.print("serving stopped" + ("" if keep else " (run the demo with --keep-serving to keep it up)"))

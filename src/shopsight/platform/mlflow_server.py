@@ -179,16 +179,19 @@ def _start(settings: Settings) -> LocalServer:
     raise ShopsightError(f"the MLflow server did not answer within {_START_TIMEOUT_S} s; see {log_path}")
 
 
-def stop_servers_started_here() -> int:
+def stop_servers_started_here(grace_s: float = 15.0) -> int:
     """Stop the local servers this process started; for a command that failed, so that it leaves no
-    long-lived server behind (a command that succeeds leaves it up for the next one). Returns how many."""
-    stopped = sum(stop_local_server(settings) for settings in _started_here)
+    long-lived server behind (a command that succeeds leaves it up for the next one), or was stopped by
+    Ctrl-C (a shorter ``grace_s``). Returns how many."""
+    stopped = sum(stop_local_server(settings, grace_s) for settings in _started_here)
     _started_here.clear()
     return stopped
 
 
-def stop_local_server(settings: Settings) -> bool:
-    """Stop this data directory's server; returns whether one was stopped (never another process)."""
+def stop_local_server(settings: Settings, grace_s: float = 15.0) -> bool:
+    """Stop this data directory's server, killed if it has not exited ``grace_s`` after SIGTERM (its SQL
+    backend commits or rolls back whole transactions either way); returns whether one was stopped (never
+    another process)."""
     folder = _folder(settings)
     record = _read_record(folder)
     if record is None:
@@ -197,7 +200,7 @@ def stop_local_server(settings: Settings) -> bool:
     (folder / "server.json").unlink(missing_ok=True)
     if not ours:  # a stale record: its process is gone, or the pid now belongs to something else
         return False
-    _kill_group(record["pid"])
+    _kill_group(record["pid"], grace_s)
     return True
 
 
@@ -319,15 +322,15 @@ def _create_time(pid: int) -> float | None:
         return None
 
 
-def _kill_group(pid: int) -> None:
-    """SIGTERM the server's process group (the server and its workers), wait, then insist."""
+def _kill_group(pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the server's process group (the server and its workers), wait ``grace_s``, then insist."""
     import signal
 
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.time() + 15
+    deadline = time.time() + grace_s
     while time.time() < deadline:
         with contextlib.suppress(ChildProcessError):  # reap it when this process started it
             os.waitpid(pid, os.WNOHANG)

@@ -8,6 +8,20 @@ in ``<data_dir>/ray/head.json``. ``cluster``: ``ray.address`` is the cluster's j
 Ray 2.60 authenticates with a token: a Ray process joins a token-protected cluster only when
 ``RAY_AUTH_MODE=token`` is in its environment and it finds the token (``RAY_AUTH_TOKEN_PATH``); an HTTP
 client of the Jobs API sends it as a bearer header.
+
+Loopback only. Ray decides where each of a node's servers listens from the node's IP: 127.0.0.1 binds the
+GCS, the raylet (node manager, object manager), core workers, the dashboard agent (gRPC, HTTP, Prometheus
+metrics), the runtime-env agent, the Ray client server and the metrics servers of the dashboard and the
+autoscaler to 127.0.0.1, any other IP binds them to every interface (``0.0.0.0`` / ``::``). But ``ray start
+--node-ip-address=127.0.0.1`` and ``ray.init(_node_ip_address="127.0.0.1")`` replace a loopback address with
+the machine's routable IP (``ray._private.services.resolve_ip_for_localhost``), and so does every client
+given the address ``127.0.0.1:PORT`` (``ray start --address``, ``ray.init(address=...)``), unless Ray takes
+multi-node clusters to be off: ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's own default on macOS and
+Windows; :data:`_LOOPBACK_ENV`). It is in the environment of the head, of the private cluster of
+:func:`connect` and of the worker nodes of :func:`start_worker_node` (so every Ray process they start,
+workers and job drivers included, inherits it), and in force while :func:`join_head` connects. Ray has no
+bind-address setting of its own (no ``RAY_*`` config, ``_system_config`` key or ``ray start`` option), and
+three of the listeners are Prometheus endpoints that answer without the token: loopback is their only guard.
 """
 
 from __future__ import annotations
@@ -30,6 +44,24 @@ from shopsight.platform._errors import ShopsightError
 from shopsight.platform._settings import Settings
 
 _START_TIMEOUT_S = 180
+
+# Makes Ray keep a loopback node IP and head address (see the module docstring). Its side effect: a plain
+# `ray start --address` with it aborts ("Multi-node Ray clusters are not supported on Windows and OSX"), and
+# without it cannot reach a loopback head: start_worker_node runs `ray start` through _JOIN_SCRIPT.
+_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+# `ray start` for a worker node joining a loopback head: Ray's CLI, with the check that refuses a worker
+# node while multi-node clusters are off lifted, and 127.0.0.1 (the head's address, this node's IP) kept as
+# given. The processes it starts get _LOOPBACK_ENV from its environment.
+_JOIN_SCRIPT = """
+import sys
+from ray._private import ray_constants, services
+ray_constants.ENABLE_RAY_CLUSTER = True
+services.resolve_ip_for_localhost = lambda host: host
+from ray.scripts.scripts import main
+sys.argv[0] = "ray"
+sys.exit(main())
+"""
 
 
 @dataclass(frozen=True)
@@ -70,16 +102,35 @@ class JobsEndpoint:
 
     address: str
     headers: dict[str, str]
+    token_path: str = ""  # the file the token came from (or would come from): named when it is refused
 
     def client(self):
+        from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 
         try:
             return JobSubmissionClient(self.address, headers=self.headers)
-        except Exception as exc:  # noqa: BLE001 - connection, HTTP and auth errors all mean: cannot submit
+        except AuthenticationError as exc:  # the server answered 401 (no token) or 403 (a wrong one)
+            raise ShopsightError(self._refused(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - connection and HTTP errors all mean: cannot submit
             raise ShopsightError(
                 f"cannot reach the Ray cluster at {self.address}: {_first_line(exc)}"
             ) from None
+
+    def _refused(self, exc: BaseException) -> str:
+        # Ray's message starts "Authentication required" for a 401 and "Authentication failed" for a 403
+        status = "HTTP 401" if str(exc).startswith("Authentication required") else "HTTP 403"
+        where = self.token_path or "ray.auth_token_path"
+        if not self.headers:
+            return (
+                f"invalid token: the Ray cluster at {self.address} requires a token and none was sent "
+                f"({status}): put the cluster's token in {where} or set ray.auth_token_path "
+                "(`ray get-auth-token` on the head prints it)"
+            )
+        return (
+            f"invalid token: the Ray cluster at {self.address} refused the token in {where} ({status}): "
+            "copy the cluster's token there (`ray get-auth-token` on the head prints it)"
+        )
 
 
 def jobs_endpoint(settings: Settings) -> JobsEndpoint:
@@ -99,11 +150,12 @@ def jobs_endpoint(settings: Settings) -> JobsEndpoint:
         headers = {"Authorization": f"Bearer {read_token(path)}"} if path.exists() else {}
         if settings.ray.auth_token_path and not headers:
             read_token(path)  # a configured token file that is missing is an error, not "no auth"
-        return JobsEndpoint(address.rstrip("/"), headers)
+        return JobsEndpoint(address.rstrip("/"), headers, str(path))
     head = local_head(settings)
     if head is None:
         raise ShopsightError("no local Ray head is running: start one with `shopsight cluster up`")
-    return JobsEndpoint(head.dashboard_url, {"Authorization": f"Bearer {read_token(Path(head.token_path))}"})
+    headers = {"Authorization": f"Bearer {read_token(Path(head.token_path))}"}
+    return JobsEndpoint(head.dashboard_url, headers, head.token_path)
 
 
 def connect(settings: Settings) -> None:
@@ -129,13 +181,44 @@ def connect(settings: Settings) -> None:
     if head is not None:
         join_head(head)
         return
-    # the dashboard also serves the State API that Ray Train's placement-group cleaner polls
-    ray.init(
-        num_cpus=settings.ray.num_cpus,
-        include_dashboard=True,
-        _node_ip_address="127.0.0.1",
-        _temp_dir=str(ray_temp_dir(settings)),
-    )
+    # the dashboard also serves the State API that Ray Train's placement-group cleaner polls; every server
+    # of this private cluster listens on 127.0.0.1 only (the module docstring says how)
+    with _loopback_only():
+        ray.init(
+            num_cpus=settings.ray.num_cpus,
+            include_dashboard=True,
+            _node_ip_address="127.0.0.1",
+            _temp_dir=str(ray_temp_dir(settings)),
+        )
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While ``ray.init`` starts a private cluster or joins a loopback head: Ray keeps a loopback node IP or
+    head address in this process (its constant was read at import), and the processes it starts (GCS,
+    raylet and, through the raylet, every worker; dashboard, agents) inherit the environment that keeps it,
+    with free ports for the metrics servers of the dashboard and the autoscaler (Ray's fixed defaults may be
+    another cluster's)."""
+    from ray._private import ray_constants
+
+    env = {**_LOOPBACK_ENV, **_metrics_ports_env()}
+    saved_env = {key: os.environ.get(key) for key in env}
+    saved_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ.update(env)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _metrics_ports_env() -> dict[str, str]:
+    return {"DASHBOARD_METRIC_PORT": str(_free_port()), "AUTOSCALER_METRIC_PORT": str(_free_port())}
 
 
 def join_head(head: Head, **init_options) -> None:
@@ -143,7 +226,8 @@ def join_head(head: Head, **init_options) -> None:
     import ray
 
     _use_token_in_this_process(Path(head.token_path))
-    ray.init(address=head.gcs_address, **init_options)
+    with _loopback_only():  # else Ray turns 127.0.0.1:PORT into the machine's IP, where the head is not
+        ray.init(address=head.gcs_address, **init_options)
 
 
 def _use_token_in_this_process(path: Path) -> None:
@@ -217,6 +301,7 @@ def start_local_head(settings: Settings, started_by: str = "shopsight cluster up
     ]  # fmt: skip
     if settings.ray.num_cpus:
         command.append(f"--num-cpus={settings.ray.num_cpus}")
+    # --node-ip-address=127.0.0.1 alone is replaced by the machine's IP: _LOOPBACK_ENV keeps it (docstring)
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=_START_TIMEOUT_S, env=_node_env(token)
     )
@@ -289,10 +374,13 @@ def kill_ray_processes(gcs_port: str | int, node_manager_port: int | None = None
 
 
 def _node_env(token: Path) -> dict[str, str]:
-    """A node's environment: token auth on, and this interpreter's folder first on PATH, so the
-    ``python`` of a job's entrypoint is this environment's (with Shopsight's dependencies)."""
+    """A node's environment: token auth on, this interpreter's folder first on PATH (so the ``python`` of a
+    job's entrypoint is this environment's, with Shopsight's dependencies), every server on loopback
+    (:data:`_LOOPBACK_ENV`), and free ports for the Prometheus servers of the dashboard (Ray's default
+    44227) and the autoscaler (44217): Ray fixes them and only logs an error when another cluster on this
+    machine holds them."""
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    return {**os.environ, **token_env(token), "PATH": path}
+    return {**os.environ, **token_env(token), "PATH": path, **_LOOPBACK_ENV, **_metrics_ports_env()}
 
 
 def _ray_cli() -> str:
@@ -344,12 +432,14 @@ def start_worker_node(head: Head, num_cpus: int, resources: dict[str, float]) ->
     """Join another node to the local head on this machine (tests and benchmarks of multi-node runs).
 
     It gets its own short temp dir: nodes sharing one would share (and clean up) each other's runtime-env
-    folders, and Ray's unix socket paths below it may not exceed 107 bytes.
+    folders, and Ray's unix socket paths below it may not exceed 107 bytes. Like the head, it listens on
+    127.0.0.1 only and registers that as its IP (the module docstring says how; ``_JOIN_SCRIPT``).
     """
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="shopsight-ray-", dir="/tmp")
     command = [
-        _ray_cli(), "start", f"--address={head.gcs_address}", "--node-ip-address=127.0.0.1",
+        sys.executable, "-c", _JOIN_SCRIPT, "start", f"--address={head.gcs_address}",
+        "--node-ip-address=127.0.0.1",
         f"--num-cpus={num_cpus}", f"--resources={json.dumps(resources)}", f"--node-manager-port={port}",
         f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]  # fmt: skip

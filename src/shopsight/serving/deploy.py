@@ -404,14 +404,19 @@ def status(settings: Settings) -> dict:
     }
 
 
-def shutdown(settings: Settings) -> bool:
-    """Delete the application (and stop Serve when nothing else runs in it); returns whether one ran."""
+def shutdown(settings: Settings, wait: bool = True) -> bool:
+    """Delete the application (and stop Serve when nothing else runs in it); returns whether one ran.
+
+    ``wait=False`` only asks Serve to delete it: a replica's graceful shutdown alone may take Serve's
+    20 s, too long for a Ctrl-C. The Ray of a process that started its own ends with the process anyway,
+    and a shared cluster's Serve controller finishes the deletion on its own.
+    """
     app_name = settings.serving.app_name
     apps = serve.status().applications
     if app_name not in apps:
         return False
-    serve.delete(app_name)
-    if not (set(apps) - {app_name}):
+    serve.delete(app_name, _blocking=wait)
+    if wait and not (set(apps) - {app_name}):
         serve.shutdown()
     return True
 
