@@ -6,13 +6,16 @@
 #   docker build -t REGISTRY/shopsight:0.1.0-cpu .                         # CPU: torch's CPU build
 #   docker build --build-arg VARIANT=cuda -t REGISTRY/shopsight:0.1.0-cuda .  # CUDA: torch's CUDA build
 #
-# Versions come from requirements/lock.txt (a pip constraint), the same pins as `make` installs locally.
-# The CUDA variant takes torch ${TORCH_VERSION} from PyTorch's wheel index for ${TORCH_CUDA}; that wheel
-# brings its own CUDA libraries, the base image the rest of the CUDA runtime; the node needs only the driver.
+# Every package is pinned and hash-checked (pip --require-hashes), from a lock per variant that
+# requirements/compile.sh generates with the same pins as `make` installs locally (requirements/lock.txt):
+#   cpu:  requirements/lock-image-cpu.txt, torch 2.13.0+cpu (from PyTorch's CPU index; its hash is in the lock)
+#   cuda: requirements/lock-image-cuda.txt, PyPI's torch 2.13.0, which is the CUDA 13.0 build, with the
+#         nvidia-* wheels of CUDA 13.0 from PyPI (all hashes in the lock). The wheels bring the CUDA libraries,
+#         the base image the rest of the CUDA 13.0 runtime; the node needs only a driver for CUDA 13 (580+).
 
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_BASE_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 # --- cpu: Debian with Python 3.11 --------------------------------------------------------------------
 FROM ${CPU_BASE_IMAGE} AS base-cpu
@@ -39,8 +42,6 @@ ENV PYTHON_BIN=/usr/bin/python3.11
 # --- the platform, on the chosen base ---------------------------------------------------------------------
 FROM base-${VARIANT} AS platform
 ARG VARIANT
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_CUDA=cu128
 
 # PYTHONSAFEPATH: never put a script's folder (or the working directory) first on sys.path, so that no file
 # in the image shadows an installed module (docs/architecture.md: `platform` vs the standard library).
@@ -58,27 +59,29 @@ ENV PYTHONSAFEPATH=1 \
 # for login shells too: KubeRay starts Ray with `bash -lc`, and Debian's /etc/profile resets PATH.
 RUN ln -s "$(dirname "$(dirname "$(readlink -f "$(command -v java)")")")" "${JAVA_HOME}" \
  && "${PYTHON_BIN}" -m venv "${VIRTUAL_ENV}" \
- && echo "export PATH=\"${VIRTUAL_ENV}/bin:\$PATH\"" > /etc/profile.d/shopsight-venv.sh \
- && pip install --upgrade pip
+ && echo "export PATH=\"${VIRTUAL_ENV}/bin:\$PATH\"" > /etc/profile.d/shopsight-venv.sh
 
 WORKDIR /opt/shopsight
 
-# torch first, from the wheel index of the variant: the install below then finds torch==2.13.0 satisfied
-# (2.13.0+cpu or 2.13.0+cu128) and keeps it.
+# The dependencies, hash-checked, before the sources (a layer that a code change keeps): pip and the build
+# tools first (lock-build.txt), then the variant's lock, boto3 included (the MLflow server writes to S3).
+# --no-build-isolation: pyspark's sdist, and the package below, are built by the locked setuptools.
+COPY requirements/lock-build.txt requirements/lock-image-cpu.txt requirements/lock-image-cuda.txt requirements/
 RUN case "${VARIANT}" in \
-      cpu)  index="https://download.pytorch.org/whl/cpu" ;; \
-      cuda) index="https://download.pytorch.org/whl/${TORCH_CUDA}" ;; \
+      cpu)  lock=requirements/lock-image-cpu.txt; index="--extra-index-url https://download.pytorch.org/whl/cpu" ;; \
+      cuda) lock=requirements/lock-image-cuda.txt; index="" ;; \
       *)    echo "VARIANT must be cpu or cuda, not '${VARIANT}'" >&2; exit 1 ;; \
     esac \
- && pip install --index-url "${index}" "torch==${TORCH_VERSION}"
+ && pip install --require-hashes --requirement requirements/lock-build.txt \
+ && pip install --require-hashes --no-build-isolation ${index} --requirement "${lock}" \
+ && python -c "import torch, sys; cuda = torch.version.cuda is not None; \
+sys.exit(0 if cuda == ('${VARIANT}' == 'cuda') else 'torch build does not match VARIANT=${VARIANT}')"
 
-# The package, pinned by the lock file; boto3 (pinned there too) lets the MLflow server write to S3.
-COPY requirements/lock.txt requirements/lock.txt
+# The package itself: pip cannot hash-check a local project, so it comes without dependencies (all locked above).
 COPY pyproject.toml README.md ./
 COPY src/ src/
-RUN pip install --constraint requirements/lock.txt . boto3 \
- && python -c "import torch, sys; cuda = torch.version.cuda is not None; \
-sys.exit(0 if cuda == ('${VARIANT}' == 'cuda') else 'torch build does not match VARIANT=${VARIANT}')" \
+RUN pip install --no-deps --no-build-isolation . \
+ && pip check \
  && shopsight --version
 
 # Spark on Kubernetes: the driver and executor entry point, and the feature-build driver script.

@@ -1,6 +1,6 @@
 # Shopsight: `make demo` runs the pipeline on this machine, `make test` runs the test suite.
-# Both set up what they need from scratch: a Python 3.11 virtualenv in .venv with the pinned
-# packages (requirements/lock.txt), and Java 17+ for Spark.
+# Both set up what they need from scratch: a Python 3.11 virtualenv in .venv with the pinned, hash-checked
+# packages (requirements/lock.txt; requirements/compile.sh regenerates it), and Java 17+ for Spark.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,23 +8,29 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint setup java services clean help
+.PHONY: demo test bench chaos lint setup java services clean help
 
 help:
 	@echo "make demo   - set up and run the whole pipeline on the embedded default (local Spark, Ray, Feast, MLflow)"
 	@echo "make test   - set up and run the test suite (all tiers but gpu)"
 	@echo "make bench  - run the benchmarks and record results under benchmarks/results/"
+	@echo "make chaos  - run the chaos suite (also part of make test) and record its counts in benchmarks/results/chaos.md"
 	@echo "make lint   - ruff"
 
 setup: $(STAMP) java
 
-$(STAMP): pyproject.toml requirements/lock.txt
+$(STAMP): pyproject.toml requirements/lock-build.txt requirements/lock.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Shopsight needs Python 3.11, found " + sys.version.split()[0]' \
 		|| { echo "error: set PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch is pinned to 2.13.0: where a CPU build of it is at hand (this kind of machine, CI), pip takes it.
-	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable '.[dev]'
+	# Hash-checked: pip and the build tools first (lock-build.txt), then every package of the lock, then the
+	# project, which pip cannot hash-check, without its dependencies. --no-build-isolation: what is built (the
+	# project, pyspark's sdist) is built by the locked setuptools, not by one pip would fetch unhashed.
+	# torch is 2.13.0+cpu: pip finds it through PIP_FIND_LINKS (this kind of machine, CI) or PyTorch's CPU
+	# index (PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu make test).
+	$(BIN)/python -m pip install --quiet --require-hashes --requirement requirements/lock-build.txt
+	$(BIN)/python -m pip install --quiet --require-hashes --no-build-isolation --requirement requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --editable .
 	@touch $(STAMP)
 
 # Spark 4 needs Java 17+. As root on Debian we install it; elsewhere we say how.
@@ -67,13 +73,17 @@ test: setup services
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
+chaos: setup services
+	$(BIN)/python -m benchmarks.chaos_report
+
 # The benchmarks compare against the ctgan package: the `bench` extra.
 bench: setup services
-	$(BIN)/python -m pip install --quiet --constraint requirements/lock.txt --editable '.[dev,bench]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-build-isolation --requirement requirements/lock-bench.txt
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation --editable .
 	$(BIN)/python -m benchmarks.bench_simulator
 	$(BIN)/python -m benchmarks.bench_features
 	$(BIN)/python -m benchmarks.bench_user_snapshots --task purchase
-	$(BIN)/python -m benchmarks.bench_user_snapshots --task churn
+	$(BIN)/python -m benchmarks.bench_user_snapshots --task churn --users 20000 --days 20 --burn-in 7
 	$(BIN)/python -m benchmarks.bench_gan
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_serving
