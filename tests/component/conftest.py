@@ -1,7 +1,9 @@
-"""Real local engines, shared per test session: one Spark (local[2], loopback), a redis-server and a
-throwaway PostgreSQL cluster (both on free loopback ports, removed at the end)."""
+"""Real local engines, shared per test session: one Spark (local[2], loopback), a redis-server with a
+password and a throwaway PostgreSQL cluster (both on free loopback ports, removed at the end)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -54,10 +56,33 @@ def free_port():
     return _free_port
 
 
+@dataclass(frozen=True)
+class RedisServer:
+    """A running redis-server that requires a password, as the cluster's does."""
+
+    host: str
+    port: int
+    password: str = field(repr=False)
+    pid: int
+
+    @property
+    def url(self) -> str:
+        """``redis://HOST:PORT/0``, no password: that comes from FEAST_REDIS_PASSWORD or a file."""
+        return f"redis://{self.host}:{self.port}/0"
+
+    def client(self, db: int = 0):
+        import redis
+
+        return redis.Redis(host=self.host, port=self.port, db=db, password=self.password)
+
+
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory):
-    """A real redis-server on a free loopback port, stopped at the end of the session."""
+def redis_server(tmp_path_factory):
+    """A real redis-server on a free loopback port with a password (requirepass), stopped at the end of
+    the session. Its configuration, password included, goes in on stdin (`redis-server -`): never on its
+    command line, which `ps` shows every user of the machine."""
     import os
+    import secrets
     import shutil
     import subprocess
     import time
@@ -72,36 +97,42 @@ def redis_url(tmp_path_factory):
         pytest.skip(message)
     port = _free_port()
     folder = tmp_path_factory.mktemp("redis")
+    # the prefix keeps it text for Feast, which reads connection-string values as JSON where they parse
+    # (hex digits alone could read as a number)
+    password = "pw-" + secrets.token_hex(16)
+    lines = [f"port {port}", "bind 127.0.0.1", 'save ""', "appendonly no", f'dir "{folder}"']
+    config = "\n".join([*lines, f'requirepass "{password}"', ""])
     process = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(folder),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    client = redis.Redis(host="127.0.0.1", port=port)
+    process.stdin.write(config.encode())
+    process.stdin.close()  # redis-server reads its configuration up to the end of stdin
+    server = RedisServer("127.0.0.1", port, password, process.pid)
+    client = server.client()
     for _ in range(100):
         try:
             client.ping()
             break
+        except redis.AuthenticationError:
+            process.kill()
+            pytest.fail("redis-server refused its own password")
         except redis.ConnectionError:
             time.sleep(0.05)
     else:
         process.kill()
         pytest.fail("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
+    yield server
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server):
+    """The session's Redis as one URL, password inside (``redis://:PASSWORD@HOST:PORT/0``), for tests that
+    only need a working online store; tests of the password's own path use ``redis_server``."""
+    from urllib.parse import quote
+
+    return f"redis://:{quote(redis_server.password)}@{redis_server.host}:{redis_server.port}/0"
 
 
 def _postgres_bin() -> str | None:

@@ -1,7 +1,9 @@
 """The cluster profile's shared services, for real on loopback: `shopsight mlflow up` on a throwaway
 PostgreSQL (registration and promotion over HTTP, artifacts served by the server), the SQLite default, a
-foreign server on the configured port, clear backend errors; and the `cluster` Feast profile (Redis online
-store, SQL registry on PostgreSQL, Spark offline store) giving the local profile's values."""
+foreign server on the configured port, clear backend errors; the Redis login (its password from the
+environment, never on a command line or in a message; a refused one is one clear line); and the `cluster`
+Feast profile (Redis online store, SQL registry on PostgreSQL, Spark offline store) giving the local
+profile's values."""
 
 from __future__ import annotations
 
@@ -247,6 +249,171 @@ def test_bad_or_unreachable_backend_is_one_clear_line(free_port, tmp_path):
     assert not (tmp_path / "dd" / "mlflow" / "server.json").exists()
 
 
+# -------------------------------------------------------------------------------------- Redis login
+
+FROM_ENV = "(from FEAST_REDIS_PASSWORD)"
+
+
+def _redis_settings(data_dir, url: str, password_file=None):
+    """Settings of a Redis online store at ``url``, with a password file or none (then the environment)."""
+    from shopsight.platform import load_settings
+
+    overrides = {"data_dir": str(data_dir), "feast.online_store": "redis", "feast.redis_url": url}
+    if password_file is not None:
+        overrides["feast.redis_password_file"] = str(password_file)
+    return load_settings(overrides=overrides, environ={}).settings
+
+
+@pytest.mark.feast
+def test_redis_password_is_not_on_the_servers_command_line(redis_server):
+    import psutil
+
+    command = " ".join(psutil.Process(redis_server.pid).cmdline())
+    assert "redis-server" in command and redis_server.password not in command
+    assert redis_server.client().config_get("requirepass")["requirepass"] == redis_server.password
+
+
+@pytest.mark.feast
+def test_redis_login_from_the_environment_or_a_file_and_one_line_refusals(
+    redis_server, tmp_path, monkeypatch
+):
+    """The right password from FEAST_REDIS_PASSWORD (or a file) reaches Feast's connection string and logs
+    in; none, a wrong one (from the environment, a file or the URL) are one line naming Redis and where the
+    password came from, never the password."""
+    from shopsight.features.store import check_redis_login, repo_config
+    from shopsight.platform import ShopsightError
+
+    address, password = f"{redis_server.host}:{redis_server.port}", redis_server.password
+    wrong = "wrong-" + password
+    settings = _redis_settings(tmp_path, redis_server.url)
+
+    def refusal(settings) -> str:
+        with pytest.raises(ShopsightError) as refused:
+            check_redis_login(settings.feast)
+        return str(refused.value)
+
+    monkeypatch.delenv("FEAST_REDIS_PASSWORD", raising=False)
+    assert refusal(settings) == (
+        f"Redis at {address} requires a password and none is set (FEAST_REDIS_PASSWORD or "
+        "feast.redis_password_file)"
+    )
+    monkeypatch.setenv("FEAST_REDIS_PASSWORD", wrong)
+    assert refusal(settings) == f"Redis at {address} refused the password {FROM_ENV}"
+    monkeypatch.setenv("FEAST_REDIS_PASSWORD", password)
+    check_redis_login(settings.feast)
+    assert repo_config(settings).online_store.connection_string == f"{address},db=0,password={password}"
+
+    # a file (a mounted Secret, its trailing newline ignored) wins over the environment
+    secret = tmp_path / "redis-password"
+    secret.write_text(wrong + "\n")
+    assert refusal(_redis_settings(tmp_path, redis_server.url, secret)) == (
+        f"Redis at {address} refused the password (from {secret}, feast.redis_password_file)"
+    )
+    secret.write_text(password + "\n")
+    check_redis_login(_redis_settings(tmp_path, redis_server.url, secret).feast)
+    assert refusal(_redis_settings(tmp_path, f"redis://:{wrong}@{address}/0")) == (
+        f"Redis at {address} refused the password (from the password in feast.redis_url)"
+    )
+
+    # an ACL user: its name in the URL, its password from the environment
+    client = redis_server.client()
+    client.acl_setuser(
+        "shopsight", enabled=True, passwords=[f"+{password}-acl"], keys="*", commands=["+@all"]
+    )
+    try:
+        acl = _redis_settings(tmp_path, f"redis://shopsight@{address}/0")
+        monkeypatch.setenv("FEAST_REDIS_PASSWORD", f"{password}-acl")
+        check_redis_login(acl.feast)
+        monkeypatch.setenv("FEAST_REDIS_PASSWORD", wrong)
+        assert refusal(acl) == f"Redis at {address} refused the password of user 'shopsight' {FROM_ENV}"
+    finally:
+        client.acl_deluser("shopsight")
+
+
+@pytest.mark.feast
+def test_redis_without_a_password_refuses_one(free_port, tmp_path, monkeypatch):
+    """A Redis that wants no password is an open one: with a password configured, that is an error."""
+    import shutil
+    import time
+
+    import redis
+
+    from shopsight.features.store import check_redis_login
+    from shopsight.platform import ShopsightError
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                redis.Redis(port=port).ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        monkeypatch.setenv("FEAST_REDIS_PASSWORD", "pw-x")
+        with pytest.raises(
+            ShopsightError, match=rf"^Redis at 127.0.0.1:{port} has no password, but one is set"
+        ):
+            check_redis_login(_redis_settings(tmp_path, f"redis://127.0.0.1:{port}/0").feast)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.feast
+def test_a_refused_redis_password_is_one_cli_line_without_it(redis_server, tmp_path):
+    """Through the command, as a pod runs it: the password from the environment, one error line, and the
+    password nowhere in the output."""
+    wrong = "wrong-" + redis_server.password
+    result = subprocess.run(
+        [sys.executable, "-m", "shopsight", "--data-dir", str(tmp_path / "dd"),
+         "--set", "feast.online_store=redis", "--set", f"feast.redis_url={redis_server.url}",
+         "features", "list"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "COLUMNS": "300", "FEAST_REDIS_PASSWORD": wrong},
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    address = f"{redis_server.host}:{redis_server.port}"
+    assert errors == [f"error: Redis at {address} refused the password {FROM_ENV}"], output
+    assert wrong not in output and redis_server.password not in output
+
+
+def test_redis_logins_feast_cannot_carry_are_refused_before_use(tmp_path, monkeypatch):
+    """Feast splits its connection string at commas and reads values as JSON: such a password would reach
+    Redis changed, so it is a settings error (which never quotes it), as is a password given twice."""
+    from shopsight.features.store import redis_connection_string, redis_target
+    from shopsight.platform import ConfigError
+
+    for bad in ("pw,7q9", "8675309", "1e93", '"pw7q9"'):
+        monkeypatch.setenv("FEAST_REDIS_PASSWORD", bad)
+        with pytest.raises(ConfigError) as info:
+            redis_connection_string(_redis_settings(tmp_path, "redis://redis:6379/0").feast)
+        assert "(from FEAST_REDIS_PASSWORD)" in str(info.value) and bad not in str(info.value)
+    monkeypatch.setenv("FEAST_REDIS_PASSWORD", "pw-ok")
+    secret = tmp_path / "password"
+    secret.write_text("two")
+    with pytest.raises(ConfigError, match="given twice"):
+        redis_target(_redis_settings(tmp_path, "redis://:one@redis:6379/0", secret).feast)
+    with pytest.raises(ConfigError, match="cannot read feast.redis_password_file"):
+        redis_target(_redis_settings(tmp_path, "redis://redis:6379/0", tmp_path / "missing").feast)
+    with pytest.raises(ConfigError) as info:
+        redis_target(_redis_settings(tmp_path, "http://:s3cret@redis:6379/0").feast)
+    assert "is not a Redis URL" in str(info.value) and "s3cret" not in str(info.value)
+    target = redis_target(_redis_settings(tmp_path, "rediss://shop@r:6380/2").feast)
+    assert target.password == "pw-ok" and "pw-ok" not in repr(target)
+    assert redis_connection_string(_redis_settings(tmp_path, "rediss://shop@r:6380/2").feast) == (
+        "r:6380,db=2,username=shop,password=pw-ok,ssl=true"
+    )
+
+
 # -------------------------------------------------------------------------------------------- Feast
 
 
@@ -256,19 +423,24 @@ def _own_db(redis_url: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def feast_profiles(taobao_features, make_settings, tmp_path_factory, redis_url, postgres_url):
+def feast_profiles(taobao_features, make_settings, tmp_path_factory, redis_server, postgres_url):
     """The local profile's store (SQLite online, file offline, file registry) and the cluster profile's
-    (Redis online, Spark offline, SQL registry on PostgreSQL) over the same built features, both applied
-    and materialised."""
+    (Redis online with its password, Spark offline, SQL registry on PostgreSQL) over the same built
+    features, both applied and materialised."""
     from shopsight.features import store
 
     base, _ = taobao_features
     stores = {}
+    # the password as a pod would mount it from the Secret
+    redis_password_file = tmp_path_factory.mktemp("redis_secret") / "password"
+    redis_password_file.write_text(redis_server.password + "\n")
+    redis_password_file.chmod(0o600)
     overrides = {
         "local": {},
         "cluster": {
             "feast.online_store": "redis",
-            "feast.redis_url": _own_db(redis_url),
+            "feast.redis_url": _own_db(redis_server.url),
+            "feast.redis_password_file": str(redis_password_file),
             "feast.offline_store": "spark",
             "feast.registry": postgres_url("feast"),
         },
@@ -286,9 +458,8 @@ def feast_profiles(taobao_features, make_settings, tmp_path_factory, redis_url, 
 @pytest.mark.spark
 @pytest.mark.feast
 @pytest.mark.slow
-def test_cluster_feast_profile_gives_the_local_profiles_values(feast_profiles, postgres_url, redis_url):
+def test_cluster_feast_profile_gives_the_local_profiles_values(feast_profiles, postgres_url, redis_server):
     import psycopg
-    import redis
 
     from shopsight.features import store
 
@@ -315,7 +486,7 @@ def test_cluster_feast_profile_gives_the_local_profiles_values(feast_profiles, p
     with psycopg.connect(postgres_url("feast").replace("+psycopg", "")) as db:
         views = {r[0] for r in db.execute("SELECT feature_view_name FROM feature_views").fetchall()}
     assert {"user_activity", "user_sequence", "user_segment"} <= views
-    assert redis.Redis.from_url(_own_db(redis_url)).dbsize() > 0
+    assert redis_server.client(db=1).dbsize() > 0
     assert not (cluster.data_dir.absolute() / "feast" / "registry.db").exists()
     assert not (cluster.data_dir.absolute() / "feast" / "online.db").exists()
 

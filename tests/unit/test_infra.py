@@ -40,6 +40,9 @@ PLATFORM_IMAGES = ("shopsight", "shopsight-cuda")  # image names in the manifest
 SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
 POINTER_SUFFIXES = ("_PATH", "_FILE")  # where a secret is (RAY_AUTH_TOKEN_PATH), not the secret
 RAY_AUTH_SECRET = "shopsight-ray-auth"
+REDIS_SECRET = "shopsight-redis"
+# Shell builtins: they run inside the shell, so no process shows their arguments to `ps`.
+SHELL_BUILTINS = ("printf", "echo", "export", "unset", "test", "[", "read", ":")
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -416,6 +419,124 @@ def test_the_secret_check_catches_an_inlined_password():
     assert len(_secret_findings([("bad", bad), ("secret", secret)])) == 3
 
 
+def _secret_variables(text: str) -> set[str]:
+    """The secret-like variables ``text`` expands: ``$(NAME)`` (Kubernetes), ``$NAME`` and ``${NAME}``."""
+    return {name for name in re.findall(r"\$[({]?(\w+)", text) if _secret_like(name)}
+
+
+def _script_findings(script: str) -> list[str]:
+    """The commands of a shell script that hand a secret variable to a program as an argument (where `ps`
+    shows it). A builtin (``printf ... > file``) or the environment (``REDISCLI_AUTH="$X" redis-cli``)
+    keeps it off every command line."""
+    problems = []
+    for command in re.split(r"&&|\|\||[;|\n]", script.replace("\\\n", " ")):
+        words = command.split()
+        while words and re.fullmatch(r"[A-Za-z_]\w*=\S*", words[0]):  # VAR=value prefixes: the environment
+            words.pop(0)
+        if not words or words[0] in SHELL_BUILTINS:
+            continue
+        leaked = _secret_variables(" ".join(words[1:]))
+        if leaked:
+            problems.append(
+                f"`{command.strip()}` puts {', '.join(sorted(leaked))} on {words[0]}'s command line"
+            )
+    return problems
+
+
+def _command_line_findings(documents: list[tuple[str, dict]]) -> list[str]:
+    """Secrets on a command line, which anyone who can list the node's processes reads: a secret variable
+    in ``command``/``args`` (Kubernetes expands ``$(NAME)`` there itself) or passed on by a shell script,
+    an option named for a secret (``--requirepass``, ``--password``), a secret-named ``rayStartParams``."""
+    problems = []
+    secret_option = re.compile(r"--?[\w-]*(pass|secret|token)[\w-]*(=.*)?", re.IGNORECASE)
+    for where, doc in documents:
+        for name, container in _containers(doc):
+            argv = [str(word) for word in container.get("command", []) + container.get("args", [])]
+            for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+                argv_probe = container.get(probe, {}).get("exec", {}).get("command", [])
+                argv += [str(word) for word in argv_probe]
+            label = f"{where} {_ident(doc)} {name}"
+            for word in argv:
+                for variable in re.findall(r"\$\((\w+)\)", word):
+                    if _secret_like(variable):
+                        problems.append(f"{label}: $({variable}) expands onto the command line")
+                option = secret_option.fullmatch(word)
+                if option and not word.split("=")[0].lower().endswith(("-file", "-path")):
+                    problems.append(f"{label}: {word.split('=')[0]} passes a secret on the command line")
+            if argv[:1] and Path(argv[0]).name in ("sh", "bash") and "-c" in argv[:-1]:
+                script = argv[argv.index("-c") + 1]
+                problems += [f"{label}: {problem}" for problem in _script_findings(script)]
+        for path, key, value in _walk(doc):
+            if key == "rayStartParams" and isinstance(value, dict):
+                for param in value:
+                    if _secret_like(param.replace("-", "_")):
+                        problems.append(f"{where}{path}: rayStartParams {param} goes on `ray start`'s line")
+        if doc.get("kind") == "ConfigMap":
+            for key, value in doc.get("data", {}).items():
+                if str(value).startswith("#!"):  # a script some container runs
+                    problems += [f"{where} {key}: {problem}" for problem in _script_findings(value)]
+    return problems
+
+
+def test_no_secret_is_on_a_command_line():
+    assert _command_line_findings(_source_documents()) == []
+
+
+def test_the_command_line_check_catches_a_password_in_ps():
+    def pod(**container) -> dict:
+        spec = {"containers": [{"name": "c", "image": "redis", **container}]}
+        return {"kind": "Deployment", "metadata": {"name": "x"}, "spec": {"template": {"spec": spec}}}
+
+    bad = [
+        pod(args=["--requirepass", "$(REDIS_PASSWORD)"]),  # Kubernetes expands it into argv
+        pod(command=["sh", "-c"], args=['redis-server --requirepass "$REDIS_PASSWORD"']),
+        {"kind": "ConfigMap", "metadata": {"name": "init"}, "data": {"init.sh": (
+            '#!/bin/bash\npsql --dbname x \\\n  --set pw="$MLFLOW_DB_PASSWORD" <<SQL\nSQL\n')}},
+    ]  # fmt: skip
+    findings = _command_line_findings([(f"bad{i}", doc) for i, doc in enumerate(bad)])
+    assert any("$(REDIS_PASSWORD)" in f for f in findings) and any("--requirepass" in f for f in findings)
+    assert any("REDIS_PASSWORD on redis-server's" in f for f in findings)
+    assert any("MLFLOW_DB_PASSWORD on psql's" in f for f in findings)
+    good = [
+        pod(command=["sh", "-c"], args=['printf "requirepass %s" "$REDIS_PASSWORD" > /run/a.conf && exec x']),
+        pod(command=["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ping']),
+        pod(args=["--password-file", "/etc/secret/pw", "--host", "$(DB_HOST)"]),
+    ]
+    assert _command_line_findings([(f"good{i}", doc) for i, doc in enumerate(good)]) == []
+
+
+def test_redis_requires_the_secret_password_every_client_gets():
+    """redis-server's config takes requirepass from the Secret, every platform container that reads the
+    online store gets FEAST_REDIS_PASSWORD from the same Secret (never a value), and no URL of Redis holds
+    a password."""
+    documents = _source_documents()
+    (redis,) = [doc for _, doc in documents if _ident(doc) == "Deployment/redis"]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    script = " ".join(container["command"] + container["args"])
+    assert "requirepass" in script and "exec redis-server" in script
+    assert _env(container)["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": REDIS_SECRET,
+        "key": "password",
+    }
+    volumes = {v["name"]: v for v in redis["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] in script]
+    assert volumes[mount["name"]]["emptyDir"].get("medium") == "Memory", "the password file stays off disk"
+
+    clients = 0
+    for where, doc in documents:
+        for name, container in _containers(doc):
+            password = _env(container).get("FEAST_REDIS_PASSWORD")
+            if password is None:
+                continue
+            clients += 1
+            ref = password.get("valueFrom", {}).get("secretKeyRef")
+            assert ref == {"name": REDIS_SECRET, "key": "password"}, f"{where} {name}: {password}"
+    assert clients >= 5  # feature server, Ray cluster, Ray Serve, training job
+    for where, environ in _platform_environments(documents):
+        if environ.get("SHOPSIGHT_FEAST__REDIS_URL"):
+            assert "@" not in environ["SHOPSIGHT_FEAST__REDIS_URL"], f"{where}: a password in the URL"
+
+
 def _referenced_secrets(documents) -> set[tuple[str, str]]:
     refs = set()
     for _, doc in documents:
@@ -472,10 +593,7 @@ def _platform_environments(documents) -> list[tuple[str, dict[str, str]]]:
     configmaps = {
         doc["metadata"]["name"]: doc.get("data", {}) for _, doc in documents if doc.get("kind") == "ConfigMap"
     }
-    placeholders = {  # what the Secrets hold, in the form the settings expect
-        "SHOPSIGHT_FEAST__REDIS_URL": "redis://:password@redis:6379/0",
-        "SHOPSIGHT_SERVING__API_KEYS": "{}",
-    }
+    placeholders = {"SHOPSIGHT_SERVING__API_KEYS": "{}"}  # what the Secrets hold, as the settings expect
     environments = []
     for where, doc in documents:
         for name, container in _containers(doc):
@@ -705,6 +823,7 @@ def test_each_kustomization_builds_and_validates(name):
         for version in K8S_VERSIONS:
             _validate(doc, version)
     assert _secret_findings(list(rendered)) == []
+    assert _command_line_findings(list(rendered)) == []
     if not name.endswith("jobs"):  # the jobs read the ConfigMap their environment's services deployed
         from shopsight.platform import load_settings
 
@@ -743,7 +862,7 @@ def test_dev_is_small_and_self_contained():
     config = _one(dev, "ConfigMap", "shopsight-config")["data"]
     urls = [value for value in config.values() if "://" in value and not value.startswith("s3://")]
     hosts = {re.match(r"[\w+]+://(?:[^@/]*@)?([^:/]+)", url).group(1) for url in urls}
-    assert hosts == {"postgres", "mlflow", "minio"} and hosts <= services
+    assert hosts == {"postgres", "mlflow", "minio", "redis"} and hosts <= services
     jobs = _render("overlays/dev/jobs")
     train = _one(jobs, "RayJob", "shopsight-train")
     train_groups = _groups(train["spec"]["rayClusterSpec"])
@@ -830,28 +949,33 @@ def test_dockerfile_builds_both_variants_from_one_argument():
         assert "openjdk-17-jre-headless" in runs, f"{variant}: Spark needs Java 17"
         assert "wget" in runs, f"{variant}: KubeRay's health probes call wget"
     assert "python3.11" in " ".join(i["value"] for i in stages["base-cuda"] if i["instruction"] == "RUN")
-    torch_install = next(
-        i["value"] for i in stages["platform"] if i["instruction"] == "RUN" and "torch==" in i["value"]
+    lock_install = next(
+        i["value"] for i in stages["platform"] if i["instruction"] == "RUN" and "lock-image-" in i["value"]
     )
-    assert "cpu)" in torch_install and "cuda)" in torch_install and "exit 1" in torch_install
-    assert "download.pytorch.org/whl/${TORCH_CUDA}" in torch_install
-    args = [i["value"] for i in stages["platform"] if i["instruction"] == "ARG"]
-    assert f"TORCH_VERSION={_pin('torch')}" in args
+    assert "cpu)" in lock_install and "cuda)" in lock_install and "exit 1" in lock_install
+    assert "lock-image-cpu.txt" in lock_install and "lock-image-cuda.txt" in lock_install
+    assert "download.pytorch.org/whl/cpu" in lock_install  # where the CPU build of torch comes from
+    # each variant's lock has pyproject's torch: the CPU build, or PyPI's (the CUDA one, with nvidia-* wheels)
+    cpu_lock, cuda_lock = (_lock(f"lock-image-{variant}.txt") for variant in ("cpu", "cuda"))
+    assert cpu_lock["torch"] == f"{_pin('torch')}+cpu" and cuda_lock["torch"] == _pin("torch")
+    nvidia = [{n for n in lock if n.startswith("nvidia-")} for lock in (cpu_lock, cuda_lock)]
+    assert not nvidia[0] and nvidia[1]
 
 
-def test_dockerfile_installs_with_the_lock_as_constraint_and_runs_as_non_root():
+def test_dockerfile_installs_hash_checked_locks_and_runs_as_non_root():
     parsed = _dockerfile()
     platform = _stages(parsed.structure)["platform"]
     assert parsed.envs["PYTHONSAFEPATH"] == "1"
     assert not [k for k in parsed.envs if k.startswith("SHOPSIGHT_")], "SHOPSIGHT_* variables are settings"
     copies = [i["value"] for i in platform if i["instruction"] == "COPY"]
     runs = [i["value"] for i in platform if i["instruction"] == "RUN"]
-    install = next(r for r in runs if "pip install --constraint requirements/lock.txt ." in r)
-    assert platform.index(next(i for i in platform if i["value"] == install)) > next(
-        n
-        for n, i in enumerate(platform)
-        if i["instruction"] == "COPY" and "requirements/lock.txt" in i["value"]
-    )
+    locks = next(r for r in runs if "lock-image-" in r)
+    assert "pip install --require-hashes --requirement requirements/lock-build.txt" in locks
+    assert "pip install --require-hashes --no-build-isolation" in locks
+    install = next(r for r in runs if "pip install --no-deps --no-build-isolation ." in r)
+    order = [i["value"] for i in platform]
+    copied = next(v for v in copies if "requirements/lock-build.txt" in v)
+    assert order.index(copied) < order.index(locks) < order.index(install)
     assert any(c.startswith("infra/spark/") for c in copies)
     # KubeRay starts Ray with `bash -lc`; Debian's /etc/profile resets PATH, so the venv must be put back
     assert parsed.envs["PATH"].startswith("/opt/venv/bin")
@@ -863,8 +987,37 @@ def test_dockerfile_installs_with_the_lock_as_constraint_and_runs_as_non_root():
     assert workdir == ["/opt/shopsight"]
     entrypoint = next(i["value"] for i in platform if i["instruction"] == "ENTRYPOINT")
     assert "/opt/shopsight/infra/spark/entrypoint.sh" in entrypoint
-    assert (ROOT / "requirements/lock.txt").read_text().count(f"torch=={_pin('torch')}") == 1
-    assert re.search(r"^boto3==", (ROOT / "requirements/lock.txt").read_text(), flags=re.M)
+    assert all("boto3" in _lock(f"lock-image-{variant}.txt") for variant in ("cpu", "cuda"))
+
+
+def _lock(name: str) -> dict[str, str]:
+    """A hashed lock's pins (name: version); every one of them must carry a hash."""
+    pins: dict[str, str] = {}
+    for entry in re.split(r"\n(?=[A-Za-z0-9])", (ROOT / "requirements" / name).read_text()):
+        match = re.match(r"([A-Za-z0-9][\w.-]*)==(\S+) \\\n\s+--hash=sha256:[0-9a-f]{64}", entry)
+        if entry.strip() and not entry.startswith("#"):
+            assert match, f"{name}: not a hashed pin: {entry.splitlines()[0]}"
+            pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = match.group(2)
+    return pins
+
+
+def test_the_locks_are_hashed_and_agree_with_each_other_and_pyproject():
+    names = ("lock.txt", "lock-bench.txt", "lock-build.txt", "lock-image-cpu.txt", "lock-image-cuda.txt")
+    locks = {name: _lock(name) for name in names}
+    for name, pins in locks.items():
+        for package in ("pyspark", "ray", "feast", "mlflow"):
+            assert name == "lock-build.txt" or pins[package] == _pin(package), f"{name}: {package}"
+        for other, other_pins in locks.items():
+            same = set(pins) & set(other_pins) - {"torch"}
+            assert {p: pins[p] for p in same} == {p: other_pins[p] for p in same}, f"{name} vs {other}"
+    assert locks["lock.txt"]["torch"] == f"{_pin('torch')}+cpu"  # the CPU build: PyPI's is the CUDA one
+    assert {"ctgan", "pytest"} <= set(locks["lock-bench.txt"]) and "ctgan" not in locks["lock.txt"]
+    assert {"pip", "setuptools", "wheel"} <= set(locks["lock-build.txt"]) & set(locks["lock.txt"])
+    # make installs them hash-checked: the build tools, the lock, then the project without dependencies
+    makefile = (ROOT / "Makefile").read_text()
+    for lock in ("lock-build.txt", "lock.txt", "lock-bench.txt"):
+        assert re.search(rf"pip install .*--require-hashes .*--requirement requirements/{lock}\n", makefile)
+    assert "--constraint" not in makefile and "--no-deps --no-build-isolation --editable ." in makefile
 
 
 def test_dockerignore_keeps_the_build_context_small_but_complete():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import typer
 from rich.table import Table
 
@@ -20,18 +18,15 @@ app = typer.Typer(
 def show(ctx: typer.Context) -> None:
     """Print every setting's resolved value and where it came from (default, profile, file, env, cli).
 
-    Passwords inside URLs are masked.
+    Secrets are masked: settings named as passwords, tokens or keys, and passwords inside URLs, show as
+    ***; API-key digests show their first 8 digits.
     """
     resolved = state(ctx).resolved()
     table = Table(title=f"Settings (profile: {resolved.settings.profile})", title_justify="left")
     table.add_column("key", style="cyan", no_wrap=True)
     table.add_column("value")
     table.add_column("source", style="magenta")
-    for key, value, source in resolved.items():
-        table.add_row(key, _mask(value), source)
+    # masked in the settings module, which knows which settings are secrets: this table only prints
+    for key, value, source in resolved.shown_items():
+        table.add_row(key, value, source)
     console.print(table)
-
-
-def _mask(value: object) -> str:
-    text = "null" if value is None else str(value)
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", text)

@@ -297,7 +297,7 @@ def rollback_command(
     """Move `champion` back to the previous champion (again: further back) and record it."""
     from shopsight.lifecycle.promotion import rollback
 
-    entry = rollback(state(ctx).settings, name, reason)
+    entry = rollback(state(ctx).settings, name, reason, log=console.print)
     print_summary(
         "Rolled back",
         {

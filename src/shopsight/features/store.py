@@ -7,21 +7,24 @@ The store is configured in code from the settings (no feature_store.yaml to keep
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
 from shopsight.data.schema import USER_ID
 from shopsight.features.jobs import CREATED_TS, SNAPSHOT_TS
-from shopsight.platform import ConfigError, Settings, ShopsightError
+from shopsight.platform import ConfigError, FeastSettings, Settings, ShopsightError
+from shopsight.platform._settings import mask_secrets
 
 log = logging.getLogger("shopsight.features")
 
@@ -49,9 +52,7 @@ def repo_config(settings: Settings):
     else:
         registry = feast.registry or str(folder / "registry.db")
     if feast.online_store == "redis":
-        if not feast.redis_url:
-            raise ConfigError("feast.online_store is redis but feast.redis_url is not set")
-        online: dict = {"type": "redis", "connection_string": redis_connection_string(feast.redis_url)}
+        online: dict = {"type": "redis", "connection_string": redis_connection_string(feast)}
     else:
         online = {"type": "sqlite", "path": str(folder / "online.db")}
     offline: dict = {"type": "file"}
@@ -106,20 +107,167 @@ def _offline_engine(settings: Settings) -> Iterator[None]:
         session.conf.set("spark.sql.session.timeZone", previous)
 
 
-def redis_connection_string(url: str) -> str:
-    """``redis://host:port/db`` -> Feast's ``host:port,db=N`` (with the password, if any)."""
+# The environment variable with the Redis password (on Kubernetes from the Secret shopsight-redis), used
+# when neither feast.redis_password_file nor the URL gives one, as libpq uses PGPASSWORD. Not plain
+# REDIS_PASSWORD: KubeRay reserves that name in Ray head pods for its own Redis (GCS fault tolerance).
+REDIS_PASSWORD_ENV = "FEAST_REDIS_PASSWORD"
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """The online store's Redis and its login, from ``feast.redis_url`` and the password's source."""
+
+    host: str
+    port: int
+    db: str
+    username: str | None
+    password: str | None = field(repr=False)  # kept out of reprs: they end up in logs and tracebacks
+    password_from: str | None  # what an error names as the password's source
+    ssl: bool
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def redis_target(feast: FeastSettings) -> RedisTarget:
+    """Parse ``feast.redis_url`` (``redis[s]://[USER@]HOST:PORT/DB``) and find the password: the file
+    ``feast.redis_password_file``, else ``$FEAST_REDIS_PASSWORD``. One inside the URL is still read, but not
+    together with the file, so that it is never unclear which one Redis got.
+
+    Raises:
+        ConfigError: no or a bad URL, an unreadable password file, two passwords, or a login Feast's
+            connection string cannot carry.
+    """
+    url = feast.redis_url
+    if not url:
+        raise ConfigError("feast.online_store is redis but feast.redis_url is not set")
     parsed = urlparse(url)
-    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
-        raise ConfigError(f"feast.redis_url {url!r} is not a redis:// URL")
-    parts = [f"{parsed.hostname}:{parsed.port or 6379}"]
-    db = parsed.path.strip("/")
-    if db:
-        parts.append(f"db={db}")
+    db = parsed.path.strip("/") or "0"
+    try:
+        port = parsed.port or 6379
+    except ValueError:
+        port = None
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname or port is None or not db.isdigit():
+        # masked: the URL may carry a password
+        raise ConfigError(
+            f"feast.redis_url {mask_secrets(url)!r} is not a Redis URL (redis://[USER@]HOST:PORT/DB)"
+        )
+    given = []  # (password, where it came from)
     if parsed.password:
-        parts.append(f"password={parsed.password}")
-    if parsed.scheme == "rediss":
+        given.append((unquote(parsed.password), "the password in feast.redis_url"))
+    if feast.redis_password_file:
+        path = Path(feast.redis_password_file).expanduser()
+        try:
+            given.append((path.read_text().rstrip("\r\n"), f"{path}, feast.redis_password_file"))
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read feast.redis_password_file {path}: {exc.strerror or exc}"
+            ) from None
+    if len(given) > 1:
+        raise ConfigError(
+            "the Redis password is given twice, in feast.redis_url and in feast.redis_password_file: "
+            "keep only the file"
+        )
+    if not given and os.environ.get(REDIS_PASSWORD_ENV):
+        given.append((os.environ[REDIS_PASSWORD_ENV], REDIS_PASSWORD_ENV))
+    password, password_from = given[0] if given else (None, None)
+    username = unquote(parsed.username) if parsed.username else None
+    for what, value, source in (
+        ("user name", username, "feast.redis_url"),
+        ("password", password, password_from),
+    ):
+        if value is not None and not _survives_feast(value):
+            raise ConfigError(
+                f"the Redis {what} (from {source}) holds a comma or reads as a JSON value (a number, true, "
+                "false, null, a quoted string), which Feast's Redis connection string cannot carry: "
+                "choose another, e.g. `openssl rand -hex 32`"
+            )
+    return RedisTarget(
+        host=parsed.hostname,
+        port=port,
+        db=db,
+        username=username,
+        password=password,
+        password_from=password_from,
+        ssl=parsed.scheme == "rediss",
+    )
+
+
+def _survives_feast(value: str) -> bool:
+    """Whether a value reaches Redis unchanged through Feast's connection string, which Feast splits at
+    commas and whose values it reads as JSON where they parse (``123`` would arrive as a number)."""
+    if "," in value:
+        return False
+    try:
+        json.loads(value)
+    except ValueError:
+        return True
+    return False
+
+
+def redis_connection_string(feast: FeastSettings) -> str:
+    """Feast's ``host:port,db=N[,username=U][,password=P][,ssl=true]`` for the online store's Redis.
+
+    It holds the password: it goes to Feast's config only, never into a message or a log line.
+    """
+    target = redis_target(feast)
+    parts = [target.address, f"db={target.db}"]
+    if target.username:
+        parts.append(f"username={target.username}")
+    if target.password:
+        parts.append(f"password={target.password}")
+    if target.ssl:
         parts.append("ssl=true")
     return ",".join(parts)
+
+
+def check_redis_login(feast: FeastSettings) -> None:
+    """Log in to the online store's Redis once, so that a refused password fails with one line naming
+    where the password came from (never the password), not deep inside a Feast read or write.
+
+    An unreachable Redis passes: the commands that use it fail where they do, and those that do not (the
+    catalog, training sets) keep working.
+
+    Raises:
+        ShopsightError: Redis refused the login, wants a password and got none, or has none and got one.
+    """
+    import redis
+
+    target = redis_target(feast)
+    client = redis.Redis(
+        host=target.host,
+        port=target.port,
+        db=int(target.db),
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+    )
+    where = f"Redis at {target.address}"
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:  # a ConnectionError too: caught first
+        reason = str(exc)
+        if target.password is None:
+            message = (
+                f"{where} requires a password and none is set ({REDIS_PASSWORD_ENV} or "
+                "feast.redis_password_file)"
+            )
+        elif "without any password configured" in reason:
+            message = (
+                f"{where} has no password, but one is set (from {target.password_from}): start it with "
+                "requirepass or an ACL user"
+            )
+        else:
+            user = f" of user {target.username!r}" if target.username else ""
+            message = f"{where} refused the password{user} (from {target.password_from})"
+        raise ShopsightError(message) from None
+    except (redis.ConnectionError, redis.TimeoutError):
+        return
+    finally:
+        client.close()
 
 
 def feature_store(settings: Settings):
@@ -135,7 +283,10 @@ def feature_store(settings: Settings):
         warnings.filterwarnings(
             "ignore", category=RuntimeWarning, module=r"feast\.infra\.offline_stores\.contrib\.spark.*"
         )
-    return FeatureStore(config=repo_config(settings))
+    config = repo_config(settings)
+    if settings.feast.online_store == "redis":
+        check_redis_login(settings.feast)
+    return FeatureStore(config=config)
 
 
 def _read_sources_as_one_partition() -> None:

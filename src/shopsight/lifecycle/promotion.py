@@ -48,10 +48,12 @@ from shopsight.lifecycle.registry import (
     EVAL_PATH,
     EVAL_SHA256,
     RegistryLock,
+    alias_mover,
     alias_version,
     append_history,
     champion_stack,
-    current_user,
+    finish_interrupted,
+    mlflow_access_errors,
     model_version,
     now_utc,
     read_history,
@@ -87,6 +89,7 @@ class GateResult:
     promoted: bool = False
     freeze: bool = False
     entry: dict | None = None
+    by: str = ""  # who promotes (registry.acting_user): the MLflow user with mlflow.auth
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -199,6 +202,7 @@ def resolve_candidate(client, name: str, version: str | None) -> str:
     return challenger
 
 
+@mlflow_access_errors
 def promote(
     settings: Settings,
     name: str,
@@ -225,6 +229,7 @@ def promote(
     cfg = settings.promotion
     client = registry_client(settings)
     candidate = resolve_candidate(client, name, version)
+    by = alias_mover(settings, name)  # may this user move champion? asked before minutes of evaluation
     info = version_info(client, name, candidate)
     judged = [t.name for t in TASKS.values() if gated(t)]
     task = (info.task or "").replace("-", "_")
@@ -235,8 +240,9 @@ def promote(
         )
     metric, label = get_task(task).metric.key, get_task(task).metric.label
     with RegistryLock(
-        client, name, "promotion", cfg.lock_ttl_s, cfg.lock_settle_s, detail=f"version {candidate}"
+        client, name, "promotion", cfg.lock_ttl_s, cfg.lock_settle_s, detail=f"version {candidate}", user=by
     ) as lock:
+        _take_over(client, name, lock, log)
         champion = alias_version(client, name, CHAMPION)
         if champion == candidate:
             raise ShopsightError(f"version {candidate} of {name} is already the {CHAMPION}")
@@ -245,7 +251,7 @@ def promote(
         result = GateResult(
             name=name, task=task, candidate=candidate, champion=champion, metric=metric,
             metric_label=label, eval_path=str(path), eval_sha256=sha, tolerance=cfg.tolerance,
-            candidate_eval=Evaluation(candidate), forced=force, freeze=freeze,
+            candidate_eval=Evaluation(candidate), forced=force, freeze=freeze, by=by,
         )  # fmt: skip
         log(f"evaluating candidate version {candidate} ({task}) on {path} ...")
         result.candidate_eval = evaluate_version(settings, name, candidate, task, path, cfg.seed)
@@ -265,8 +271,19 @@ def promote(
                 f"the {CHAMPION} of {name} changed during the evaluation (version {champion} -> "
                 f"{now_champion}); run the promotion again"
             )
-        _record_promotion(client, result, reason)
+        _record_promotion(client, result, reason, lock.lease.token)
     return result
+
+
+def _take_over(client, name: str, lock: RegistryLock, log: Callable[[str], None]) -> None:
+    """After taking the lock of a command that died: say so, and finish its last step if it had recorded
+    its decision (the history entry) but not yet moved the alias."""
+    if lock.took_over is None:
+        return
+    log(f"took over the lock of a {lock.took_over.action} that died ({lock.took_over.describe()})")
+    finished = finish_interrupted(client, name, lock.took_over)
+    if finished is not None:
+        log(f"finished its {finished['action']}: {CHAMPION} is version {finished['to']}, as its history says")
 
 
 def _decide(settings: Settings, result: GateResult, log) -> None:
@@ -312,21 +329,32 @@ def _decide(settings: Settings, result: GateResult, log) -> None:
     result.passed = True
 
 
-def _record_promotion(client, result: GateResult, reason: str | None) -> None:
+def _record_promotion(client, result: GateResult, reason: str | None, token: str) -> None:
+    """The history entry first, the alias last: a command killed in between leaves an entry (with its
+    lock's token) that the next command to take the lock finishes (:func:`finish_interrupted`), and one
+    killed before the entry leaves the registry as it was."""
     name, candidate, champion = result.name, result.candidate, result.champion
-    at, by = now_utc(), current_user()
+    at, by = now_utc(), result.by
     gate = "passed" if result.passed else "overridden"
     if result.passed and champion is None:
         gate = "first"
     metrics = {candidate: result.candidate_eval.metrics.get(result.metric)}
     if result.champion_eval is not None and result.metric in result.champion_eval.metrics:
         metrics[champion] = result.champion_eval.metrics[result.metric]
-    client.set_registered_model_alias(name, CHAMPION, candidate)
+    text = (reason or "").strip() or ("first champion" if gate == "first" else "gate passed")
+    result.entry = append_history(
+        client, name,
+        {"action": "promote", "at": at, "by": by, "from": champion, "to": candidate, "task": result.task,
+         "metric": result.metric, "metrics": metrics, "difference": result.difference,
+         "tolerance": result.tolerance, "gate": gate, "forced": result.forced, "reason": text,
+         "overridden": result.reasons if result.forced and not result.passed else [],
+         "eval": {"path": result.eval_path, "sha256": result.eval_sha256, "frozen": result.freeze},
+         "lock": token},
+    )  # fmt: skip
     if result.freeze:
         for key, value in {EVAL_PATH: result.eval_path, EVAL_SHA256: result.eval_sha256,
                            "eval.frozen_at": at, "eval.frozen_by": by}.items():  # fmt: skip
             client.set_registered_model_tag(name, key, value)
-    text = (reason or "").strip() or ("first champion" if gate == "first" else "gate passed")
     set_version_tags(
         client, name, candidate,
         {"promoted_at": at, "promoted_by": by, "promoted_from": champion or "none",
@@ -337,18 +365,14 @@ def _record_promotion(client, result: GateResult, reason: str | None) -> None:
         set_version_tags(
             client, name, champion, {"demoted_at": at, "demoted_by": by, "replaced_by": candidate}
         )
+    client.set_registered_model_alias(name, CHAMPION, candidate)
     result.promoted = True
-    result.entry = append_history(
-        client, name,
-        {"action": "promote", "at": at, "by": by, "from": champion, "to": candidate, "task": result.task,
-         "metric": result.metric, "metrics": metrics, "difference": result.difference,
-         "tolerance": result.tolerance, "gate": gate, "forced": result.forced, "reason": text,
-         "overridden": result.reasons if result.forced and not result.passed else [],
-         "eval": {"path": result.eval_path, "sha256": result.eval_sha256, "frozen": result.freeze}},
-    )  # fmt: skip
 
 
-def rollback(settings: Settings, name: str, reason: str | None = None) -> dict:
+@mlflow_access_errors
+def rollback(
+    settings: Settings, name: str, reason: str | None = None, log: Callable[[str], None] = print
+) -> dict:
     """Move ``champion`` back to the champion before the current one; returns the history entry.
 
     The champions form a stack (promotions push, rollbacks pop: see
@@ -363,7 +387,9 @@ def rollback(settings: Settings, name: str, reason: str | None = None) -> dict:
     cfg = settings.promotion
     client = registry_client(settings)
     registered_model(client, name)
-    with RegistryLock(client, name, "rollback", cfg.lock_ttl_s, cfg.lock_settle_s) as lock:
+    user = alias_mover(settings, name)
+    with RegistryLock(client, name, "rollback", cfg.lock_ttl_s, cfg.lock_settle_s, user=user) as lock:
+        _take_over(client, name, lock, log)
         champion = alias_version(client, name, CHAMPION)
         if champion is None:
             raise ShopsightError(f"{name} has no {CHAMPION} to roll back")
@@ -385,9 +411,16 @@ def rollback(settings: Settings, name: str, reason: str | None = None) -> dict:
         lock.confirm()
         if alias_version(client, name, CHAMPION) != champion:
             raise ShopsightError(f"the {CHAMPION} of {name} changed meanwhile; run the rollback again")
-        at, by = now_utc(), current_user()
+        at, by = now_utc(), user
         text = (reason or "").strip() or "rollback"
-        client.set_registered_model_alias(name, CHAMPION, target)
+        last = next((e for e in reversed(history) if e.get("metric")), {})
+        entry = append_history(
+            client, name,
+            {"action": "rollback", "at": at, "by": by, "from": champion, "to": target,
+             "task": last.get("task"), "metric": last.get("metric"),
+             "metrics": {v: known[v] for v in (target, champion) if v in known}, "difference": None,
+             "gate": "rollback", "forced": False, "reason": text, "lock": lock.lease.token},
+        )  # fmt: skip
         set_version_tags(
             client, name, target,
             {"promoted_at": at, "promoted_by": by, "promoted_from": champion, "promotion_action": "rollback",
@@ -395,14 +428,8 @@ def rollback(settings: Settings, name: str, reason: str | None = None) -> dict:
         )  # fmt: skip
         set_version_tags(client, name, champion, {"rolled_back_at": at, "rolled_back_by": by,
                                                   "rollback_reason": text})  # fmt: skip
-        last = next((e for e in reversed(history) if e.get("metric")), {})
-        return append_history(
-            client, name,
-            {"action": "rollback", "at": at, "by": by, "from": champion, "to": target,
-             "task": last.get("task"), "metric": last.get("metric"),
-             "metrics": {v: known[v] for v in (target, champion) if v in known}, "difference": None,
-             "gate": "rollback", "forced": False, "reason": text},
-        )  # fmt: skip
+        client.set_registered_model_alias(name, CHAMPION, target)  # last: see _record_promotion
+        return entry
 
 
 __all__ = [

@@ -18,10 +18,16 @@ Model-version tags
     ``replaced_by`` on the one it replaced (``rolled_back_at``, ``rolled_back_by``, ``rollback_reason``
     when a rollback replaced it); ``gate.status``, ``gate.reason``, ``gate.checked_at`` on every candidate
     the gate examined.
+
+Who: every ``by`` and ``*_by`` above, and the lock's owner, is :func:`acting_user`: with ``mlflow.auth``
+the MLflow user the server authenticated (the one its permission checks were made for), else the login
+name, which only the client vouches for.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import getpass
 import json
 import os
@@ -59,6 +65,79 @@ def current_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry (some containers)
         return os.environ.get("USER", "unknown")
+
+
+def acting_user(settings: Settings) -> str:
+    """Who the audit trail names: with ``mlflow.auth`` the MLflow user the server authenticated, else the
+    login name (:func:`current_user`)."""
+    from shopsight.platform.mlflow_server import authenticated_user
+
+    user = authenticated_user(settings)
+    return user.name if user is not None else current_user()
+
+
+def alias_mover(settings: Settings, name: str) -> str:
+    """The acting user (:func:`acting_user`), after checking, with ``mlflow.auth``, that MLflow lets it move
+    the aliases of ``name`` (EDIT or MANAGE on it): checked before the gate's evaluation, so that a user
+    who may not promote learns it at once and not after minutes of work.
+
+    Raises:
+        ShopsightError: the user's permission on ``name`` is below EDIT.
+    """
+    from shopsight.platform.mlflow_server import MOVES_ALIASES, registered_model_permission
+
+    if not settings.mlflow.auth:
+        return current_user()
+    user, permission = registered_model_permission(settings, name)
+    if permission != "ADMIN" and permission not in MOVES_ALIASES:
+        raise ShopsightError(
+            f"MLflow user {user.name!r} has {permission} on registered model {name}; moving its "
+            f"{CHAMPION} alias needs EDIT or MANAGE (an MLflow admin grants it: `shopsight mlflow user "
+            f"grant {user.name} --permission EDIT --model {name}`)"
+        )
+    return user.name
+
+
+def mlflow_access_errors(command):
+    """Decorate ``command(settings, name, ...)``: MLflow's refusals (HTTP 401, 403) become one-line
+    ShopsightErrors naming the user and the permission it lacks, not an MlflowException's traceback
+    (the check of :func:`alias_mover` comes first; this covers a grant revoked meanwhile, and a server
+    with authentication that this profile does not know of)."""
+
+    @functools.wraps(command)
+    def checked(settings: Settings, name: str, *args, **kwargs):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return command(settings, name, *args, **kwargs)
+        except MlflowException as exc:
+            error = _access_error(settings, name, exc)
+            if error is None:
+                raise
+            raise error from None
+
+    return checked
+
+
+def _access_error(settings: Settings, name: str, exc: Exception) -> ShopsightError | None:
+    code = getattr(exc, "error_code", "")
+    if code == "UNAUTHENTICATED":
+        return ShopsightError(
+            "the MLflow server refused the request without a valid login (HTTP 401): it runs with "
+            "authentication, so set mlflow.auth=true and log in with MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or mlflow.credentials_file)"
+        )
+    if code == "PERMISSION_DENIED":
+        who = os.environ.get("MLFLOW_TRACKING_USERNAME", "?")
+        if settings.mlflow.auth:
+            with contextlib.suppress(ShopsightError):  # the login itself failing: name what we have
+                who = acting_user(settings)
+        return ShopsightError(
+            f"the MLflow server refused user {who!r} a change of registered model {name} (HTTP 403): "
+            f"promoting and rolling back need EDIT or MANAGE on it (`shopsight mlflow user grant {who} "
+            f"--permission EDIT --model {name}`, as an MLflow admin)"
+        )
+    return None
 
 
 def registry_client(settings: Settings) -> MlflowClient:
@@ -250,6 +329,26 @@ class Lease:
     since: str
     expires: float  # unix seconds
     detail: str = ""  # what it promotes ("version 3")
+    # the holding process, to tell a lease whose holder died (kill -9) from one in use: its machine,
+    # pid and the pid's start time (a pid is reused, the pair is not)
+    host: str = ""
+    pid: int = 0
+    pid_started: float = 0.0
+
+    def holder_gone(self) -> bool:
+        """Whether the process holding the lease is known to be gone: it ran on this machine and its pid
+        no longer runs, or now belongs to a process started at another time. A holder on another machine
+        is never presumed gone: its lease expires instead."""
+        import psutil
+
+        if not self.pid or self.host != socket.gethostname():
+            return False
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.pid_started) > 1e-3
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:  # not ours to inspect: presume it alive
+            return False
 
     @classmethod
     def parse(cls, text: str | None) -> Lease | None:
@@ -294,17 +393,25 @@ class RegistryLock:
         ttl_s: float = 3600.0,
         settle_s: float = 1.0,
         detail: str = "",
+        user: str | None = None,
     ) -> None:
+        """``user``: who takes the lock (:func:`acting_user`; default: the login name)."""
         self.client, self.name, self.action = client, name, action
         self.ttl_s, self.settle_s = ttl_s, settle_s
+        import psutil
+
         self.lease = Lease(
             token=uuid.uuid4().hex,
             action=action,
-            owner=f"{current_user()}@{socket.gethostname()} pid {os.getpid()}",
+            owner=f"{user or current_user()}@{socket.gethostname()} pid {os.getpid()}",
             since=now_utc(),
             expires=time.time() + ttl_s,
             detail=detail,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started=psutil.Process().create_time(),
         )
+        self.took_over: Lease | None = None  # the lease of a holder that died, when this one replaced it
 
     def _read(self) -> Lease | None:
         return Lease.parse((registered_model(self.client, self.name).tags or {}).get(LOCK_TAG))
@@ -325,11 +432,17 @@ class RegistryLock:
 
         holder = self._read()
         if holder is not None and holder.token != self.lease.token and holder.expires > time.time():
-            raise self._busy(holder)
+            if not holder.holder_gone():
+                raise self._busy(holder)
+            # its command was killed mid-way: the alias moves last, after the history entry is written
+            # and the lease re-confirmed, so the registry is as it was before or after that command
+            self.took_over = holder
         self.lease.since, self.lease.expires = now_utc(), time.time() + self.ttl_s
         try:
             self.client.set_registered_model_tag(self.name, LOCK_TAG, json.dumps(self.lease.__dict__))
         except MlflowException as error:
+            if error.error_code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+                raise  # refused by authentication, not taken by another command
             # two first writes of the tag at once: the registry's SQL store inserts both and refuses
             # the second on its unique key, so the other command holds the lock
             holder = self._read()
@@ -357,6 +470,19 @@ class RegistryLock:
         self.release()
 
 
+def finish_interrupted(client: MlflowClient, name: str, dead: Lease) -> dict | None:
+    """The last history entry when ``dead``'s command wrote it (its lock's token) and was killed before
+    it moved the alias; the alias is moved to it here. The decision was made and recorded, only its last
+    step was lost, so the history stays the truth. None when that command recorded nothing."""
+    history = read_history(client, name)
+    if not history or history[-1].get("lock") != dead.token:
+        return None
+    entry = history[-1]
+    if alias_version(client, name, CHAMPION) != str(entry["to"]):
+        client.set_registered_model_alias(name, CHAMPION, str(entry["to"]))
+    return entry
+
+
 def lock_holder(client: MlflowClient, name: str) -> Lease | None:
     """The lease of a promotion or rollback in progress (None when free or expired)."""
     holder = Lease.parse((registered_model(client, name).tags or {}).get(LOCK_TAG))
@@ -380,13 +506,17 @@ __all__ = [
     "PromotionInProgress",
     "RegistryLock",
     "VersionInfo",
+    "acting_user",
+    "alias_mover",
     "alias_version",
     "append_history",
     "break_lock",
+    "finish_interrupted",
     "champion_stack",
     "current_user",
     "list_registered_models",
     "lock_holder",
+    "mlflow_access_errors",
     "model_version",
     "now_utc",
     "read_history",

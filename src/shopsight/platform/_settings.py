@@ -132,9 +132,23 @@ class FeastSettings(_Section):
     project: str = Field("shopsight", description="Feast project name.")
     offline_store: Literal["file", "spark"] = Field("file", description="Offline store backend.")
     online_store: Literal["sqlite", "redis"] = Field("sqlite", description="Online store backend.")
-    redis_url: str | None = Field(None, description="Redis URL for the redis online store.")
+    redis_url: str | None = Field(
+        None,
+        description="Redis of the redis online store, redis://[USER@]HOST:PORT/DB (USER: an ACL user; "
+        "none: Redis's default user); rediss:// for TLS. No password in it: see redis_password_file.",
+    )
+    # The Redis password itself is no setting: a setting can come from --set (a command line `ps` shows)
+    # and travels in the settings file a Ray job ships. Like libpq's PGPASSWORD, it comes from the
+    # environment (FEAST_REDIS_PASSWORD, on Kubernetes from a Secret), or from a file this setting names.
+    redis_password_file: str | None = Field(
+        None,
+        description="File holding the Redis password (requirepass, or the ACL user's), e.g. a mounted "
+        "Secret; null: the environment variable FEAST_REDIS_PASSWORD, if set.",
+    )
     registry: str | None = Field(
-        None, description="Registry: null = a file under data_dir; or a SQL URL (postgresql+psycopg://...)."
+        None,
+        description="Registry: null = a file under data_dir; or a SQL URL (postgresql+psycopg://USER@HOST/"
+        "feast; the password as PGPASSWORD, which libpq reads, rather than in the URL).",
     )
 
 
@@ -164,6 +178,35 @@ class MlflowSettings(_Section):
         lt=65536,
         description="Port of the local tracking server; when another process holds it on loopback, the "
         "server starts on a free port instead (and says so).",
+    )
+    # Who may move `champion`: MLflow's own authentication (its basic-auth app). Passwords are never
+    # settings (they would be on command lines and in `config show`): only where they are kept.
+    auth: bool = Field(
+        False,
+        description="MLflow authentication: every client logs in as an MLflow user (MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD, or mlflow.credentials_file), and moving a model's aliases needs "
+        "EDIT or MANAGE on it; the local server runs MLflow's basic-auth app. cluster profile: true.",
+    )
+    credentials_file: str | None = Field(
+        None,
+        description="This client's MLflow login, a file in MLflow's credentials format ([mlflow] with "
+        "mlflow_tracking_username and mlflow_tracking_password); it wins over the MLFLOW_TRACKING_* "
+        "variables. null: those variables, else ~/.mlflow/credentials (MLflow's own lookup).",
+    )
+    admin_username: str = Field(
+        "admin",
+        description="MLflow admin user: created by the local server's first start with auth, used by "
+        "`shopsight mlflow user`.",
+    )
+    admin_password_file: str | None = Field(
+        None,
+        description="File holding the admin's password (12 or more characters); null: the environment "
+        "variable MLFLOW_AUTH_ADMIN_PASSWORD, which MLflow itself reads.",
+    )
+    auth_default_permission: Literal["READ", "NO_PERMISSIONS"] = Field(
+        "READ",
+        description="The local server's permission for a logged-in user on a model or experiment without "
+        "a grant (`shopsight mlflow user grant`); never more than READ, or anyone could move champion.",
     )
 
 
@@ -303,6 +346,62 @@ class ResolvedSettings:
         for key, value in _flatten(self.settings.model_dump()).items():
             yield key, value, self.sources.get(key, "default")
 
+    def shown_items(self) -> Iterator[tuple[str, str, str]]:
+        """:meth:`items` as they may be shown: values as text, secrets masked (:func:`shown_value`)."""
+        for key, value, source in self.items():
+            yield key, shown_value(key, value), source
+
+
+# --- secrets: never shown -----------------------------------------------------------------------------
+# Passwords and tokens are kept out of the settings where they can be (FEAST_REDIS_PASSWORD, PGPASSWORD,
+# token files), but a setting may still hold one. By name: any *password, *token, *secret, *credential or
+# *key a section adds, and the entries of spark.conf such as spark.hadoop.fs.s3a.secret.key, so a new one
+# is masked without being listed here; a name that only says where a secret is kept (ray.auth_token_path,
+# feast.redis_password_file) is no secret. By value: a URL with USER:PASSWORD@ (a registry or backend
+# store URL), masked by mask_secrets.
+_SECRET_NAME = re.compile(r"passw(or)?d|secret|token|credential|(^|[._-])key$", re.IGNORECASE)
+_POINTER_SUFFIXES = ("_path", "_file")
+_MASK = "***"
+
+
+def is_secret_setting(name: str) -> bool:
+    """Whether a setting (``mlflow.tracking_token``) or a spark.conf key holds a secret, by its name."""
+    name = name.lower()
+    return bool(_SECRET_NAME.search(name)) and not name.endswith(_POINTER_SUFFIXES)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the password of a URL in it (``scheme://user:PASSWORD@host``) replaced by ``***``.
+
+    It is :func:`shopsight.platform.mlflow_server.mask` (SQLAlchemy's reading of the URL), plus two cases
+    it leaves visible: the rest of a password with an unescaped ``@`` (SQLAlchemy stops at the first ``@``,
+    libpq and urllib at the last), and a password given as a query parameter (``?password=``, which
+    libpq accepts).
+    """
+    from shopsight.platform.mlflow_server import mask  # here: that module imports this one
+
+    shown = mask(text)
+    shown = re.sub(r"(\w://[^/\s:@]*:)[^\s/]*@", rf"\1{_MASK}@", shown)
+    return re.sub(r"([?&](?:password|passwd)=)[^&#\s]*", rf"\1{_MASK}", shown, flags=re.IGNORECASE)
+
+
+def shown_value(key: str, value: Any) -> str:
+    """A setting's value as ``config show`` prints it: ``null``, ``***`` for a secret, URL passwords masked.
+
+    API-key digests (``serving.api_keys.TEAM``) show their first 8 hex digits: a digest is no credential
+    (the server wants the key itself), and a prefix is enough to tell which key a team has (`shopsight
+    serve key` prints the full one), so the rest stays off screens and logs.
+    """
+    if value is None:
+        return "null"
+    if is_secret_setting(key):
+        return _MASK
+    if key.startswith("serving.api_keys."):
+        return f"{str(value)[:8]}…"
+    if isinstance(value, Mapping):  # spark.conf: entries by their own names
+        value = {k: _MASK if is_secret_setting(str(k)) else v for k, v in value.items()}
+    return mask_secrets(str(value))
+
 
 def load_settings(
     profile: str | None = None,
@@ -388,8 +487,13 @@ def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         key = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
         value: Any = raw
-        if raw.startswith(("{", "[")):  # mappings (spark.conf) and lists (features.windows) come as JSON
-            value = yaml.safe_load(raw)
+        # Mappings (spark.conf) and lists (features.windows) come as JSON. A secret is a string whatever its
+        # first character, and never parsed: a parse error would quote it.
+        if raw.startswith(("{", "[")) and not is_secret_setting(key):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                raise ConfigError(f"environment variable {name} is not valid JSON") from None
         flat[key] = value
     return _unflatten(flat, "environment variable")
 

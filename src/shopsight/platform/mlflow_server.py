@@ -9,19 +9,32 @@ this data directory's only while the recorded process (same pid, same start time
 ``<data_dir>/mlflow`` and answers: another data directory's server, or anything else, on the same port is
 never taken for it, and a configured port that something else holds is replaced by a free one.
 ``cluster`` (``mlflow.tracking_uri`` set): the shared server at that URI, run by its deployment.
+
+Authentication (``mlflow.auth``; on in the ``cluster`` profile) is MLflow's own basic-auth app: users and
+their permissions live in its user store, every request carries a login, and moving a registered model's
+aliases needs EDIT or MANAGE on that model (MLflow's ``SetRegisteredModelAlias`` check), so an
+unauthenticated POST can no longer set ``champion``. The local server runs ``mlflow server --app-name
+basic-auth`` with a config file under ``<data_dir>/mlflow`` (users in SQLite beside it); its admin
+(``mlflow.admin_username``) is created on the first start from ``MLFLOW_AUTH_ADMIN_PASSWORD`` or
+``mlflow.admin_password_file``. Clients log in with MLflow's own ``MLFLOW_TRACKING_USERNAME`` /
+``MLFLOW_TRACKING_PASSWORD`` (or ``mlflow.credentials_file``); :func:`tracking_uri` checks the login once,
+so a wrong password is one clear line, and :func:`login` says which MLflow user the audit trail names.
+Passwords travel by environment or file only: never on a command line (``ps`` shows those), never logged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
+import secrets
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shopsight.platform._errors import ShopsightError
@@ -31,6 +44,19 @@ _START_TIMEOUT_S = 90
 _started_here: list[Settings] = []  # the servers this process started (stopped if its command fails)
 _SQL_BACKENDS = ("sqlite", "postgresql", "mysql", "mssql")  # what MLflow's SQL store accepts
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
+# MLflow's basic-auth routes (mlflow.server.auth.routes), called with plain requests: checking a login
+# then needs no import of MLflow's server
+_CURRENT_USER = "/api/2.0/mlflow/users/current"
+_CREATE_USER = "/api/2.0/mlflow/users/create"
+_GET_USER = "/api/2.0/mlflow/users/get"
+_GET_PERMISSION = "/api/3.0/mlflow/users/permissions/get"
+_GRANT = "/api/3.0/mlflow/users/permissions/grant"
+_REVOKE = "/api/3.0/mlflow/users/permissions/revoke"
+_EXPERIMENT_BY_NAME = "/api/2.0/mlflow/experiments/get-by-name"
+_LOGIN_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # what MLflow's client reads
+_ADMIN_PASSWORD_VARIABLE = "MLFLOW_AUTH_ADMIN_PASSWORD"  # what MLflow's server reads
+PERMISSIONS = ("READ", "EDIT", "MANAGE")  # what `shopsight mlflow user` grants
+MOVES_ALIASES = ("EDIT", "MANAGE")  # the permissions on a registered model that let a user set its aliases
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,7 @@ class LocalServer:
         log: its log file.
         started: this call started it.
         note: something the user should know (the port it moved to, what holds the configured port).
+        auth: it runs MLflow's basic-auth app (the running server's, else ``mlflow.auth``).
     """
 
     running: bool
@@ -56,18 +83,59 @@ class LocalServer:
     log: Path
     started: bool = False
     note: str | None = None
+    auth: bool = False
+
+
+@dataclass(frozen=True)
+class MlflowUser:
+    """A user as the MLflow server authenticated it: whom its permission checks were made for."""
+
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    username: str
+    password: str = field(repr=False)
+    source: str  # where they came from, for messages
+
+
+class MlflowAuthApiError(ShopsightError):
+    """A call of MLflow's user API that the server refused (HTTP status and MLflow's error code)."""
+
+    def __init__(self, message: str, status: int, error_code: str = "") -> None:
+        super().__init__(message)
+        self.status, self.error_code = status, error_code
+
+
+_logins: dict[tuple[str, str, str], MlflowUser] = {}  # logins checked by this process
 
 
 def tracking_uri(settings: Settings, start: bool = True) -> str:
-    """The tracking URI to use: the configured one, or the local server's (started if needed).
+    """The tracking URI to use: the configured one, or the local server's (started if needed). With
+    ``mlflow.auth`` this client's login is checked first (:func:`login`).
 
     Raises:
-        ShopsightError: no local server runs and ``start`` is false, or it cannot be started.
+        ShopsightError: no local server runs and ``start`` is false, or it cannot be started; the login
+            is missing or refused.
     """
+    uri = _server_uri(settings, start)
+    if settings.mlflow.auth:
+        login(settings, uri)
+    return uri
+
+
+def _server_uri(settings: Settings, start: bool = True) -> str:
     if settings.mlflow.tracking_uri:
         return settings.mlflow.tracking_uri
     server = local_server(settings)
     if server.running:
+        if server.auth and not settings.mlflow.auth:  # every request would be refused (HTTP 401)
+            raise ShopsightError(
+                f"the MLflow server at {server.uri} runs with authentication: set mlflow.auth=true and log "
+                "in with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or mlflow.credentials_file)"
+            )
         return str(server.uri)
     if not start:
         raise ShopsightError("the local MLflow server is not running (`shopsight mlflow up` starts it)")
@@ -80,21 +148,25 @@ def local_server(settings: Settings) -> LocalServer:
     log = folder / "server.log"
     record = _read_record(folder)
     if record is not None and _is_ours(record, folder):
+        auth = bool(record.get("auth", False))  # a record written before mlflow.auth: a server without
         if healthy(record["uri"]):
             return LocalServer(
-                True, record["uri"], record["pid"], record["backend"], record["artifact_root"], log
-            )
+                True, record["uri"], record["pid"], record["backend"], record["artifact_root"], log,
+                auth=auth,
+            )  # fmt: skip
         return LocalServer(
             False, None, record["pid"], record["backend"], record["artifact_root"], log,
             note=f"its process {record['pid']} runs but does not answer at {record['uri']}; see {log}",
+            auth=auth,
         )  # fmt: skip
     note = None
     host, port = settings.mlflow.host, settings.mlflow.port
     if not _port_free(host, port):
         note = f"port {port} is in use by another process (not this data directory's MLflow server)"
     return LocalServer(
-        False, None, None, mask(backend_store_uri(settings)), artifact_root(settings), log, note=note
-    )
+        False, None, None, mask(backend_store_uri(settings)), artifact_root(settings), log, note=note,
+        auth=settings.mlflow.auth,
+    )  # fmt: skip
 
 
 def up(settings: Settings) -> LocalServer:
@@ -119,6 +191,12 @@ def up(settings: Settings) -> LocalServer:
                 f"the MLflow server of {Path(settings.data_dir).absolute()} already runs at {server.uri} "
                 f"with backend {server.backend} and artifacts in {server.artifact_root}; stop it first "
                 f"(`shopsight mlflow down`) to start it with {wanted[0]} and {wanted[1]}"
+            )
+        if server.auth != settings.mlflow.auth:
+            raise ShopsightError(
+                f"the MLflow server of {Path(settings.data_dir).absolute()} already runs at {server.uri} "
+                f"{'with' if server.auth else 'without'} authentication; stop it first (`shopsight mlflow "
+                f"down`) to start it {'with' if settings.mlflow.auth else 'without'} (mlflow.auth)"
             )
         return server
     if server.pid is not None:  # ours, but hung: starting another would fight over the folder
@@ -146,12 +224,17 @@ def _start(settings: Settings) -> LocalServer:
     uri = f"http://{_client_host(host)}:{port}"
     env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": backend}  # the password stays out of `ps`
     env.pop("MLFLOW_DEFAULT_ARTIFACT_ROOT", None)  # artifacts go through the server (--serve-artifacts)
+    for name in _LOGIN_VARIABLES:  # a client's login is no business of the server's
+        env.pop(name, None)
+    command = [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination",
+               artifacts, "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    if settings.mlflow.auth:
+        env.update(_auth_environment(settings, folder))
+        command += ["--app-name", "basic-auth"]
     log = open(log_path, "ab")  # noqa: SIM115 - handed to the server process
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--serve-artifacts", "--artifacts-destination", artifacts,
-         "--host", host, "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env,
-    )  # fmt: skip
+        command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=env
+    )
     log.close()
     deadline = time.time() + _START_TIMEOUT_S
     while time.time() < deadline:
@@ -168,12 +251,15 @@ def _start(settings: Settings) -> LocalServer:
                 "port": port,
                 "backend": mask(backend),
                 "artifact_root": artifacts,
+                "auth": settings.mlflow.auth,
             }
             partial = folder / "server.json.partial"
             partial.write_text(json.dumps(record) + "\n")
             partial.replace(folder / "server.json")
             _started_here.append(settings)
-            return LocalServer(True, uri, process.pid, mask(backend), artifacts, log_path, True, note)
+            return LocalServer(
+                True, uri, process.pid, mask(backend), artifacts, log_path, True, note, settings.mlflow.auth
+            )
         time.sleep(0.5)
     _kill_group(process.pid)
     raise ShopsightError(f"the MLflow server did not answer within {_START_TIMEOUT_S} s; see {log_path}")
@@ -202,6 +288,309 @@ def stop_local_server(settings: Settings, grace_s: float = 15.0) -> bool:
         return False
     _kill_group(record["pid"], grace_s)
     return True
+
+
+# ------------------------------------------------------------------------------------- authentication
+
+
+def login(settings: Settings, uri: str) -> MlflowUser:
+    """Log in to the server at ``uri`` as this client's MLflow user and return who the server says it is
+    (checked once per process and login, so that a missing or wrong login fails here, in one line, and
+    not as an HTTP 401 in the middle of a command).
+
+    With ``mlflow.credentials_file`` its login is also exported as MLflow's ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD``: MLflow's client reads them at each request, in this process and in those
+    it starts (the gate's evaluation, local Ray workers), so that is how the file's login reaches them all.
+
+    Raises:
+        ShopsightError: no login, a refused one, or a server without authentication.
+    """
+    import requests
+
+    found = client_credentials(settings)
+    if found is None:
+        raise ShopsightError(
+            f"the MLflow server at {uri} needs a login (mlflow.auth is on): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or mlflow.credentials_file"
+        )
+    if settings.mlflow.credentials_file:
+        os.environ.update(zip(_LOGIN_VARIABLES, (found.username, found.password), strict=True))
+    key = (uri, found.username, hashlib.sha256(found.password.encode()).hexdigest())
+    if key in _logins:
+        return _logins[key]
+    try:
+        answer = requests.get(uri + _CURRENT_USER, auth=(found.username, found.password), timeout=10)
+    except requests.RequestException as exc:
+        raise ShopsightError(f"cannot reach the MLflow server at {uri}: {type(exc).__name__}") from None
+    if answer.status_code == 401:
+        raise ShopsightError(
+            f"the MLflow server at {uri} refused the login of user {found.username!r} (from {found.source}): "
+            "wrong password or no such user"
+        )
+    if answer.status_code == 404:  # no such route: the server runs without the basic-auth app
+        how = (
+            "deploy it with --app-name basic-auth (infra/k8s/base/mlflow.yaml)"
+            if settings.mlflow.tracking_uri
+            else "`shopsight mlflow down`, then `shopsight mlflow up` starts it with authentication"
+        )
+        raise ShopsightError(
+            f"mlflow.auth is on, but the MLflow server at {uri} runs without authentication: {how}"
+        )
+    if answer.status_code != 200:
+        raise ShopsightError(
+            f"the MLflow server at {uri} answered HTTP {answer.status_code} to the login of user "
+            f"{found.username!r}"
+        )
+    user = answer.json()["user"]
+    _logins[key] = MlflowUser(user["username"], bool(user.get("is_admin")))
+    return _logins[key]
+
+
+def authenticated_user(settings: Settings) -> MlflowUser | None:
+    """This client's MLflow user as the server authenticated it; None when ``mlflow.auth`` is off."""
+    if not settings.mlflow.auth:
+        return None
+    return login(settings, _server_uri(settings))
+
+
+def client_credentials(settings: Settings) -> _Credentials | None:
+    """This client's MLflow login: ``mlflow.credentials_file``, else MLflow's own lookup (the
+    ``MLFLOW_TRACKING_*`` variables, else ``~/.mlflow/credentials``); None when there is none.
+
+    Raises:
+        ShopsightError: the file cannot be read, or a user without a password (or the reverse).
+    """
+    path = settings.mlflow.credentials_file
+    if path:
+        username, password = _read_credentials_file(Path(path).expanduser())
+        source = f"mlflow.credentials_file {path}"
+    else:
+        from mlflow.utils.credentials import read_mlflow_creds
+
+        username, password = read_mlflow_creds()
+        source = (
+            "MLFLOW_TRACKING_USERNAME" if os.environ.get(_LOGIN_VARIABLES[0]) else "~/.mlflow/credentials"
+        )
+    if not username and not password:
+        return None
+    if not username or not password:
+        missing = "user name" if not username else "password"
+        raise ShopsightError(f"the MLflow login from {source} has no {missing}")
+    return _Credentials(username, password, source)
+
+
+def _read_credentials_file(path: Path) -> tuple[str | None, str | None]:
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)  # a password may hold a %
+    try:
+        with path.open() as f:
+            parser.read_file(f)
+    except OSError as exc:
+        raise ShopsightError(f"cannot read mlflow.credentials_file {path}: {exc.strerror or exc}") from None
+    except configparser.Error:
+        parser = configparser.ConfigParser()  # not an INI file: reported below, without quoting it
+    section = parser["mlflow"] if parser.has_section("mlflow") else {}
+    username, password = (section.get(name.lower()) for name in _LOGIN_VARIABLES)
+    if not username or not password:
+        raise ShopsightError(
+            f"mlflow.credentials_file {path} must hold an [mlflow] section with mlflow_tracking_username "
+            "and mlflow_tracking_password (MLflow's credentials format)"
+        )
+    return username, password
+
+
+def registered_model_permission(settings: Settings, name: str) -> tuple[MlflowUser, str]:
+    """This client's MLflow user and its permission on registered model ``name`` (READ, EDIT, MANAGE,
+    NO_PERMISSIONS, ...) as the server resolves it for its own checks (grants, else the default
+    permission); ``ADMIN`` for an admin, whom MLflow never checks."""
+    uri = _server_uri(settings)
+    user = login(settings, uri)
+    if user.is_admin:
+        return user, "ADMIN"
+    found = client_credentials(settings)
+    assert found is not None  # login() needed it
+    answer = _call(
+        "GET", uri, _GET_PERMISSION, (found.username, found.password),
+        params={"username": user.name, "resource_type": "registered_model", "resource_id": name},
+    )  # fmt: skip
+    return user, str(answer.get("permission", "NO_PERMISSIONS"))
+
+
+def admin_password(settings: Settings) -> str | None:
+    """The MLflow admin's password: ``mlflow.admin_password_file``, else ``MLFLOW_AUTH_ADMIN_PASSWORD``."""
+    path = settings.mlflow.admin_password_file
+    if not path:
+        return os.environ.get(_ADMIN_PASSWORD_VARIABLE) or None
+    try:
+        password = Path(path).expanduser().read_text().strip("\r\n")
+    except OSError as exc:
+        raise ShopsightError(
+            f"cannot read mlflow.admin_password_file {path}: {exc.strerror or exc}"
+        ) from None
+    if not password:
+        raise ShopsightError(f"mlflow.admin_password_file {path} is empty")
+    return password
+
+
+def add_user(settings: Settings, username: str, password: str) -> None:
+    """Create MLflow user ``username``, as the admin (it then has the default permission everywhere).
+
+    Raises:
+        ShopsightError: auth is off, the admin login fails, the user exists, or MLflow refuses the
+            password (fewer than 12 characters).
+    """
+    uri, admin = _admin(settings)
+    try:
+        _call("POST", uri, _CREATE_USER, admin, json={"username": username, "password": password})
+    except MlflowAuthApiError as exc:
+        if exc.error_code == "RESOURCE_ALREADY_EXISTS":
+            raise ShopsightError(
+                f"MLflow user {username!r} already exists: `shopsight mlflow user grant` changes what it "
+                "may do"
+            ) from None
+        raise ShopsightError(f"MLflow refused to create user {username!r}: {exc}") from None
+
+
+def grant(
+    settings: Settings,
+    username: str,
+    permission: str,
+    models: list[str] | tuple[str, ...] = (),
+    experiments: list[str] | tuple[str, ...] = (),
+) -> list[str]:
+    """Give ``username`` ``permission`` on each registered model and experiment named (``*``: all of
+    them), replacing what it had there; returns what was granted (``registered model NAME``, ...).
+
+    A promoter needs EDIT or MANAGE on the model (moving an alias, writing its history); a trainer also
+    EDIT on the task's experiment (logging runs). MLflow's grants are per model, not per alias: whoever
+    may move ``challenger`` may also move ``champion``, so only the gate's users should hold EDIT.
+    """
+    if permission not in PERMISSIONS:
+        raise ShopsightError(f"unknown permission {permission!r}: choose one of {', '.join(PERMISSIONS)}")
+    uri, admin = _admin(settings)
+    try:
+        _call("GET", uri, _GET_USER, admin, params={"username": username})
+    except MlflowAuthApiError as exc:
+        if exc.status != 404:
+            raise
+        raise ShopsightError(
+            f"no MLflow user {username!r} (`shopsight mlflow user add` creates it)"
+        ) from None
+    targets = [("registered_model", model, f"registered model {model}") for model in models]
+    for experiment in experiments:
+        targets.append(("experiment", _experiment_id(uri, admin, experiment), f"experiment {experiment}"))
+    granted = []
+    for resource_type, resource_id, shown in targets:
+        where = {"username": username, "resource_type": resource_type, "resource_id": resource_id}
+        # a grant that exists is refused (RESOURCE_ALREADY_EXISTS): replace it
+        with contextlib.suppress(MlflowAuthApiError):
+            _call("POST", uri, _REVOKE, admin, json=where)
+        _call("POST", uri, _GRANT, admin, json={**where, "permission": permission})
+        granted.append(shown)
+    return granted
+
+
+def _experiment_id(uri: str, admin: tuple[str, str], name: str) -> str:
+    if name == "*":
+        return name
+    try:
+        answer = _call("GET", uri, _EXPERIMENT_BY_NAME, admin, params={"experiment_name": name})
+    except MlflowAuthApiError as exc:
+        if exc.status != 404:
+            raise
+        raise ShopsightError(f"no MLflow experiment named {name!r}") from None
+    return str(answer["experiment"]["experiment_id"])
+
+
+def _admin(settings: Settings) -> tuple[str, tuple[str, str]]:
+    """The server's URI and the admin's login, checked."""
+    if not settings.mlflow.auth:
+        raise ShopsightError("mlflow.auth is off: the MLflow server has no users (--set mlflow.auth=true)")
+    username, password = settings.mlflow.admin_username, admin_password(settings)
+    if not password:
+        raise ShopsightError(
+            f"managing MLflow users needs the admin {username!r}'s password: set "
+            f"{_ADMIN_PASSWORD_VARIABLE} or mlflow.admin_password_file"
+        )
+    uri = _server_uri(settings)
+    try:
+        me = _call("GET", uri, _CURRENT_USER, (username, password))["user"]
+    except MlflowAuthApiError as exc:
+        if exc.status == 401:
+            raise ShopsightError(
+                f"the MLflow server at {uri} refused the login of admin {username!r}: wrong password "
+                f"({_ADMIN_PASSWORD_VARIABLE} or mlflow.admin_password_file) or no such user"
+            ) from None
+        raise
+    if not me.get("is_admin"):
+        raise ShopsightError(f"MLflow user {username!r} (mlflow.admin_username) is no admin")
+    return uri, (username, password)
+
+
+def _call(method: str, uri: str, path: str, auth: tuple[str, str], **kwargs) -> dict:
+    """One request to MLflow's user API; its refusal as :class:`MlflowAuthApiError` with MLflow's message."""
+    import requests
+
+    try:
+        answer = requests.request(method, uri + path, auth=auth, timeout=30, **kwargs)
+    except requests.RequestException as exc:
+        raise ShopsightError(f"cannot reach the MLflow server at {uri}: {type(exc).__name__}") from None
+    if answer.ok:
+        return answer.json() if answer.content else {}
+    try:
+        body = answer.json()
+        code, message = str(body.get("error_code", "")), str(body.get("message", ""))
+    except ValueError:  # 401 and 403 come as plain text
+        code, message = "", answer.text.strip()
+    message = message.splitlines()[0][:300] if message else f"HTTP {answer.status_code}"
+    raise MlflowAuthApiError(message, answer.status_code, code)
+
+
+def _auth_environment(settings: Settings, folder: Path) -> dict[str, str]:
+    """What makes ``mlflow server --app-name basic-auth`` this data directory's: its config file (users in
+    SQLite beside it), the static Flask key its CSRF protection needs, and the admin's name and, for the
+    first start, password. Secrets go by environment and 0600 files, never on the command line.
+
+    Raises:
+        ShopsightError: the first start (no user store yet) without the admin's password.
+    """
+    users = folder / "basic_auth.db"
+    password = admin_password(settings)
+    if password is None and not users.exists():
+        raise ShopsightError(
+            f"the first start of the MLflow server with mlflow.auth creates its admin "
+            f"{settings.mlflow.admin_username!r}: give its password (12 or more characters) as "
+            f"{_ADMIN_PASSWORD_VARIABLE} or in mlflow.admin_password_file"
+        )
+    config = folder / "basic_auth.ini"
+    _write_private(
+        config,
+        "[mlflow]\n"
+        f"default_permission = {settings.mlflow.auth_default_permission}\n"
+        f"database_uri = sqlite:///{users}\n"
+        f"admin_username = {settings.mlflow.admin_username}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+    )
+    key = folder / "flask_secret_key"
+    if not key.exists():
+        _write_private(key, secrets.token_hex(32))
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_USERNAME": settings.mlflow.admin_username,  # MLflow prefers it to the file's
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": key.read_text().strip(),
+    }
+    if password is not None:
+        env[_ADMIN_PASSWORD_VARIABLE] = password
+    return env
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a file only its owner can read."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_CREAT
 
 
 def backend_store_uri(settings: Settings) -> str:
