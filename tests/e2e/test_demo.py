@@ -78,8 +78,8 @@ def test_demo_runs_every_stage(tmp_path):
         "3. features",
         "4. features",
         "5. training",
-        "6. training: SASRec purchase model",
-        "7. training: SASRec churn model (churn_3d)",
+        "6. training: LSTM purchase model",
+        "7. training: LSTM churn model (churn_3d)",
         "8. serving",
         "POST /v1/churn-risk",
     )

@@ -89,8 +89,9 @@ def demo(
     trained_snapshots = {}
     for number, task in enumerate(snapshot_tasks, 6):
         service = task.data.source
+        shown = {"sasrec": "SASRec", "lstm": "LSTM"}.get(task.default_model, task.default_model)
         console.rule(
-            f"[bold]{number}. training: SASRec {task.name} model ({task.data.label}) on a point-in-time "
+            f"[bold]{number}. training: {shown} {task.name} model ({task.data.label}) on a point-in-time "
             "training set from Feast"
         )
         training_set = settings.data_dir / "demo" / f"training_set_{task.name}.parquet"
@@ -106,9 +107,10 @@ def demo(
         trained_snapshots[task.name] = train_snapshot_model(
             settings,
             task,
-            "sasrec",
+            task.default_model,
             training_set,
-            model_config={"d_model": 48, "n_heads": 2, "dropout": 0.2},
+            model_config={"d_model": 48, "dropout": 0.2}
+            | ({"n_heads": 2} if task.default_model == "sasrec" else {}),
             loop=LoopConfig(
                 epochs=purchase_epochs, batch_size=256, eval_every=1, patience=3, weight_decay=1e-5
             ),

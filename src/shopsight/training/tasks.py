@@ -81,7 +81,7 @@ class Task:
     reported: tuple[Metric, ...]  # the test metrics printed beside the primary one (`models show`, the gate)
     unit: Metric  # what the protocol evaluates (users, rows) and the key counting them
     route: Route | None = None
-    default_model: str = "sasrec"
+    default_model: str = "sasrec"  # what the demo trains
     curves: tuple[str, ...] = ()  # per-epoch metrics plotted for each run (default: loss, the metric)
     guard: Metric | None = None  # a second metric the gate holds a candidate to (calibration)
 
@@ -142,6 +142,10 @@ def user_snapshot_task(
         unit=Metric("n", "rows"),
         guard=Metric("ece", "ECE (calibration error)", higher_is_better=False),
         route=route,
+        # on the simulator's benchmark (benchmarks/results/purchase.md, churn.md, 20,000 users) the LSTM
+        # ranks as well as SASRec or better, and its calibrated probabilities are within 0.02 of the
+        # observed rate in every decile, SASRec's within 0.03
+        default_model="lstm",
     )
 
 
