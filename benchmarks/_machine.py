@@ -26,10 +26,10 @@ def describe_machine() -> dict[str, str]:
     }
 
 
-def append_report(path, title: str, command: str, lines: list[str]) -> None:
+def append_report(path, title: str, command: str, lines: list[str], target: str = "bench") -> None:
     """Append a dated section to a results file, creating it with its title on first use."""
     if not path.exists():
-        path.write_text(f"# {title}\n\n`make bench` ({command}); newest last.\n")
+        path.write_text(f"# {title}\n\n`make {target}` ({command}); newest last.\n")
     with path.open("a") as f:
         f.write("\n".join(lines) + "\n")
     print(f"recorded in {path}")

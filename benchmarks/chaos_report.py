@@ -25,7 +25,7 @@ def main() -> None:
         log = Path(folder) / "chaos.jsonl"
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "tests/chaos", "-q", "-p", "no:cacheprovider"],
-            env={**os.environ, "SHOPSIGHT_CHAOS_LOG": str(log)},
+            env={**os.environ, "CHAOS_COUNTS_FILE": str(log)},
         )
         cases = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     machine = describe_machine()
@@ -43,7 +43,7 @@ def main() -> None:
             f"| {case['case']} | {case.get('in_flight', '-')} | {case.get('lost', '-')} "
             f"| {case.get('recovered', '-')} | {case.get('seconds_to_recover', '-')} |"
         )
-    append_report(RESULTS / "chaos.md", "Chaos suite", "python -m benchmarks.chaos_report", lines)
+    append_report(RESULTS / "chaos.md", "Chaos suite", "python -m benchmarks.chaos_report", lines, "chaos")
     sys.exit(run.returncode)
 
 

@@ -2,7 +2,8 @@
 
 Every case records its counts (case, work in flight, lost, recovered, time to recover) with ``record``;
 they are appended to ``benchmarks/results/chaos.md`` by ``python -m benchmarks.chaos_report`` from the
-JSON lines the run leaves in ``$SHOPSIGHT_CHAOS_LOG`` (default: none kept).
+JSON lines the run leaves in ``$CHAOS_COUNTS_FILE`` (default: none kept; not a ``SHOPSIGHT_*`` name, which
+the settings would read as one of theirs).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def record(request):
     """``record(in_flight=..., lost=..., recovered=..., seconds_to_recover=...)`` for this case."""
 
     def write(**counts) -> None:
-        path = os.environ.get("SHOPSIGHT_CHAOS_LOG")
+        path = os.environ.get("CHAOS_COUNTS_FILE")
         if path:
             with open(path, "a") as f:
                 f.write(json.dumps({"case": request.node.name, "at": time.time(), **counts}) + "\n")

@@ -88,7 +88,7 @@ def test_a_live_holder_on_this_machine_still_blocks(registry):
         holding.wait(timeout=30)
 
 
-def test_a_promotion_killed_between_its_record_and_the_alias_is_finished_by_the_next_command(registry):
+def test_a_promotion_killed_after_its_record_before_the_alias_is_finished_by_the_next_one(registry, record):
     """The registry as a promotion killed after writing its history entry (the decision) and before
     moving the alias leaves it: the next command that takes the lock finishes the move, so the history
     and the alias agree again, and a rollback works from there."""
@@ -111,10 +111,14 @@ def test_a_promotion_killed_between_its_record_and_the_alias_is_finished_by_the_
     )  # fmt: skip
     assert registry.champion() == champion  # history says candidate, the alias does not (yet)
 
+    started = time.time()
     result = registry.run_process("models", "rollback", NAME, "--reason", "after the kill")
+    recovered_in = time.time() - started
     assert result.returncode == 0, result.stdout + result.stderr
     assert "took over the lock" in result.stdout
     assert f"finished its promote: champion is version {candidate}" in result.stdout
     entry = registry.history()[-1]
     assert (entry["action"], entry["from"], entry["to"]) == ("rollback", candidate, champion)
     assert registry.champion() == champion and _lock(registry) is None
+    record(in_flight="1 promotion, recorded, alias not moved", lost=0, recovered=1,
+           seconds_to_recover=round(recovered_in, 1))  # fmt: skip
