@@ -21,11 +21,13 @@ def registry(tmp_path_factory, free_port):
     from shopsight.platform.mlflow_server import stop_local_server
 
     reg = Registry(tmp_path_factory.mktemp("chaos-promotion"), free_port())
-    reg.start()
-    first = reg.register(trained=True)
-    assert reg.run("models", "promote", NAME, "--version", first).returncode == 0
-    yield reg
-    stop_local_server(reg.settings)
+    try:  # a setup that fails stops its server too
+        reg.start()
+        first = reg.register(trained=True)
+        assert reg.run("models", "promote", NAME, "--version", first).returncode == 0
+        yield reg
+    finally:
+        stop_local_server(reg.settings)
 
 
 def _lock(registry) -> dict | None:
