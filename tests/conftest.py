@@ -1,8 +1,10 @@
-"""Shared test helpers: the real data beside the checkout (../shared/data)."""
+"""Shared test helpers: the real data beside the checkout (../shared/data), the chaos cases' ``record``."""
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,23 @@ def shared_data(relative: str) -> Path:
             pytest.fail(message + "; CI must have it")
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def record(request):
+    """``record(in_flight=..., lost=..., recovered=..., seconds_to_recover=...)``: a chaos case's counts
+    (every ``chaos``-marked case, in tests/chaos and beside the worlds it needs), as one JSON line in
+    ``$CHAOS_COUNTS_FILE``, which ``python -m benchmarks.chaos_report`` sets and turns into
+    benchmarks/results/chaos.md; none is kept without it. Not a ``SHOPSIGHT_*`` name, which the settings
+    would read as one of theirs."""
+
+    def write(**counts) -> None:
+        path = os.environ.get("CHAOS_COUNTS_FILE")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"case": request.node.name, "at": time.time(), **counts}) + "\n")
+
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -3,8 +3,6 @@ password and a throwaway PostgreSQL cluster (both on free loopback ports, remove
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
 from shopsight.platform import Settings, load_settings
@@ -56,14 +54,27 @@ def free_port():
     return _free_port
 
 
-@dataclass(frozen=True)
 class RedisServer:
-    """A running redis-server that requires a password, as the cluster's does."""
+    """A running redis-server that requires a password, as the cluster's does. Its configuration, password
+    included, goes in on stdin (`redis-server -`): never on its command line, which `ps` shows every user of
+    the machine. The chaos cases ``kill`` it and ``start`` it again: same port, same password, no data
+    (nothing is saved, as a restarted Redis without persistence)."""
 
-    host: str
-    port: int
-    password: str = field(repr=False)
-    pid: int
+    def __init__(self, binary: str, host: str, port: int, password: str, folder) -> None:
+        self.binary, self.host, self.port, self.folder = binary, host, port, folder
+        self.password = password
+        self._process = None
+
+    def __repr__(self) -> str:  # no password: reprs end up in test reports
+        return f"RedisServer(host={self.host!r}, port={self.port}, pid={self.pid})"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
 
     @property
     def url(self) -> str:
@@ -75,19 +86,55 @@ class RedisServer:
 
         return redis.Redis(host=self.host, port=self.port, db=db, password=self.password)
 
+    def start(self) -> None:
+        """Start it and wait until it answers with the password."""
+        import subprocess
+        import time
+
+        import redis
+
+        lines = [f"port {self.port}", f"bind {self.host}", 'save ""', "appendonly no", f'dir "{self.folder}"']
+        config = "\n".join([*lines, f'requirepass "{self.password}"', ""])
+        self._process = subprocess.Popen(
+            [self.binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self._process.stdin.write(config.encode())
+        self._process.stdin.close()  # redis-server reads its configuration up to the end of stdin
+        client = self.client()
+        try:
+            for _ in range(100):
+                try:
+                    client.ping()
+                    return
+                except redis.AuthenticationError:
+                    self.kill()
+                    pytest.fail("redis-server refused its own password")
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            self.kill()
+            pytest.fail("redis-server did not start")
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash: no shutdown, nothing saved; returns once the process is gone."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.running:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A real redis-server on a free loopback port with a password (requirepass), stopped at the end of
-    the session. Its configuration, password included, goes in on stdin (`redis-server -`): never on its
-    command line, which `ps` shows every user of the machine."""
+    the session."""
     import os
     import secrets
     import shutil
-    import subprocess
-    import time
-
-    import redis
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -95,35 +142,13 @@ def redis_server(tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
-    port = _free_port()
-    folder = tmp_path_factory.mktemp("redis")
     # the prefix keeps it text for Feast, which reads connection-string values as JSON where they parse
     # (hex digits alone could read as a number)
     password = "pw-" + secrets.token_hex(16)
-    lines = [f"port {port}", "bind 127.0.0.1", 'save ""', "appendonly no", f'dir "{folder}"']
-    config = "\n".join([*lines, f'requirepass "{password}"', ""])
-    process = subprocess.Popen(
-        [binary, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    process.stdin.write(config.encode())
-    process.stdin.close()  # redis-server reads its configuration up to the end of stdin
-    server = RedisServer("127.0.0.1", port, password, process.pid)
-    client = server.client()
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.AuthenticationError:
-            process.kill()
-            pytest.fail("redis-server refused its own password")
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    else:
-        process.kill()
-        pytest.fail("redis-server did not start")
+    server = RedisServer(binary, "127.0.0.1", _free_port(), password, tmp_path_factory.mktemp("redis"))
+    server.start()
     yield server
-    process.terminate()
-    process.wait(timeout=10)
+    server.stop()
 
 
 @pytest.fixture(scope="session")

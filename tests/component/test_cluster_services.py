@@ -280,7 +280,7 @@ def test_redis_login_from_the_environment_or_a_file_and_one_line_refusals(
     """The right password from FEAST_REDIS_PASSWORD (or a file) reaches Feast's connection string and logs
     in; none, a wrong one (from the environment, a file or the URL) are one line naming Redis and where the
     password came from, never the password."""
-    from shopsight.features.store import check_redis_login, repo_config
+    from shopsight.features.store import REDIS_CLIENT_OPTIONS, check_redis_login, repo_config
     from shopsight.platform import ShopsightError
 
     address, password = f"{redis_server.host}:{redis_server.port}", redis_server.password
@@ -301,7 +301,8 @@ def test_redis_login_from_the_environment_or_a_file_and_one_line_refusals(
     assert refusal(settings) == f"Redis at {address} refused the password {FROM_ENV}"
     monkeypatch.setenv("FEAST_REDIS_PASSWORD", password)
     check_redis_login(settings.feast)
-    assert repo_config(settings).online_store.connection_string == f"{address},db=0,password={password}"
+    connection = repo_config(settings).online_store.connection_string
+    assert connection == f"{address},db=0,password={password},{REDIS_CLIENT_OPTIONS}"  # short timeouts too
 
     # a file (a mounted Secret, its trailing newline ignored) wins over the environment
     secret = tmp_path / "redis-password"

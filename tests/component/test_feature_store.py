@@ -185,7 +185,9 @@ def test_unknown_feature_service_is_a_clear_error(sqlite_store, tmp_path):
 
 def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tmp_path):
     port = free_port()
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}  # gunicorn's control socket, per server
+    # gunicorn's default control socket, ~/.gunicorn/gunicorn.ctl (or under $XDG_RUNTIME_DIR), is one per
+    # user: the server must open its data directory's own instead (checked below)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"HOME": str(tmp_path / "home")}
     server = subprocess.Popen(
         [
             sys.executable,
@@ -218,6 +220,18 @@ def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tm
             assert all(_same(a, b) for a, b in zip(over_http[name], in_process[name], strict=True)), name
         with pytest.raises(ShopsightError, match="unknown feature service"):
             client.get("nope_v1", users)
+
+        from gunicorn.ctl.client import ControlClient
+
+        control = store.control_socket(sqlite_store, port)
+        assert control == sqlite_store.data_dir.absolute() / "feast" / f"feature-server-{port}.ctl"
+        while not control.is_socket():
+            assert time.time() < deadline, "no control socket under the data directory"
+            time.sleep(0.2)
+        assert not (tmp_path / "home" / ".gunicorn").exists()
+        with ControlClient(str(control), timeout=10) as gunicornc:  # and it is this server's
+            listeners = gunicornc.send_command("show listeners")["listeners"]
+        assert [listener["address"] for listener in listeners] == [f"http://127.0.0.1:{port}"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -1,9 +1,15 @@
-"""Serving for real: Ray Serve over HTTP, a real MLflow server and registry, Feast's SQLite online store
-over the Taobao sample's features. Responses equal the registered pyfuncs' offline predictions; a
-promotion under load drops nothing; canary and shadow routing; auth, fallback, 4xx; schemathesis."""
+"""Serving for real: Ray Serve over HTTP, a real MLflow server and registry, Feast's Redis online store (a
+real redis-server with a password, as the cluster's) over the Taobao sample's features. Responses equal the
+registered pyfuncs' offline predictions; a promotion under load drops nothing; canary and shadow routing;
+auth, fallback, 4xx; schemathesis. Last, two chaos cases (marked ``chaos``, recorded in
+benchmarks/results/chaos.md): Redis killed under load, a model replica killed under load; both leave the
+world as they found it."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import threading
 import time
 from datetime import date
@@ -29,6 +35,7 @@ NEXT, PURCHASE, CHURN = "shopsight-next-item", "shopsight-purchase", "shopsight-
 KEY = "component-test-key"
 AUTH = {"X-API-Key": KEY}
 SWITCH_LIMIT_S = 30
+REDIS_DB = 2  # of the session's Redis: test_feature_store uses 0, test_cluster_services 1
 
 
 def _train_next_item(split, seed: int, epochs: int):
@@ -103,9 +110,10 @@ def _register_snapshot_model(settings, tmp, task_name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_factory):
-    """Feast applied and materialised, MLflow with two next-item versions (champion v1, challenger v2) and
-    a purchase champion, and the serving application deployed on a free loopback port."""
+def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_factory, redis_server):
+    """Feast applied and materialised (online store: the session's Redis, its password from a file, as in
+    the cluster), MLflow with two next-item versions (champion v1, challenger v2) and a purchase champion,
+    and the serving application deployed on a free loopback port."""
     import mlflow
     import ray
     from mlflow import MlflowClient
@@ -119,9 +127,15 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
     tmp = tmp_path_factory.mktemp("serving")
     (tmp / "features").symlink_to(base.data_dir.absolute() / "features")
     port = free_port()
+    password = tmp / "redis-password"
+    password.write_text(redis_server.password)
+    password.chmod(0o600)
     settings = make_settings(
         tmp,
         **{
+            "feast.online_store": "redis",
+            "feast.redis_url": f"redis://{redis_server.host}:{redis_server.port}/{REDIS_DB}",
+            "feast.redis_password_file": str(password),
             "mlflow.port": str(free_port()),
             "serving.port": str(port),
             "serving.poll_interval_s": "1",
@@ -148,7 +162,8 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
         client.set_registered_model_alias(PURCHASE, "champion", purchase)
         client.set_registered_model_alias(CHURN, "champion", churn)
         if not ray.is_initialized():
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+            # logical CPUs: room for the split layout with two replicas of each model (0.5 CPU each)
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
             started_ray = True
         deployed = deploy(settings)
         yield {
@@ -438,3 +453,214 @@ def test_split_layout_answers_the_same(world):
     assert response.status_code == 200 and response.json()["model"]["version"] == world["purchase"]
     response = _post(world, "/v1/churn-risk", {"user_ids": users})
     assert response.status_code == 200 and response.json()["model"]["version"] == world["churn"]
+
+
+# ---------------------------------------------------------------------------------------------- chaos
+
+CONCURRENCY = 4
+
+
+class _Load:
+    """``CONCURRENCY`` clients sending ``calls`` ((path, body), round robin) back to back until the block
+    ends; ``seen`` holds (sent, answered, path, status, body) per request: status -1 and the error for a
+    request that got no HTTP answer (connection refused or reset, timeout)."""
+
+    def __init__(self, world, calls: list[tuple[str, dict]]) -> None:
+        self.url, self.calls = world["url"], calls
+        self.seen: list[tuple[float, float, str, int, object]] = []
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(CONCURRENCY)
+        ]
+
+    def _client(self, first: int) -> None:
+        session = requests.Session()
+        n = first
+        while not self._stop.is_set():
+            path, body = self.calls[n % len(self.calls)]
+            sent = time.time()
+            try:
+                r = session.post(self.url + path, json=body, headers=AUTH, timeout=30)
+                try:
+                    answer = r.json()
+                except ValueError:
+                    answer = r.text[:200]
+                self.seen.append((sent, time.time(), path, r.status_code, answer))
+            except requests.RequestException as exc:
+                self.seen.append((sent, time.time(), path, -1, repr(exc)))
+            n += 1
+
+    def sent_after(self, at: float) -> list:
+        return [s for s in list(self.seen) if s[0] >= at]
+
+    def failed(self) -> list:
+        return [(path, status, body) for _, _, path, status, body in self.seen if status != 200]
+
+    def __enter__(self) -> _Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=40)
+
+
+def _uses_features(path: str, body: dict) -> bool:
+    if path == "/v1/recommendations":
+        return body["source"] == "model" and not body["fallback"] and not body["features_unavailable"]
+    return all(p["has_history"] for p in body["predictions"]) and not body["features_unavailable"]
+
+
+def _named_fallback(path: str, body: dict) -> bool:
+    """An answer without features that says so: the fallback, and why."""
+    if not body["features_unavailable"]:
+        return False
+    if path == "/v1/recommendations":
+        return body["fallback"] and body["source"] == "popularity" and len(body["items"]) == 5
+    return not any(p["has_history"] for p in body["predictions"])
+
+
+def _served_since(world) -> dict:
+    """When each served model version was loaded: a restarted replica loads its models again."""
+    return {task: served["champion"]["loaded_at"] for task, served in _models(world).items()}
+
+
+@pytest.mark.chaos
+def test_redis_killed_under_load_answers_named_fallbacks_then_features_again(world, redis_server, record):
+    """The online store's Redis killed (SIGKILL) while 4 clients send requests: every request is still
+    answered (200, never a 5xx), as a fallback that says the features were unavailable, and counted; Redis
+    back (on the same port, with the same password, empty) and the online store materialised again, the
+    answers use features again, from the same replicas: nothing restarted."""
+    users = _users(world, n=8)
+    calls = [("/v1/recommendations", {"user_id": u, "k": 5}) for u in users]
+    calls.insert(4, ("/v1/purchase-propensity", {"user_ids": users[:4]}))
+    loaded = _served_since(world)
+    before = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+    restarted_at = materialised_at = None
+    try:
+        with _Load(world, calls) as load:
+            _wait_for(lambda: len(load.seen) >= 20, timeout_s=30, what="answers before the fault")
+            redis_server.kill()
+            killed_at = time.time()
+            _wait_for(lambda: len(load.sent_after(killed_at)) >= 40, timeout_s=30,
+                      what="answers while Redis is down")  # fmt: skip
+            restarted_at = time.time()
+            redis_server.start()
+            store.materialize(world["settings"])
+            materialised_at = time.time()
+            _wait_for(lambda: len(load.sent_after(materialised_at)) >= 20, timeout_s=30,
+                      what="answers after the online store is back")  # fmt: skip
+    finally:  # the world's online store back for the tests that follow, whatever happened
+        if not redis_server.running:
+            redis_server.start()
+        if materialised_at is None:
+            store.materialize(world["settings"])
+    seen = load.seen
+    failed = load.failed()
+    outage = [(path, body) for sent, done, path, status, body in seen
+              if status == 200 and sent >= killed_at and done <= restarted_at]  # fmt: skip
+    fallbacks = [body for *_, status, body in seen if status == 200 and body["features_unavailable"]]
+    back = [(path, body) for sent, _, path, status, body in seen if status == 200 and sent >= materialised_at]
+    # recovered: from Redis restarted to the first answer with features (materialisation included)
+    first_back = min((done for sent, done, path, status, body in seen
+                      if sent >= restarted_at and status == 200 and _uses_features(path, body)),
+                     default=time.time())  # fmt: skip
+    recovered_in = first_back - restarted_at
+    record(
+        in_flight=f"{len(seen)} requests at concurrency {CONCURRENCY}, {len(outage)} while Redis was down",
+        lost=len(failed),
+        recovered=len(fallbacks),
+        seconds_to_recover=round(recovered_in, 1),
+    )
+    assert not failed, failed[:5]
+    assert len(outage) >= 30 and all(_named_fallback(path, body) for path, body in outage)
+    # and promptly: a read of a Redis that is down fails at once (no retries with seconds of backoff)
+    slowest = max(done - sent for sent, done, *_ in seen if sent >= killed_at and done <= restarted_at)
+    assert slowest < 2.0, slowest
+    assert any(path != "/v1/recommendations" for path, _ in outage)  # a propensity answer among them
+    assert back and all(_uses_features(path, body) for path, body in back)
+    assert recovered_in < 60
+    # counted by the ingress: each answer without features, and its users as fallbacks
+    after = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+    unavailable = _metric(after, "shopsight_features_unavailable_total")
+    assert unavailable - _metric(before, "shopsight_features_unavailable_total") == len(fallbacks)
+    assert _metric(after, "shopsight_fallbacks_total") - _metric(before, "shopsight_fallbacks_total") >= len(
+        fallbacks
+    )
+    assert _served_since(world) == loaded  # no replica restarted
+
+
+def _replica_pids(app: str, deployment: str) -> list[int]:
+    """The processes of a deployment's live replicas: Ray titles them ``ray::ServeReplica:APP:DEPLOYMENT``.
+    Only this test process's own Ray (its descendants), never another session's on the same machine."""
+    import psutil
+
+    title = re.compile(rf"ray::ServeReplica:{re.escape(app)}:{re.escape(deployment)}(\.|\s|$)")
+    pids = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE and title.match(" ".join(process.cmdline())):
+                pids.append(process.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)
+
+
+def _serving(settings, **values):
+    return settings.model_copy(update={"serving": settings.serving.model_copy(update=values)})
+
+
+@pytest.mark.chaos
+def test_a_model_replica_killed_under_load_loses_nothing_with_two_replicas(world, record):
+    """One of the two replicas of the purchase model killed (SIGKILL) while 4 clients send propensity
+    requests (20 users each: the model's share of a request's time is the largest): the ingress sends the
+    requests the replica held once more, to the other one, so none fails (no non-2xx, no connection error),
+    and Serve starts a replacement. The split layout, where model replicas are apart from the ingress: in
+    the combined one the killed replica is the ingress too, and the requests it held are lost with it (the
+    HTTP proxy does not resend)."""
+    from ray import serve
+
+    from shopsight.serving.deploy import deploy, status
+
+    settings = world["settings"]
+    app, deployment = settings.serving.app_name, "purchase"
+    layout = "split" if deployment in status(settings)["deployments"] else "combined"
+    users = _users(world, n=20)
+    calls = [("/v1/purchase-propensity", {"user_ids": users[n:] + users[:n]}) for n in range(len(users))]
+    deploy(_serving(settings, layout="split", replicas=2))  # from split: only the second replicas start
+    try:
+        replicas = _replica_pids(app, deployment)
+        assert len(replicas) == 2, replicas
+        victim = replicas[0]
+
+        def replaced() -> bool:
+            pids = _replica_pids(app, deployment)
+            if len(pids) != 2 or victim in pids:
+                return False
+            states = serve.status().applications[app].deployments[deployment].replica_states
+            return {str(getattr(k, "value", k)): n for k, n in states.items()} == {"RUNNING": 2}
+
+        with _Load(world, calls) as load:
+            _wait_for(lambda: len(load.seen) >= 20, timeout_s=30, what="answers before the fault")
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.time()
+            _wait_for(replaced, timeout_s=90, what="Serve to replace the killed replica")
+            recovered_at = time.time()
+            _wait_for(lambda: len(load.sent_after(recovered_at)) >= 20, timeout_s=30,
+                      what="answers after the replacement")  # fmt: skip
+    finally:
+        deploy(_serving(settings, layout=layout))  # one replica of each, in the layout it found
+    seen = load.seen
+    failed = load.failed()
+    down = [s for s in seen if killed_at <= s[0] <= recovered_at]
+    record(
+        in_flight=f"{len(seen)} requests at concurrency {CONCURRENCY}, {len(down)} while a replica was down",
+        lost=len(failed),
+        recovered=len(down) - len(failed),
+        seconds_to_recover=round(recovered_at - killed_at, 1),
+    )
+    assert not failed, failed[:5]
+    assert len(down) >= 10
+    assert all(body["model"]["version"] == world["purchase"] for *_, body in seen)

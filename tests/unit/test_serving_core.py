@@ -386,6 +386,61 @@ def app(recommenders, purchase):
 AUTH = {"X-API-Key": KEY}
 
 
+class StoreDown:
+    """A feature reader whose online store can be down: ``read`` then raises, as Redis's client does."""
+
+    def __init__(self, reader: DictReader) -> None:
+        self.reader, self.feature_names, self.down = reader, reader.names, False
+
+    def read(self, user_ids):
+        if self.down:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return self.reader.read(user_ids)
+
+
+def test_an_online_store_that_cannot_be_read_gives_named_fallbacks_never_a_5xx(
+    recommenders, purchase, caplog
+):
+    histories = StoreDown(
+        DictReader({u: {"seq_item_ids": h} for u, h in HISTORIES.items()}, ["seq_item_ids"])
+    )
+    next_item = RecommendationPredictor(histories, NEXT)
+    next_item.swap(champion=_loaded(recommenders[0], "1"))
+    model, reader = purchase
+    snapshots = StoreDown(reader)
+    propensity = ProbabilityPredictor(snapshots, PURCHASE, clock=lambda: AS_OF)
+    propensity.swap(champion=_loaded(model, "3", name=PURCHASE))
+    app = build_app(LocalBackend({"next_item": next_item, "purchase": propensity}), {"t": hash_key(KEY)})
+    unknown = call(app, "POST", "/v1/purchase-propensity", {"user_ids": [10**9]}, AUTH)[2]["predictions"][0]
+    histories.down = snapshots.down = True
+    with caplog.at_level(logging.WARNING, logger="shopsight.serving"):
+        for _ in range(2):
+            status, _, body = call(app, "POST", "/v1/recommendations", {"user_id": 1, "k": 3}, AUTH)
+            assert status == 200 and body["features_unavailable"]
+            assert body["fallback"] and body["source"] == "popularity"
+            assert [i["item_id"] for i in body["items"]] == [1020, 5555, 1001]  # nothing seen to exclude
+        status, _, body = call(app, "POST", "/v1/purchase-propensity", {"user_ids": [1, 2]}, AUTH)
+        assert status == 200 and body["features_unavailable"]
+        assert [(p["has_history"], p["probability"]) for p in body["predictions"]] == [
+            (False, unknown["probability"])
+        ] * 2  # scored as users the store does not know
+        histories.down = snapshots.down = False  # back: the next request reads it again
+        status, _, body = call(app, "POST", "/v1/recommendations", {"user_id": 1, "k": 3}, AUTH)
+        assert status == 200 and body["source"] == "model" and not body["features_unavailable"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert (
+        sum("cannot be read" in w for w in warnings) == 2 and sum("answers again" in w for w in warnings) == 1
+    )
+    text = call(app, "GET", "/metrics", headers=AUTH)[2]
+    unavailable = [
+        line for line in text.splitlines() if line.startswith("shopsight_features_unavailable_total")
+    ]
+    assert unavailable == [
+        'shopsight_features_unavailable_total{endpoint="/v1/recommendations"} 2.0',
+        'shopsight_features_unavailable_total{endpoint="/v1/purchase-propensity"} 1.0',
+    ]
+
+
 def test_keys_are_checked_by_digest_in_either_header():
     keys = {"a": hash_key("k1"), "b": hash_key("k2")}
     assert authenticate({"x-api-key": "k2"}, keys) == "b"
@@ -584,6 +639,9 @@ def test_routing_and_batching_are_user_config_and_the_code_version_ignores_them(
     routed = load_settings(overrides={"serving.canary_share": "0.5"}, environ={}).settings
     moved = load_settings(overrides={"serving.num_cpus": "2"}, environ={}).settings
     assert _code_version(routed) == _code_version(settings) != _code_version(moved)
+    # scaling is no new version either: Serve adds or stops replicas and leaves the others serving
+    scaled = load_settings(overrides={"serving.replicas": "3", "serving.ingress_replicas": "2"}, environ={})
+    assert _code_version(scaled.settings) == _code_version(settings)
 
 
 def test_shadow_comparisons_are_counted_by_the_ingress(recommenders, purchase):

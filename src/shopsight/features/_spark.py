@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from shopsight.platform import MissingDependencyError, Settings
+
+log = logging.getLogger("shopsight.features")
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -46,18 +49,76 @@ def build_spark(settings: Settings, app_name: str = "shopsight-features") -> Spa
         builder = builder.config(key, value)
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("ERROR")
+    # The driver's accumulator server reads updates from the JVM; a JVM that dies (killed, out of memory)
+    # ends that stream, and socketserver would print the EOFError's traceback to the console. The death
+    # itself reaches the command as the error of its next call into the JVM.
+    server = getattr(session.sparkContext, "_accumulatorServer", None)
+    if server is not None:
+        server.handle_error = _accumulator_stream_ended
     return session
+
+
+def _accumulator_stream_ended(request, client_address) -> None:
+    log.debug("Spark's accumulator stream from %s ended", client_address, exc_info=True)
 
 
 @contextmanager
 def spark_session(settings: Settings) -> Iterator[SparkSession]:
-    """A Spark session for one command; stopped at the end unless it existed before (tests share one)."""
+    """A Spark session for one command; stopped at the end unless it existed before (tests share one).
+
+    Where the command fails, the session is stopped as far as it still can be: a JVM that was killed
+    cannot be stopped, and the error of that attempt must not replace the command's own.
+    """
     from pyspark.sql import SparkSession
 
     existing = SparkSession.getActiveSession()
     session = build_spark(settings)
     try:
         yield session
-    finally:
+    except BaseException:
         if existing is None:
-            session.stop()
+            with suppress(Exception):  # a JVM that is gone (ConnectionRefusedError) has nothing to stop
+                session.stop()
+        raise
+    if existing is None:
+        session.stop()
+
+
+# Spark's loggers that print a failing task or write job, with its Java stack trace, to the console. The
+# driver receives the same failure as an exception, which the command turns into its message.
+_TASK_FAILURE_LOGGERS = (
+    "org.apache.spark.executor.Executor",  # Exception in task ...
+    "org.apache.spark.scheduler.TaskSetManager",  # Task 0 in stage ... failed 1 times; aborting job
+    "org.apache.spark.sql.execution.datasources.FileFormatWriter",  # Aborting job ...
+    "org.apache.spark.util.Utils",  # Aborting task
+)
+
+
+@contextmanager
+def task_failures_unlogged(spark: SparkSession) -> Iterator[None]:
+    """Keep Spark from logging failed tasks and writes to the console while the block runs.
+
+    A failure still reaches the caller as an exception (with its Java causes); only the duplicate the
+    JVM would print to stderr first, a Java stack trace before the command's one-line error, is left
+    out. The loggers get back their own levels (or none: the root's) afterwards.
+    """
+    jvm = spark.sparkContext._jvm
+    context = jvm.org.apache.logging.log4j.core.LoggerContext.getContext(False)
+    config = context.getConfiguration()
+    own = {}
+    for name in _TASK_FAILURE_LOGGERS:
+        logger = config.getLoggerConfig(name)
+        own[name] = logger.getExplicitLevel() if logger.getName() == name else None
+    off = jvm.org.apache.logging.log4j.Level.OFF
+    for name in _TASK_FAILURE_LOGGERS:
+        jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, off)
+    try:
+        yield
+    finally:
+        with suppress(Exception):  # a JVM that is gone has no logger left to restore
+            for name, level in own.items():
+                if level is None:
+                    config.removeLogger(name)
+                else:
+                    jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, level)
+            context.updateLoggers()

@@ -17,16 +17,25 @@ within the day), every column is computed from the events (``created_ts`` too, s
 segmentation is fitted on its rows in a fixed order, and Spark's files are rewritten by
 :func:`_normalise_partition` into one ``part-00000.parquet`` per day whose footer holds nothing of the
 writing JVM. A staging folder is named after its builder (pid and start time), so that the next build
-can remove those of builds that were killed (SIGKILL, power loss) and leave running ones alone.
+can remove those of builds that were killed (SIGKILL, power loss) and leave running ones alone; so is the
+folder a day's previous partition is moved to while the new one is swapped in, so that the next build
+puts it back where a kill left the day without either.
+
+A build that fails for a reason outside it (the disk full, Spark's JVM or a Python worker of Spark's
+killed) says so in one line (a :class:`ShopsightError`), after removing its staging folder; the previous
+output is then as it was. Any other failure keeps its traceback: it is a bug.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +47,7 @@ import psutil
 from shopsight.data import DayPartitionedWriter, EventReader, TimeWindow, quarantine_file
 from shopsight.data.schema import TS, USER_ID
 from shopsight.features import jobs
-from shopsight.features._spark import spark_session
+from shopsight.features._spark import spark_session, task_failures_unlogged
 from shopsight.platform import Settings, ShopsightError, Stopwatch
 
 TABLES = ("user_activity", "user_sequence", "item_stats", "category_stats", "user_segment", "labels")
@@ -51,6 +60,7 @@ KEYS = {
     "labels": [USER_ID],
 }
 STAGING_PREFIX = ".staging-"
+PROFILE = Path("segment_profile") / "segment_profile.parquet"
 # Rows per row group of a published file: fixed, so that the file's layout depends on its rows alone.
 _ROW_GROUP_ROWS = 64 * 1024
 # The writer's settings, spelled out, so that a new default of pyarrow's does not change the bytes.
@@ -98,7 +108,8 @@ def build_features(
     ``churn_3d``; a label whose days are not all there is unknown, see :func:`jobs.labels`).
 
     Raises:
-        ShopsightError: an empty range, unreadable input, or no events before the end of ``end``.
+        ShopsightError: an empty range, unreadable input, or no events before the end of ``end``; no
+            space left on the device, or Spark's JVM or one of its Python workers killed mid-build.
     """
     if end < start:
         raise ShopsightError(f"--end {end} is before --start {start}")
@@ -106,8 +117,10 @@ def build_features(
     step = on_step or (lambda _message: None)
     watch = Stopwatch()
     _remove_abandoned_staging(out)
-    staging = _new_staging(out)
+    staging = None
+    stage = "staging"  # then "publishing", then "published": what a failure leaves behind
     try:
+        staging = _new_staging(out)
         step(f"reading and validating {events_path}")
         quarantine = quarantine_file(settings.data_dir.absolute() / "quarantine", events_path)
         reader = EventReader(
@@ -124,12 +137,14 @@ def build_features(
         if writer.rows_written == 0:
             raise ShopsightError(f"{events_path}: no valid events ({reader.report.rows_rejected:,} rejected)")
 
-        with spark_session(settings) as spark:
+        with spark_session(settings) as spark, task_failures_unlogged(spark):
             step("computing features with Spark")
             result = _run_jobs(spark, settings, staging, start, end)
+        _write_segment_profile(staging, result["profile"])
         step("publishing partitions")
+        stage = "publishing"
         days = _publish(staging, out)
-        _write_segment_profile(out, result["profile"])
+        stage = "published"
         build = BuildResult(
             out=out,
             days=days,
@@ -144,8 +159,82 @@ def build_features(
         )
         _log_build(out, build, start, end, events_path)
         return build
+    except ShopsightError:
+        raise
+    except Exception as exc:
+        problem = _failure_from_outside(exc, settings, out, stage)
+        if problem is None:
+            raise
+        raise problem from exc
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _failure_from_outside(exc: Exception, settings: Settings, out: Path, stage: str) -> ShopsightError | None:
+    """``exc`` as one line where its cause is outside the build: the disk full, Spark's JVM or one of its
+    Python workers killed. None for anything else.
+
+    Spark reports a full disk as a Java ``IOException`` inside a ``Py4JJavaError``, pyarrow as an
+    ``OSError`` (ENOSPC); a killed JVM as a broken or refused connection; a killed Python worker as a
+    failed task. Only the text of the Java causes tells these apart.
+    """
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(f"{e}\n{getattr(e, '_stackTrace', None) or ''}" for e in chain)
+    if stage == "staging":
+        left = f"nothing was published: the previous output under {out} is unchanged"
+    elif stage == "publishing":
+        left = f"publishing stopped part-way under {out}: each day is whole, some are new; build again"
+    else:
+        left = f"the features are published under {out}; only their line in builds.jsonl is missing"
+    full = any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain)
+    if full or "No space left on device" in text or "Disk quota exceeded" in text:
+        folder, free = _fullest(settings, out)
+        where = f"{folder} ({free / 1024:,.0f} KiB free)"
+        return ShopsightError(f"no space left on device in {where} while building features; {left}")
+    jvm = _jvm_exit()
+    if jvm is not None:
+        return ShopsightError(f"Spark's JVM exited ({jvm}) while building features; {left}")
+    if "Python worker exited unexpectedly" in text:
+        return ShopsightError(f"a Python worker of Spark's crashed (killed?) while building features; {left}")
+    return None
+
+
+def _fullest(settings: Settings, out: Path) -> tuple[Path, int]:
+    """Of the folders a build writes to (output and staging, quarantine, Spark's scratch space), the one
+    with the least free space, and that space in bytes."""
+    scratch = settings.spark.conf.get("spark.local.dir") or os.environ.get("SPARK_LOCAL_DIRS")
+    folders = [out, settings.data_dir.absolute() / "quarantine"]
+    folders += [Path(d) for d in scratch.split(",")] if scratch else [Path(tempfile.gettempdir())]
+    free = {}
+    for folder in folders:
+        existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if existing is not None:
+            free[folder] = shutil.disk_usage(existing).free
+    folder = min(free, key=free.get, default=out)  # the first of equals: the output folder
+    return folder, free.get(folder, 0)
+
+
+def _jvm_exit() -> str | None:
+    """How this process's Spark JVM ended ("killed by SIGKILL", "exit status 1"); None if it runs (or
+    was never started here)."""
+    try:
+        from pyspark import SparkContext
+    except ImportError:  # pragma: no cover - pyspark is a core dependency
+        return None
+    process = getattr(SparkContext._gateway, "proc", None)
+    if process is None or process.poll() is None:
+        return None
+    code = process.returncode
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) -> dict:
@@ -259,10 +348,15 @@ def _new_staging(out: Path) -> Path:
     see the folder without its builder. The start time tells this process from a later one that got
     the same pid. Pids are a machine's own: builds that share an output folder run on one machine.
     """
-    me = psutil.Process()
-    staging = out / f"{STAGING_PREFIX}{me.pid}-{_start_time(me)}-{uuid.uuid4().hex[:8]}"
+    staging = out / f"{STAGING_PREFIX}{_builder()}-{uuid.uuid4().hex[:8]}"
     staging.mkdir(parents=True)
     return staging
+
+
+def _builder() -> str:
+    """``<pid>-<start time>`` of this process: what names its staging and replaced-partition folders."""
+    me = psutil.Process()
+    return f"{me.pid}-{_start_time(me)}"
 
 
 def _start_time(process: psutil.Process) -> int:
@@ -271,19 +365,32 @@ def _start_time(process: psutil.Process) -> int:
 
 
 def _remove_abandoned_staging(out: Path) -> None:
-    """Remove the staging folders of builds that no longer run (killed before their cleanup ran)."""
+    """Remove what builds that no longer run (killed before their cleanup ran) left under ``out``.
+
+    Their staging folders go. A day's previous partition that such a build had moved aside
+    (``<table>/.snapshot_day=D.old-<pid>-<start>-<id>``) goes too, unless the build was killed before
+    the new partition took its place: then it is put back, and the day is as it was before that build.
+    """
     for folder in out.glob(f"{STAGING_PREFIX}*"):
-        if not _builder_running(folder.name):
+        owner = re.fullmatch(rf"{re.escape(STAGING_PREFIX)}(\d+-\d+)-[0-9a-f]+", folder.name)
+        # A name without its builder (``.staging-<hex>``) is an earlier version's: that build has ended.
+        if owner is None or not _builder_running(owner[1]):
             shutil.rmtree(folder, ignore_errors=True)
+    for name in TABLES:
+        for moved in (out / name).glob(f".{jobs.SNAPSHOT_DAY}=*.old-*"):
+            owner = re.fullmatch(r"\.(.+)\.old-(?:(\d+-\d+)-)?[0-9a-f]+", moved.name)
+            if owner is None or (owner[2] is not None and _builder_running(owner[2])):
+                continue
+            partition = moved.parent / owner[1]
+            if partition.exists():
+                shutil.rmtree(moved, ignore_errors=True)
+            else:
+                os.replace(moved, partition)
 
 
-def _builder_running(name: str) -> bool:
-    owner = re.fullmatch(rf"{re.escape(STAGING_PREFIX)}(\d+)-(\d+)-[0-9a-f]+", name)
-    if owner is None:
-        # Named before builders were recorded (``.staging-<hex>``): a folder left by an earlier
-        # version, since every build of this one names its builder from the start.
-        return False
-    pid, started = int(owner[1]), int(owner[2])
+def _builder_running(builder: str) -> bool:
+    """Whether the process named by ``<pid>-<start time>`` still runs."""
+    pid, started = (int(part) for part in builder.split("-"))
     try:
         return _start_time(psutil.Process(pid)) == started
     except psutil.NoSuchProcess:  # a zombie included: it has exited
@@ -293,32 +400,35 @@ def _builder_running(name: str) -> bool:
 
 
 def _publish(staging: Path, out: Path) -> list[str]:
-    """Swap each staged day partition into place: one rename each, other days untouched."""
+    """Swap each staged day partition into place: one rename each, other days untouched; then the
+    segment profile. Nothing is written here, so a full disk cannot stop it half-way."""
     days: set[str] = set()
+    builder = _builder()
     for name in TABLES:
         staged_table = staging / name
         target_table = out / name
         target_table.mkdir(parents=True, exist_ok=True)
         for staged in sorted(staged_table.glob(f"{jobs.SNAPSHOT_DAY}=*")):
             target = target_table / staged.name
-            trash = target_table / f".{staged.name}.old-{uuid.uuid4().hex[:8]}"
+            # named after this build: if it is killed before the next rename, the next build puts it back
+            trash = target_table / f".{staged.name}.old-{builder}-{uuid.uuid4().hex[:8]}"
             if target.exists():
                 os.replace(target, trash)
             os.replace(staged, target)
             shutil.rmtree(trash, ignore_errors=True)
             days.add(staged.name.split("=", 1)[1])
+    (out / PROFILE).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging / PROFILE, out / PROFILE)
     return sorted(days)
 
 
-def _write_segment_profile(out: Path, profile: list[dict]) -> None:
+def _write_segment_profile(staging: Path, profile: list[dict]) -> None:
+    """Stage the segment profile: written with the tables, before anything is published."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    folder = out / "segment_profile"
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = folder / "segment_profile.parquet.partial"
-    pq.write_table(pa.Table.from_pylist(profile), partial)
-    os.replace(partial, folder / "segment_profile.parquet")
+    (staging / PROFILE).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(profile), staging / PROFILE)
 
 
 def _log_build(out: Path, build: BuildResult, start: date, end: date, events_path: Path) -> None:

@@ -7,9 +7,11 @@ The store is configured in code from the settings (no feature_store.yaml to keep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,7 +54,8 @@ def repo_config(settings: Settings):
     else:
         registry = feast.registry or str(folder / "registry.db")
     if feast.online_store == "redis":
-        online: dict = {"type": "redis", "connection_string": redis_connection_string(feast)}
+        connection = f"{redis_connection_string(feast)},{REDIS_CLIENT_OPTIONS}"
+        online: dict = {"type": "redis", "connection_string": connection}
     else:
         online = {"type": "sqlite", "path": str(folder / "online.db")}
     offline: dict = {"type": "file"}
@@ -106,6 +109,16 @@ def _offline_engine(settings: Settings) -> Iterator[None]:
     finally:
         session.conf.set("spark.sql.session.timeZone", previous)
 
+
+# Options of Feast's Redis client: redis-py keyword arguments, which Feast reads from the connection string
+# (values as JSON). A model server reads the online store in every request and answers without features
+# (a fallback) when it cannot, so a read must fail fast, and the next one try again: redis-py's defaults
+# have no socket timeouts (a Redis that stops answering would hang the read, and the replica with it) and
+# retry 3 times with a jittered backoff of up to 2, 4 and 8 s (a Redis that is down would stall each read
+# for seconds). ``retry=null`` is redis-py's "no retries" (``Retry(NoBackoff(), 0)``). The 1 s bounds each
+# connect and each socket read or write, not a whole command: ample for Redis, whose commands take
+# microseconds, materialisation's pipelines included.
+REDIS_CLIENT_OPTIONS = "socket_connect_timeout=1,socket_timeout=1,retry=null"
 
 # The environment variable with the Redis password (on Kubernetes from the Secret shopsight-redis), used
 # when neither feast.redis_password_file nor the URL gives one, as libpq uses PGPASSWORD. Not plain
@@ -509,7 +522,62 @@ def training_set(
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 6566, workers: int = 1) -> None:
-    """Run Feast's HTTP feature server for the repository (blocks until stopped)."""
-    feature_store(settings).serve(
-        host=host, port=port, type_="http", no_access_log=True, workers=workers, registry_ttl_sec=5
-    )
+    """Run Feast's HTTP feature server for the repository (blocks until stopped).
+
+    Its gunicorn's control socket (``gunicornc -s PATH``) is this data directory's own: see
+    :func:`control_socket`.
+    """
+    store = feature_store(settings)
+    with _gunicorn_control_socket(control_socket(settings, port)):
+        store.serve(
+            host=host, port=port, type_="http", no_access_log=True, workers=workers, registry_ttl_sec=5
+        )
+
+
+def control_socket(settings: Settings, port: int) -> Path:
+    """The control socket of this data directory's feature server on ``port``:
+    ``<data_dir>/feast/feature-server-<port>.ctl``.
+
+    gunicorn (>= 25.1) opens a control socket for ``gunicornc``, by default at
+    ``$XDG_RUNTIME_DIR/gunicorn.ctl`` or ``~/.gunicorn/gunicorn.ctl``: one path for every gunicorn the
+    user runs on the machine. A second feature server (another data directory's, or this one's on another
+    port) unlinks the first one's socket and binds its own there: ``gunicornc`` then reaches the wrong
+    server, and the first to stop removes the other's socket. A socket's path is limited to 107 bytes, so
+    a data directory too deep for it (or not writable) gets one in the temp folder, named after its path
+    and the port, as Ray's session folder is (:func:`shopsight.platform.ray_cluster.ray_temp_dir`).
+    """
+    path = feast_dir(settings) / f"feature-server-{port}.ctl"
+    if len(os.fsencode(path)) <= 107:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return path
+        except OSError:
+            pass
+    digest = hashlib.sha256(str(Path(settings.data_dir).absolute()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"shopsight-feast-{digest}-{port}.ctl"
+
+
+@contextmanager
+def _gunicorn_control_socket(path: Path) -> Iterator[None]:
+    """Have Feast's gunicorn server, started within the block, open its control socket at ``path``.
+
+    ``FeatureStore.serve`` passes gunicorn a fixed set of options, without this one: its application
+    class is swapped for one that adds it, for the duration of the block.
+    """
+    from feast import feature_server
+
+    application = getattr(feature_server, "FeastServeApplication", None)
+    if application is None:  # Windows: Feast runs uvicorn, no gunicorn
+        yield
+        return
+
+    class WithControlSocket(application):  # type: ignore[misc, valid-type]
+        def load_config(self) -> None:
+            super().load_config()
+            self.cfg.set("control_socket", str(path))
+
+    feature_server.FeastServeApplication = WithControlSocket
+    try:
+        yield
+    finally:
+        feature_server.FeastServeApplication = application

@@ -203,6 +203,13 @@ class MlflowSettings(_Section):
         description="File holding the admin's password (12 or more characters); null: the environment "
         "variable MLFLOW_AUTH_ADMIN_PASSWORD, which MLflow itself reads.",
     )
+    outage_wait_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a finished training run waits for a tracking server (mlflow.tracking_uri) that "
+        "stopped answering, before it fails with its checkpoints kept; a local server is started again "
+        "instead.",
+    )
     auth_default_permission: Literal["READ", "NO_PERMISSIONS"] = Field(
         "READ",
         description="The local server's permission for a logged-in user on a model or experiment without "

@@ -767,9 +767,62 @@ def healthy(uri: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def quick_requests(timeout_s: float = 5.0):
+    """MLflow client calls inside make one try with a short timeout. MLflow retries a refused request 7 times
+    with a growing backoff (minutes in all), which is right for a command but stalls training, or the report
+    of a failure, on a server that is away. MLflow reads these variables per request, so they are set for
+    the block only (process-wide: the block is meant for a worker's or an error path's few calls)."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout_s))}
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def wait_for_server(settings: Settings, uri: str, log=print) -> str:
+    """The tracking URI to go on with once the server at ``uri`` answers again.
+
+    The local server of the data directory is started again at once (the runs are in its backend store, so
+    a run goes on where it was); a configured server (``mlflow.tracking_uri``) is waited for, up to
+    ``mlflow.outage_wait_s``, as its deployment restarts it.
+
+    Raises:
+        ShopsightError: the local server cannot be started, or the configured one did not answer in time.
+    """
+    if healthy(uri):
+        return uri
+    if not settings.mlflow.tracking_uri:
+        log(f"the local MLflow server at {uri} stopped answering: starting it again")
+        restarted = tracking_uri(settings)
+        if restarted != uri:
+            log(f"the local MLflow server is back at {restarted}")
+        return restarted
+    wait_s = settings.mlflow.outage_wait_s
+    log(
+        f"MLflow at {uri} does not answer: waiting up to {wait_s:g} s (mlflow.outage_wait_s) for it to return"
+    )
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        if healthy(uri):
+            log(f"MLflow at {uri} answers again")
+            return uri
+    raise ShopsightError(f"MLflow at {uri} did not answer for {wait_s:g} s (mlflow.outage_wait_s)")
+
+
 def _port_free(host: str, port: int) -> bool:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
+        # as the server binds (uvicorn sets SO_REUSEADDR): a server just killed leaves its connections in
+        # TIME_WAIT, which fail a plain bind though a restart on the same port works
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host or "0.0.0.0", port))
         except OSError:

@@ -66,6 +66,10 @@ log = logging.getLogger("shopsight.serving")
 MODELS = "/v1/models"
 KEYED_PREFIX = "/v1/"
 DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+# Ray's errors of a service that is busy or restarting, named so that the app needs no Ray: a 503, not a 500
+_RETRYABLE = frozenset(
+    ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError", "ActorUnavailableError")
+)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -165,6 +169,12 @@ class ServingMetrics:
             ["endpoint"],
             registry=r,
         )
+        self.features_unavailable = Counter(
+            "shopsight_features_unavailable",
+            "Requests answered without features (a fallback): the online store could not be read.",
+            ["endpoint"],
+            registry=r,
+        )
         self.responses = Counter(
             "shopsight_responses_by_version",
             "Answers by the model version that produced them.",
@@ -208,6 +218,8 @@ class ServingMetrics:
         self.batch_size.labels(endpoint).observe(outcome.batch_size)
         if outcome.fallbacks:
             self.fallbacks.labels(endpoint).inc(outcome.fallbacks)
+        if outcome.features_unavailable:
+            self.features_unavailable.labels(endpoint).inc()
         model = outcome.response.model
         self.responses.labels(model.name, model.alias, model.version).inc()
         self.version(model.name, model.alias, model.version)
@@ -379,7 +391,7 @@ def build_app(
         except TimeoutError:
             return _error(503, f"no answer within {timeout_s:g} s: the service is overloaded, retry later")
         except Exception as exc:  # noqa: BLE001 - Ray's back-pressure and unavailable replicas: retryable
-            if type(exc).__name__ in ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError"):
+            if type(exc).__name__ in _RETRYABLE:
                 return _error(503, f"the service is busy or restarting ({type(exc).__name__}), retry later")
             raise
         metrics.outcome(endpoint, outcome)

@@ -57,6 +57,8 @@ USER_CONFIG_KEYS = (
     "batch_wait_timeout_s",
     "poll_interval_s",
 )
+# How many replicas run: Ray Serve scales a deployment in place when only these change (no replica restarts)
+SCALE_KEYS = ("replicas", "autoscaling", "ingress_replicas")
 
 
 def _replica_setup(settings: Settings) -> None:
@@ -205,7 +207,15 @@ class ServeBackend:
         self.tasks = tuple(handles)
 
     async def answer(self, task: str, request):
-        return await self.handles[task].answer.remote(request)
+        from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
+
+        try:
+            return await self.handles[task].answer.remote(request)
+        except RayActorError:
+            # the model replica died with the request (killed, out of memory, its node lost): a prediction
+            # only reads, so it is sent once more, to another replica (the handle's router has dropped the
+            # dead one), rather than lost; Serve starts a replacement meanwhile
+            return await self.handles[task].answer.remote(request)
 
     async def models(self):
         import asyncio
@@ -266,14 +276,15 @@ def user_config(serving: ServingSettings, **overrides) -> dict:
 
 def _code_version(settings: Settings) -> str:
     """Replicas restart when this changes: Shopsight's code (what a replica imports: the serving package,
-    the feature reader, the models), or a setting that is not in ``user_config``."""
+    the feature reader, the models), or a setting that is not in ``user_config`` nor the number of replicas
+    (``SCALE_KEYS``: a new count adds or stops replicas and leaves the others serving)."""
     digest = hashlib.sha256(__version__.encode())
     root = Path(str(resources.files("shopsight")))
     for path in sorted(root.rglob("*.py")):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
     values = settings.model_dump(mode="json")
-    for key in USER_CONFIG_KEYS:
+    for key in (*USER_CONFIG_KEYS, *SCALE_KEYS):
         values["serving"].pop(key)
     digest.update(json.dumps(values, sort_keys=True).encode())
     return digest.hexdigest()[:16]

@@ -5,7 +5,8 @@ in production :class:`~shopsight.features.online.OnlineFeatureReader` over the F
 loaded models, and answers a *batch* of requests at once (``@serve.batch`` hands it one). It decides, per
 request, which model answers (the champion, or the challenger for a seeded random canary share), scores
 the challenger in shadow when asked (logged and counted, never returned), and falls back to item
-popularity for a user whose history the model does not know.
+popularity for a user whose history the model does not know, or for every user while the online store
+cannot be read (the answer says so; see :meth:`_Predictor._read`).
 
 Models are swapped whole: :class:`Served` is immutable and the predictor replaces its reference in one
 assignment (atomic in CPython). A batch reads the reference once, so requests in flight finish on the
@@ -52,6 +53,8 @@ _LIST_FEATURES = {"top_categories", "seq_item_ids", "seq_category_ids", "seq_beh
 
 
 class FeatureReader(Protocol):
+    feature_names: Sequence[str]  # what ``read`` returns besides user_id (the columns of an empty answer)
+
     def read(self, user_ids: Sequence[int]) -> dict[str, list]: ...
 
 
@@ -130,6 +133,7 @@ class Outcome:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage, for the whole batch
     batch_size: int = 1
     fallbacks: int = 0
+    features_unavailable: bool = False  # answered without features: the online store could not be read
     shadow: ShadowResult | None = None
 
     @classmethod
@@ -165,6 +169,7 @@ class _Predictor:
         # the whole error is in the replica's log
         self.last_error: str | None = None
         self.champion_error: str | None = None  # why the champion alias's version is not the one served
+        self._store_down = False  # the last read of the online store failed (logged once per outage)
 
     @property
     def served(self) -> Served:
@@ -201,6 +206,34 @@ class _Predictor:
         """One outcome per request of the batch."""
         raise NotImplementedError
 
+    def _read(self, user_ids: Sequence[int]) -> tuple[dict[str, list], bool]:
+        """The users' online features and whether the store could be read.
+
+        An online store that is down or slow is not a 5xx: its read fails fast (the Redis client's timeouts
+        are short and it does not retry, see ``shopsight.features.store``) and every user is answered as one
+        without history (the fallback), the answer saying so (``features_unavailable``). Every batch reads
+        the store again, so answers use features as soon as it is back, with no restart. Logged once per
+        outage, not per request.
+        """
+        try:
+            features = self.reader.read(user_ids)
+        except Exception as exc:  # noqa: BLE001 - whatever the store raises (connection, timeout, ...)
+            if not self._store_down:
+                log.warning(
+                    "%s: the online store cannot be read, answering without features: %s: %s",
+                    self.registered_name,
+                    type(exc).__name__,
+                    exc,
+                )
+                self._store_down = True
+            empty = [None] * len(user_ids)
+            names = getattr(self.reader, "feature_names", ())
+            return {"user_id": list(user_ids), **{name: list(empty) for name in names}}, False
+        if self._store_down:
+            log.warning("%s: the online store answers again", self.registered_name)
+            self._store_down = False
+        return features, True
+
     def _variants(self, n: int, served: Served) -> list[str]:
         share = self.routing.canary_share
         if served.challenger is None or share <= 0:
@@ -228,7 +261,7 @@ class RecommendationPredictor(_Predictor):
         if served.champion is None:
             return [Outcome.unavailable(self._no_champion(), n) for _ in requests]
         started = time.perf_counter()
-        features = self.reader.read([r.user_id for r in requests])
+        features, read = self._read([r.user_id for r in requests])
         histories = features.get("seq_item_ids") or [None] * n
         looked_up = time.perf_counter()
         variants = self._variants(n, served)
@@ -253,8 +286,16 @@ class RecommendationPredictor(_Predictor):
                 model=loaded.ref(),
                 fallback=source != "model",
                 source=source,
+                features_unavailable=not read,
             )
-            outcomes.append(Outcome(response=response, batch_size=n, fallbacks=int(source != "model")))
+            outcomes.append(
+                Outcome(
+                    response=response,
+                    batch_size=n,
+                    fallbacks=int(source != "model"),
+                    features_unavailable=not read,
+                )
+            )
         timings = {"features": looked_up - started, "model": scored - looked_up}
         if self.routing.shadow and served.challenger is not None:
             self._shadow(served.challenger, requests, histories, variants, outcomes)
@@ -373,7 +414,7 @@ class ProbabilityPredictor(_Predictor):
         for request in requests:
             spans.append((len(ids), len(ids) + len(request.user_ids)))
             ids += request.user_ids
-        features = self.reader.read(ids)
+        features, read = self._read(ids)
         as_of = self.clock()
         frame = feature_frame(features, as_of)
         has_history = _has_history(features, len(ids))
@@ -394,9 +435,13 @@ class ProbabilityPredictor(_Predictor):
                 )
                 for r in range(lo, hi)
             ]
-            response = PropensityResponse(predictions=predictions, model=loaded.ref(), as_of=as_of)
+            response = PropensityResponse(
+                predictions=predictions, model=loaded.ref(), as_of=as_of, features_unavailable=not read
+            )
             fallbacks = sum(not has_history[r] for r in range(lo, hi))
-            outcomes.append(Outcome(response=response, batch_size=n, fallbacks=fallbacks))
+            outcomes.append(
+                Outcome(response=response, batch_size=n, fallbacks=fallbacks, features_unavailable=not read)
+            )
         timings = {"features": looked_up - started, "model": scored - looked_up}
         if self.routing.shadow and served.challenger is not None:
             rows = [r for i, v in enumerate(variants) if v == CHAMPION for r in range(*spans[i])]

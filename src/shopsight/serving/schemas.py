@@ -82,17 +82,26 @@ class ScoredItem(_Response):
     score: float
 
 
+_FEATURES_UNAVAILABLE = (
+    "True when the online feature store could not be read (down, or slower than its client's timeout): "
+    "the answer is the fallback for users without history, not an error; the next request reads the store "
+    "again."
+)
+
+
 class RecommendationResponse(_Response):
     user_id: int
     items: list[ScoredItem] = Field(description="Best first; fewer than k when fewer items qualify.")
     model: ModelRef
     fallback: bool = Field(
-        description="True when the user has no history the model knows: the items are the most popular ones."
+        description="True when the user has no history the model knows, or none could be read "
+        "(`features_unavailable`): the items are the most popular ones."
     )
     source: Literal["model", "popularity", "model_prior"] = Field(
         description="model: the network on the user's history; popularity: item popularity (no history); "
         "model_prior: the network on an empty history (no history and no item popularity online)."
     )
+    features_unavailable: bool = Field(False, description=_FEATURES_UNAVAILABLE)
 
 
 class UserProbability(_Response):
@@ -101,8 +110,8 @@ class UserProbability(_Response):
         description="Calibrated probability of the task's label (e.g. buying tomorrow, churning)."
     )
     has_history: bool = Field(
-        description="False when the online store holds no features of the user (a fallback: the model "
-        "scores an empty history)."
+        description="False when the online store holds no features of the user, or could not be read "
+        "(`features_unavailable`): a fallback, the model scores an empty history."
     )
 
 
@@ -110,6 +119,7 @@ class PropensityResponse(_Response):
     predictions: list[UserProbability]
     model: ModelRef
     as_of: datetime = Field(description="The instant the recency features were computed for (UTC).")
+    features_unavailable: bool = Field(False, description=_FEATURES_UNAVAILABLE)
 
 
 class ServedVersion(_Response):

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
@@ -29,14 +30,22 @@ from shopsight.platform import ShopsightError
 from shopsight.training.runtime.loop import EpochResult, LoopConfig, fit
 
 CHECKPOINT_FILE = "state.pt"
+HISTORY = "history"  # the checkpoint's key of every epoch's metrics so far
 
 
 class Reporter:
     """What every task does after an epoch: metrics to Ray (and MLflow), rank 0's checkpoint, and the
-    injected failure of the fault-tolerance tests."""
+    injected failure of the fault-tolerance tests.
 
-    def __init__(self, config: dict[str, Any], rank: int) -> None:
+    Rank 0's checkpoints also carry every epoch's metrics so far (``history``), restored on resumption: the
+    driver logs from the last checkpoint whatever the tracking server did not take during training
+    (:func:`epoch_history`)."""
+
+    def __init__(self, config: dict[str, Any], rank: int, resumed: dict[str, Any] | None = None) -> None:
         self.config, self.rank = config, rank
+        self.history: list[dict[str, Any]] = list((resumed or {}).get(HISTORY, []))
+        live = rank == 0 and config.get("mlflow")
+        self.tracking = _EpochLog(*config["mlflow"]) if live else None
 
     def announce(self, world_size: int, checkpoint, start_epoch: int) -> None:
         """Where this rank runs and where it starts: the job log shows placement and resumption."""
@@ -54,11 +63,12 @@ class Reporter:
         import ray.train
 
         epoch = int(metrics["epoch"])
-        if self.rank == 0 and self.config.get("mlflow"):
-            _log_epoch(self.config["mlflow"], metrics, epoch)
+        self.history.append({"at_ms": int(time.time() * 1000), **{k: float(v) for k, v in metrics.items()}})
+        if self.tracking:
+            self.tracking.send(self.history[-1])
         if self.rank == 0:
             with tempfile.TemporaryDirectory() as folder:
-                torch.save(state, Path(folder) / CHECKPOINT_FILE)
+                torch.save({**state, HISTORY: self.history}, Path(folder) / CHECKPOINT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
@@ -69,6 +79,80 @@ class Reporter:
             Path(marker).parent.mkdir(parents=True, exist_ok=True)
             Path(marker).write_text("failed once\n")  # the restarted worker must not fail again
             raise RuntimeError(f"injected worker failure after epoch {fail_after}")
+
+
+class _EpochLog:
+    """Rank 0's per-epoch metrics, live in the driver's MLflow run. Training never waits on the tracking
+    server: each epoch makes one quick try, and what the server does not take (it restarts, or it died)
+    is kept and sent with a later epoch. Whatever is still unsent when training ends, the driver logs
+    from the last checkpoint's history."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.uri, self.run_id = uri, run_id
+        self.pending: list = []
+        self.away = False
+
+    def send(self, row: dict[str, Any]) -> None:
+        from mlflow import MlflowClient
+
+        from shopsight.platform.mlflow_server import quick_requests
+
+        self.pending += epoch_metrics(row)
+        try:
+            with quick_requests():
+                while self.pending:  # MLflow takes at most 1,000 metrics a batch
+                    MlflowClient(self.uri).log_batch(self.run_id, metrics=self.pending[:1000])
+                    del self.pending[:1000]
+        except Exception as exc:  # noqa: BLE001 - any failure of the server is the same to training
+            if not self.away:
+                text = str(exc).strip() or type(exc).__name__
+                # a server that is away shows as urllib3's long "Max retries exceeded ..." line
+                reason = "no answer" if "Max retries exceeded" in text else text.splitlines()[0][:160]
+                print(
+                    f"MLflow at {self.uri} did not take epoch {int(row['epoch'])}'s metrics ({reason}): "
+                    "training goes on, and the metrics are sent when it answers",
+                    flush=True,
+                )
+            self.away = True
+            return
+        if self.away:
+            print(f"MLflow at {self.uri} answers again: the epochs it missed are logged", flush=True)
+        self.away = False
+
+
+def epoch_metrics(row: dict[str, Any]) -> list:
+    """One history row (:class:`Reporter`) as MLflow metrics at step ``epoch`` (MLflow names allow no
+    '@')."""
+    from mlflow.entities import Metric
+
+    epoch, at = int(row["epoch"]), int(row["at_ms"])
+    return [
+        Metric(k.replace("@", "_at_"), float(v), at, epoch)
+        for k, v in row.items()
+        if k not in ("epoch", "at_ms")
+    ]
+
+
+def epoch_history(result) -> list[dict[str, Any]]:
+    """Every epoch's metrics of a finished run, from its last checkpoint (``[]`` without one)."""
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False).get(HISTORY, [])
+
+
+def log_missing_epochs(uri: str, run_id: str, history: list[dict[str, Any]]) -> int:
+    """Log into run ``run_id`` the epochs of ``history`` it lacks (by their ``loss`` steps); returns how
+    many."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    logged = {m.step for m in client.get_metric_history(run_id, "loss")}
+    missing = [row for row in history if int(row["epoch"]) not in logged]
+    metrics = [metric for row in missing for metric in epoch_metrics(row)]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+    return len(missing)
 
 
 def quiet_checkpoint_logs() -> None:
@@ -113,7 +197,7 @@ def _fit(setup: Callable, config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optimizer_state, start_epoch, average_state = state["optimizer"], state["epoch"], state.get("average")
     context = ray.train.get_context()
-    reporter = Reporter(config, context.get_world_rank())
+    reporter = Reporter(config, context.get_world_rank(), state)
     reporter.announce(context.get_world_size(), checkpoint, start_epoch)
     key = f"valid_{step.metric}"
     last_metric = {"value": (state or {}).get("metrics", {}).get(key, 0.0)}
@@ -152,19 +236,6 @@ def _fit(setup: Callable, config: dict[str, Any]) -> None:
         average_state=average_state,
         on_epoch=on_epoch,
     )
-
-
-def _log_epoch(mlflow_run: tuple[str, str], metrics: dict, epoch: int) -> None:
-    """Per-epoch metrics into the driver's MLflow run, live (MLflow names allow no '@')."""
-    import time
-
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    uri, run_id = mlflow_run
-    now = int(time.time() * 1000)
-    batch = [Metric(k.replace("@", "_at_"), float(v), now, epoch) for k, v in metrics.items() if k != "epoch"]
-    MlflowClient(uri).log_batch(run_id, metrics=batch)
 
 
 def train_with_ray(

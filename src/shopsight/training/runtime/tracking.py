@@ -13,6 +13,7 @@ model predicted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import tempfile
 import time
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 
 from shopsight.platform import Settings, ShopsightError
-from shopsight.platform.mlflow_server import tracking_uri
+from shopsight.platform.mlflow_server import quick_requests, tracking_uri, wait_for_server
 from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.runtime.loop import LoopConfig
 from shopsight.training.tasks import Task
@@ -173,6 +174,7 @@ class TrackedRun:
     uri: str
     run_id: str
     name: str
+    log: Callable[[str], None] = print
 
     def train(
         self,
@@ -184,15 +186,27 @@ class TrackedRun:
         gpus_per_worker: float = 0,
     ) -> dict[str, Any]:
         """Run the task's worker under Ray Train (epochs logged into this run); returns the state of the
-        best checkpoint by the task's validation metric."""
-        from shopsight.training.runtime.ray_train import CHECKPOINT_FILE, train_with_ray
+        best checkpoint by the task's validation metric.
 
+        The tracking server may go away during training (the workers keep the epochs it does not take): the
+        run then waits for it (:func:`~shopsight.platform.mlflow_server.wait_for_server`) and logs the epochs
+        it missed, or fails in one line with its checkpoints kept for a resumption."""
+        import mlflow
+
+        from shopsight.training.runtime.ray_train import (
+            CHECKPOINT_FILE,
+            epoch_history,
+            log_missing_epochs,
+            train_with_ray,
+        )
+
+        storage = storage_path(self.settings)
         result = train_with_ray(
             worker,
             config,
             metric=self.task.metric.key,
             name=self.name,
-            storage_path=storage_path(self.settings),
+            storage_path=storage,
             workers=workers,
             worker_resources=self.settings.ray.worker_resources,
             gpus_per_worker=gpus_per_worker,
@@ -201,6 +215,17 @@ class TrackedRun:
         )
         if result.error is not None:
             raise ShopsightError(f"training failed: {result.error}")
+        try:
+            self.uri = wait_for_server(self.settings, self.uri, log=self.log)
+        except ShopsightError as exc:
+            raise ShopsightError(
+                f"{exc}: training finished, but the model is not registered. Its checkpoints are kept in "
+                f"{storage}/{self.name}; the same command with --name {self.name} resumes from them"
+            ) from None
+        mlflow.set_tracking_uri(self.uri)
+        missed = log_missing_epochs(self.uri, self.run_id, epoch_history(result))
+        if missed:
+            self.log(f"logged {missed} epochs' metrics that MLflow missed during training")
         key = f"valid_{self.task.metric.key}"
         best = max(result.best_checkpoints, key=lambda pair: pair[1].get(key, -np.inf))[0]
         with best.as_directory() as folder:
@@ -225,11 +250,19 @@ def tracked_run(
     uri = tracking_uri(settings)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(task.experiment)
-    with mlflow.start_run(run_name=run_name) as run:
+    run = mlflow.start_run(run_name=run_name)
+    try:
         mlflow.set_tags({**identity, "model": model_name, "task": task.name, **(tags or {})})
         mlflow.log_params(params)
         log(f"MLflow run {run.info.run_id} at {uri}")
-        yield TrackedRun(settings, task, uri, run.info.run_id, run_name)
+        yield TrackedRun(settings, task, uri, run.info.run_id, run_name, log)
+    except BaseException:
+        # one quick try: the failure may be the server's, and MLflow's retries would hold its report back for
+        # minutes; a run it cannot mark FAILED stays RUNNING in the store, which the error explains
+        with contextlib.suppress(Exception), quick_requests():
+            mlflow.end_run("FAILED")  # it takes the run off MLflow's stack before it calls the server
+        raise
+    mlflow.end_run()
 
 
 def train_prepared(

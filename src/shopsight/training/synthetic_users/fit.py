@@ -30,7 +30,7 @@ def gan_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     gan = build_model("gan", **{**config["model_config"], "device": str(device), "log_every": 1})
     checkpoint, resume = load_checkpoint()
-    reporter = Reporter(config, ray.train.get_context().get_world_rank())
+    reporter = Reporter(config, ray.train.get_context().get_world_rank(), resume)
     reporter.announce(1, checkpoint, resume["epoch"] if resume else 0)
     reference = data.valid.sample(min(len(data.valid), 2000), random_state=0)
     real = data.train.sample(min(len(data.train), 2000), random_state=0)
