@@ -21,7 +21,12 @@ from pathlib import Path
 from benchmarks._machine import append_report, describe_machine
 
 RESULTS = Path(__file__).parent / "results"
-SUITE = ("tests/chaos", "tests/component/test_serving.py")
+SUITE = (
+    "tests/chaos",
+    "tests/component/test_serving.py",
+    "tests/component/test_ray_train.py",
+    "tests/component/test_cluster_jobs.py",
+)
 
 
 def main() -> None:

@@ -120,7 +120,8 @@ def cluster(tmp_path, free_port):
     cluster.down()
 
 
-def test_two_node_training_job_spreads_workers_and_survives_a_node_restart(cluster, sasrec_games):
+@pytest.mark.chaos
+def test_two_node_training_job_spreads_workers_and_survives_a_node_restart(cluster, sasrec_games, record):
     data = cluster.root / "games-head.txt"
     with open(sasrec_games) as source:
         data.write_text("".join(line for _, line in zip(range(30_000), source, strict=False)))
@@ -151,8 +152,11 @@ def test_two_node_training_job_spreads_workers_and_survives_a_node_restart(clust
     assert {node[:12] for node in placed.values()} == set(nodes)
     # the second node dies mid-run (its raylet and every worker on it), and comes back as a new node
     assert stop_worker_node(node, remove=False) > 0
+    stopped = time.perf_counter()
     _wait_for(lambda: len(cluster.nodes()) == 1, 120, "the head to declare the node dead")
     cluster.join()
+    _wait_for(lambda: "resumes after epoch" in log(), 600, "the workers to resume")
+    resumed_after_s = time.perf_counter() - stopped
 
     done = _shopsight("jobs", "status", job, "--wait", "--timeout", "900", config=cluster.config, timeout=960)
     final_log = log()
@@ -166,6 +170,12 @@ def test_two_node_training_job_spreads_workers_and_survives_a_node_restart(clust
     assert min(int(e) for e in re.findall(r"epoch +(\d+)  loss", after_restart)) == min(resumed) + 1
     checkpoints = list((cluster.root / "shared" / "two-nodes").glob("checkpoint_*"))
     assert checkpoints, "no checkpoint in the shared storage path"
+    record(
+        in_flight="1 job, 2 workers on 2 nodes, 10 epochs",
+        lost=len(epochs) - len(set(epochs)),  # epochs trained twice
+        recovered=len(set(epochs)),
+        seconds_to_recover=round(resumed_after_s, 1),
+    )
 
     listing = _shopsight("jobs", "list", config=cluster.config)
     assert job in listing.stdout and "SUCCEEDED" in listing.stdout
