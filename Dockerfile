@@ -16,18 +16,32 @@
 ARG VARIANT=cpu
 ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
+# The base images by digest: a tag moves (every rebuild of python:3.11-slim-bookworm), a digest names one
+# image. Release builds pass the digest the tag has when the release is cut, for each platform built:
+#   docker buildx imagetools inspect python:3.11-slim-bookworm            # Digest: sha256:...
+#   docker build --build-arg CPU_BASE_DIGEST=sha256:... --build-arg CUDA_BASE_DIGEST=sha256:... .
+# Empty (the default here): the tag alone. tests/unit/test_infra.py checks that a digest given here is one.
+ARG CPU_BASE_DIGEST=
+ARG CUDA_BASE_DIGEST=
+
+# Debian's and Ubuntu's packages are not pinned to versions (hadolint DL3008): their archives keep only the
+# newest build of each package of a release, so a pinned version stops resolving at the next security
+# update, which is the update a rebuild should take. The release is fixed by the base image (tag or digest),
+# the versions installed are recorded in the image (`dpkg -l`); Python's packages are pinned and hashed below.
 
 # --- cpu: Debian with Python 3.11 --------------------------------------------------------------------
-FROM ${CPU_BASE_IMAGE} AS base-cpu
+FROM ${CPU_BASE_IMAGE}${CPU_BASE_DIGEST:+@${CPU_BASE_DIGEST}} AS base-cpu
 ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini procps wget ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 ENV PYTHON_BIN=/usr/local/bin/python3.11
 
 # --- cuda: NVIDIA's CUDA runtime on Ubuntu, Python 3.11 from the deadsnakes archive -------------------------
-FROM ${CUDA_BASE_IMAGE} AS base-cuda
+FROM ${CUDA_BASE_IMAGE}${CUDA_BASE_DIGEST:+@${CUDA_BASE_DIGEST}} AS base-cuda
 ARG DEBIAN_FRONTEND=noninteractive
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common gpg-agent ca-certificates \
  && add-apt-repository -y ppa:deadsnakes/ppa \
@@ -40,6 +54,7 @@ RUN apt-get update \
 ENV PYTHON_BIN=/usr/bin/python3.11
 
 # --- the platform, on the chosen base ---------------------------------------------------------------------
+# hadolint ignore=DL3006
 FROM base-${VARIANT} AS platform
 ARG VARIANT
 
@@ -67,13 +82,15 @@ WORKDIR /opt/shopsight
 # tools first (lock-build.txt), then the variant's lock, boto3 included (the MLflow server writes to S3).
 # --no-build-isolation: pyspark's sdist, and the package below, are built by the locked setuptools.
 COPY requirements/lock-build.txt requirements/lock-image-cpu.txt requirements/lock-image-cuda.txt requirements/
+# The CPU lock's extra index is in the positional parameters ("$@"): sh has no arrays, and an unquoted
+# variable would be split on any space.
 RUN case "${VARIANT}" in \
-      cpu)  lock=requirements/lock-image-cpu.txt; index="--extra-index-url https://download.pytorch.org/whl/cpu" ;; \
-      cuda) lock=requirements/lock-image-cuda.txt; index="" ;; \
+      cpu)  lock=requirements/lock-image-cpu.txt; set -- --extra-index-url https://download.pytorch.org/whl/cpu ;; \
+      cuda) lock=requirements/lock-image-cuda.txt; set -- ;; \
       *)    echo "VARIANT must be cpu or cuda, not '${VARIANT}'" >&2; exit 1 ;; \
     esac \
  && pip install --require-hashes --requirement requirements/lock-build.txt \
- && pip install --require-hashes --no-build-isolation ${index} --requirement "${lock}" \
+ && pip install --require-hashes --no-build-isolation "$@" --requirement "${lock}" \
  && python -c "import torch, sys; cuda = torch.version.cuda is not None; \
 sys.exit(0 if cuda == ('${VARIANT}' == 'cuda') else 'torch build does not match VARIANT=${VARIANT}')"
 

@@ -66,7 +66,7 @@ def prepare(data_dir: Path, users: int, days: int, burn_in: int, task) -> Path:
         _cli(data_dir, "data", "simulate", "--users", str(users), "--days", str(days))
     if not (data_dir / "feast" / "registry.db").exists():
         _cli(
-            data_dir, "features", "build", "--events", str(data_dir / "simulated" / "events"),
+            data_dir, "features", "build", "--data", str(data_dir / "simulated" / "events"),
             "--start", str(first), "--end", str(last), last_day=events_end,
         )  # fmt: skip
         _cli(data_dir, "features", "apply", last_day=events_end)

@@ -41,6 +41,43 @@ def record(request):
     return write
 
 
+# The settings read the user's config directory and the variables of MLflow, Ray and Spark: the suite sees
+# none of the shell's that runs it. They are cleared again before every test, since mlflow.set_tracking_uri
+# exports MLFLOW_TRACKING_URI (for subprocesses): one test's local server must not become the next test's
+# configured one.
+_SHELL_SETTINGS = ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "MASTER", "SHOPSIGHT_CONFIG")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_settings(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+        for name in _SHELL_SETTINGS:
+            patch.delenv(name, raising=False)
+        yield
+
+
+def _clear_shell_settings() -> None:
+    # popped, not monkeypatched: `mlflow.set_tracking_uri` (in a test or a module's fixture) writes
+    # MLFLOW_TRACKING_URI into os.environ, and a monkeypatch would put it back at teardown; left there, the
+    # next module's CLI subprocesses would take a stopped server for a configured one
+    for name in _SHELL_SETTINGS:
+        os.environ.pop(name, None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_settings_left_by_another_module():
+    _clear_shell_settings()
+    yield
+    _clear_shell_settings()
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_left_by_another_test():
+    _clear_shell_settings()
+    yield
+
+
 @pytest.fixture(scope="session")
 def taobao_sample() -> Path:
     return shared_data("taobao/UserBehavior_sample_10k.csv")

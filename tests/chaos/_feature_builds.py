@@ -33,7 +33,7 @@ def simulate(data_dir: Path, seed: int) -> Path:
 
 
 def build_command(data_dir: Path, events: Path, out: Path) -> list[str]:
-    return [*cli(data_dir), "features", "build", "--events", str(events), "--start", START, "--end", END,
+    return [*cli(data_dir), "features", "build", "--data", str(events), "--start", START, "--end", END,
             "--out", str(out)]  # fmt: skip
 
 

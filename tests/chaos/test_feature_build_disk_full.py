@@ -65,7 +65,7 @@ def test_a_full_disk_mid_build_fails_in_one_line_and_keeps_the_previous_output(t
         console = second.stdout + second.stderr
         assert second.returncode == 1, console
         assert "Traceback" not in console and "\tat " not in console and "Caused by" not in console, console
-        (error,) = [line for line in second.stdout.splitlines() if line.startswith("error:")]
+        (error,) = [line for line in second.stderr.splitlines() if line.startswith("error:")]
         assert error.startswith(f"error: no space left on device in {out} ("), error
         assert error.endswith(f"nothing was published: the previous output under {out} is unchanged"), error
         after = published(out)

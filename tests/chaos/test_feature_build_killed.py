@@ -144,11 +144,11 @@ def test_sparks_jvm_killed_mid_build_fails_in_one_line_and_keeps_the_previous_ou
     console = stdout + stderr
     assert building.returncode == 1, console
     assert "Traceback" not in console and "\tat " not in console, console
-    (error,) = [line for line in stdout.splitlines() if line.startswith("error:")]
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert error == (
         "error: Spark's JVM exited (killed by SIGKILL) while building features; nothing was published: "
         f"the previous output under {out} is unchanged"
-    ), stdout
+    ), stderr
     assert hidden(out) == []  # its staging folder is removed by the command itself
     after = published(out)
     assert after == world.files

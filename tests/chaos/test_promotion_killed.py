@@ -4,6 +4,7 @@ the history stay consistent, and the next promotion is not blocked until the loc
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -37,11 +38,12 @@ def _lock(registry) -> dict | None:
     return json.loads(text) if text else None
 
 
-def _holding_the_lock(registry, version: str) -> subprocess.Popen:
-    """`models promote` in its own process, once it holds the lock (its settle wait made a minute long)."""
-    command = [*registry.cli, "--set", "promotion.lock_settle_s=60", "models", "promote", NAME, "--version"]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    holding = subprocess.Popen([*command, version], env=registry.env, **quiet)
+def _holding_the_lock(registry, version: str, settle_s: int = 60, **output) -> subprocess.Popen:
+    """`models promote` in its own process, once it holds the lock (its settle wait made ``settle_s``
+    long)."""
+    command = [*registry.cli, "--set", f"promotion.lock_settle_s={settle_s}", "models", "promote", NAME]
+    output = output or {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    holding = subprocess.Popen([*command, "--version", version], env=registry.env, **output)
     deadline = time.time() + 120
     while (_lock(registry) or {}).get("pid") != holding.pid:
         assert holding.poll() is None and time.time() < deadline, "the promotion never took the lock"
@@ -68,7 +70,8 @@ def test_a_killed_promotion_does_not_block_the_next_one(registry, record):
     result = registry.run_process("models", "promote", NAME, "--version", candidate)
     recovered_in = time.time() - started
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "took over the lock" in result.stdout and f"pid {left['pid']}" in result.stdout
+    # what the command says along the way is on stderr, its result on stdout
+    assert "took over the lock" in result.stderr and f"pid {left['pid']}" in result.stderr
     assert registry.champion() == candidate and _lock(registry) is None
     entry = registry.history()[-1]
     assert (entry["action"], entry["from"], entry["to"]) == ("promote", champion, candidate)
@@ -84,7 +87,7 @@ def test_a_live_holder_on_this_machine_still_blocks(registry):
     holding = _holding_the_lock(registry, candidate)
     try:
         result = registry.run_process("models", "promote", NAME, "--version", candidate)
-        assert result.returncode == 1 and "is in progress" in result.stdout, result.stdout
+        assert result.returncode == 1 and "is in progress" in result.stderr, result.stdout + result.stderr
     finally:
         holding.kill()
         holding.wait(timeout=30)
@@ -117,10 +120,44 @@ def test_a_promotion_killed_after_its_record_before_the_alias_is_finished_by_the
     result = registry.run_process("models", "rollback", NAME, "--reason", "after the kill")
     recovered_in = time.time() - started
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "took over the lock" in result.stdout
-    assert f"finished its promote: champion is version {candidate}" in result.stdout
+    assert "took over the lock" in result.stderr
+    assert f"finished its promote: champion is version {candidate}" in result.stderr
     entry = registry.history()[-1]
     assert (entry["action"], entry["from"], entry["to"]) == ("rollback", candidate, champion)
     assert registry.champion() == champion and _lock(registry) is None
     record(in_flight="1 promotion, recorded, alias not moved", lost=0, recovered=1,
            seconds_to_recover=round(recovered_in, 1))  # fmt: skip
+
+
+def test_the_mlflow_server_killed_during_a_promotion_leaves_the_alias_and_history_consistent(
+    registry, record
+):
+    """The server dies (SIGKILL of its process group) while a promotion holds the lock, and comes back on
+    its address and store: the promotion's calls are retried (MLflow's client backs off and tries again)
+    and it finishes, the alias and the history agreeing, and no lock left behind."""
+    from shopsight.platform.mlflow_server import tracking_uri
+
+    champion, entries = registry.champion(), len(registry.history())
+    candidate = registry.register(trained=True)
+    holding = _holding_the_lock(
+        registry, candidate, settle_s=8, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    record_file = registry.settings.data_dir / "mlflow" / "server.json"
+    os.killpg(json.loads(record_file.read_text())["pid"], signal.SIGKILL)
+    killed = time.time()
+    time.sleep(2)
+    assert tracking_uri(registry.settings) == registry.uri  # back on the same address
+    restarted = time.time()
+    out, err = holding.communicate(timeout=300)
+    assert holding.returncode == 0, out.decode() + err.decode()
+    assert "Traceback" not in err.decode()
+    assert registry.champion() == candidate and _lock(registry) is None
+    history = registry.history()
+    assert len(history) == entries + 1
+    assert (history[-1]["action"], history[-1]["from"], history[-1]["to"]) == ("promote", champion, candidate)
+    record(
+        in_flight="1 promotion holding the lock, server down " + f"{restarted - killed:.0f} s",
+        lost=0,
+        recovered=1,
+        seconds_to_recover=round(time.time() - killed, 1),
+    )

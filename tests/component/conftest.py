@@ -54,6 +54,52 @@ def free_port():
     return _free_port
 
 
+@pytest.fixture(scope="session")
+def model_venv(tmp_path_factory):
+    """``model_venv(requirements) -> python``: a fresh virtualenv holding only ``requirements`` (the lines of
+    registered models' requirements.txt) and what they depend on, nothing of Shopsight; made once per session
+    for each set of requirements.
+
+    Installed as ``make`` installs the platform: pinned and hash-checked by requirements/lock.txt, so the
+    versions are the platform's and torch is its CPU build, which pip finds through ``PIP_FIND_LINKS`` (or
+    ``PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu``), never PyPI's CUDA build. The platform's
+    pip installs into it (``pip --python``) and compiles no bytecode up front: the venv is used once."""
+    import hashlib
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    lock = Path(__file__).resolve().parents[2] / "requirements" / "lock.txt"
+    made: dict[str, Path] = {}
+
+    def make(requirements) -> Path:
+        lines = sorted({line.strip() for line in requirements if line.strip()})
+        key = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"model-venv-{key}")
+            listed = folder / "requirements.txt"
+            listed.write_text("\n".join(lines) + "\n")
+            started = time.perf_counter()
+            venv = folder / "venv"
+            subprocess.run(
+                [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+            )
+            python = venv / "bin" / "python"
+            pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-compile", "--quiet"]
+            done = subprocess.run(
+                [*pip, "--requirement", str(listed), "--constraint", str(lock)],
+                capture_output=True, text=True, timeout=900,
+            )  # fmt: skip
+            if done.returncode != 0:
+                pytest.fail(f"pip could not install {lines} into a fresh venv:\n{done.stderr[-3000:]}")
+            print(f"model venv {venv}: {len(lines)} requirements in {time.perf_counter() - started:.0f} s")
+            made[key] = python
+        return made[key]
+
+    return make
+
+
 class RedisServer:
     """A running redis-server that requires a password, as the cluster's does. Its configuration, password
     included, goes in on stdin (`redis-server -`): never on its command line, which `ps` shows every user of

@@ -85,8 +85,8 @@ class _Cluster:
         from shopsight.cli.cluster import _nodes
 
         head = json.loads((self.root / "data" / "ray" / "head.json").read_text())
-        lines = _nodes(head["dashboard_url"], head["token_path"])
-        return {line.split()[0]: "(head" in line for line in lines}
+        nodes = _nodes(head["dashboard_url"], head["token_path"])
+        return {node["node_id"][:12]: node["role"] == "head" for node in nodes}
 
     def down(self) -> None:
         _shopsight("cluster", "down", config=self.config)
@@ -191,16 +191,16 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
         (("train", "--data", str(cluster.config), "--bogus", "1"), "No such option: --bogus"),
         (("evaluate", "--data", str(cluster.config)), "Missing option '--model-uri'"),
     ]:
-        result = submit(*args)
-        assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr, result.stderr
-        assert message in result.stdout, result.stdout
+        result = submit(*args)  # a usage error of the command it would run: exit 2, as that command's own
+        assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr
+        assert message in result.stderr and result.stdout == "", result.stdout + result.stderr
 
     remote = tmp_path / "remote.yaml"
     token = tmp_path / "token"
     token.write_text("not-the-token")
     remote.write_text(yaml.safe_dump({"ray": {"address": f"http://127.0.0.1:{free_port()}"}}))
     result = submit("train", "--data", str(cluster.config), config=remote)
-    assert result.returncode == 1 and "cannot reach the Ray cluster" in result.stdout, result.stdout
+    assert result.returncode == 1 and "cannot reach the Ray cluster" in result.stderr, result.stderr
     # the real cluster with a wrong token: refused before anything runs
     head = json.loads((cluster.root / "data" / "ray" / "head.json").read_text())
     remote.write_text(
@@ -208,17 +208,17 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
     )
     result = submit("train", "--data", str(cluster.config), config=remote)
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
-    assert "invalid token" in result.stdout and str(token) in result.stdout, result.stdout
+    assert "invalid token" in result.stderr and str(token) in result.stderr, result.stderr
 
-    # a job that fails on the cluster: status FAILED, the tail of its log, exit 1
+    # a job that fails on the cluster: status FAILED (stdout), the tail of its log (stderr), exit 1
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     job = _job_id(submit("train", "--data", str(empty)).stdout)
     status = _shopsight("jobs", "status", job, "--wait", "--timeout", "300", config=cluster.config)
     assert status.returncode == 1 and "FAILED" in status.stdout, status.stdout
-    assert "last lines of its log" in status.stdout and "empty.txt" in status.stdout
+    assert "last lines of its log" in status.stderr and "empty.txt" in status.stderr
     unknown = _shopsight("jobs", "status", "shopsight-train-nope", config=cluster.config)
-    assert unknown.returncode == 1 and "no job 'shopsight-train-nope'" in unknown.stdout
+    assert unknown.returncode == 1 and "no job 'shopsight-train-nope'" in unknown.stderr
 
     # a running job stopped: STOPPED, and `jobs status` exits 1 for it too
     long_run = tmp_path / "long.txt"
@@ -236,7 +236,7 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
 
     # `serve` joins the same head (its token included) and leaves a head it did not start running
     status = _shopsight("serve", "status", config=cluster.config)
-    assert status.returncode == 1 and "no serving application 'shopsight' is deployed" in status.stdout, (
+    assert status.returncode == 1 and "no serving application 'shopsight' is deployed" in status.stderr, (
         status.stdout + status.stderr
     )
     assert "InvalidAuthToken" not in status.stderr

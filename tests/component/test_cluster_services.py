@@ -30,7 +30,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
     width, console.width = console.width, 250
     try:
-        result = CliRunner().invoke(app, list(args))
+        # without the variable mlflow.set_tracking_uri leaves in this process: the command would take it
+        # for a configured server, as it does a user's
+        result = CliRunner().invoke(app, list(args), env={"MLFLOW_TRACKING_URI": None})
     finally:
         console.width = width
     output = result.output
@@ -243,7 +245,7 @@ def test_bad_or_unreachable_backend_is_one_clear_line(free_port, tmp_path):
         )  # fmt: skip
         output = result.stdout + result.stderr
         assert result.returncode == 1 and "Traceback" not in output, output
-        errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and expected in errors[0], output
         assert "s3cret" not in output
     assert not (tmp_path / "dd" / "mlflow" / "server.json").exists()
@@ -381,7 +383,7 @@ def test_a_refused_redis_password_is_one_cli_line_without_it(redis_server, tmp_p
     )  # fmt: skip
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output
-    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     address = f"{redis_server.host}:{redis_server.port}"
     assert errors == [f"error: Redis at {address} refused the password {FROM_ENV}"], output
     assert wrong not in output and redis_server.password not in output

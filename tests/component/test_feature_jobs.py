@@ -381,7 +381,7 @@ def test_a_build_removes_the_staging_of_killed_builds_only(spark, taobao_sample,
     events = tmp_path / "slice.csv"
     events.write_text("\n".join(ONE_DAY) + "\n")
     env = {**os.environ, "SHOPSIGHT_DATA_DIR": str(tmp_path), "SHOPSIGHT_SPARK__MASTER": "local[1]"}
-    command = [sys.executable, "-m", "shopsight", "features", "build", "--events", str(events)]
+    command = [sys.executable, "-m", "shopsight", "features", "build", "--data", str(events)]
     killed = subprocess.Popen(
         [*command, "--start", "2017-11-26", "--end", "2017-11-26", "--out", str(out)],
         env=env,

@@ -214,7 +214,7 @@ def test_a_wrong_password_is_one_clear_line(server):
         capture_output=True, text=True, timeout=300, env={**server.registry.env, **wrong},
     )  # fmt: skip
     assert process.returncode == 1 and "Traceback" not in process.stderr, process.stderr
-    (line,) = [line for line in process.stdout.splitlines() if line.startswith("error:")]
+    (line,) = [line for line in process.stderr.splitlines() if line.startswith("error:")]
     assert "refused the login of user 'editor'" in line
     # the admin's password, wrong (from the variable: no password file), for `mlflow user`
     granting = server.run(

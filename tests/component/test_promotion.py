@@ -115,12 +115,13 @@ class Registry:
             result = CliRunner().invoke(app, [*self.cli[3:], *args])
         finally:
             console.width = width
-        output = result.output
+        output, code = result.output, result.exit_code
         if isinstance(result.exception, ShopsightError):
             output += f"error: {result.exception}\n"
+            code = result.exception.exit_code  # 3 for a refusal, as main() exits
         elif result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
-        return subprocess.CompletedProcess(args, result.exit_code, output, "")
+        return subprocess.CompletedProcess(args, code, output, "")
 
     def run_process(self, *args, timeout=300):
         """The command as a user runs it: its own process, errors printed by `main()`."""
@@ -165,8 +166,8 @@ def _out(result) -> str:
     return result.stdout + result.stderr
 
 
-def _one_line_error(result) -> str:
-    assert result.returncode == 1, _out(result)
+def _one_line_error(result, exit_code: int = 1) -> str:
+    assert result.returncode == exit_code, _out(result)
     assert "Traceback" not in _out(result), _out(result)
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stdout
@@ -228,7 +229,7 @@ def test_a_worse_challenger_is_refused_with_the_interval_and_the_champion_stays(
     champion = registry.champion()
     worse = registry.register(trained=False)
     result = registry.run("models", "promote", NAME)
-    error = _one_line_error(result)
+    error = _one_line_error(result, exit_code=3)  # the gate's refusal, told apart from a failure (1)
     assert f"version {worse} refused" in error and "worse than the champion" in error
     assert "95% CI [" in result.stdout and "difference (candidate - champion)" in result.stdout
     line = next(row for row in result.stdout.splitlines() if row.startswith("difference"))
@@ -276,6 +277,55 @@ def test_rollback_restores_the_previous_champion_and_is_recorded(registry):
     assert registry.client.get_model_version(NAME, forced).tags["rolled_back_by"] == entry["by"]
     again = _one_line_error(registry.run("models", "rollback", NAME))
     assert "no previous champion" in again and registry.champion() == first
+
+
+def test_every_decision_is_a_run_of_the_promotions_experiment(registry):
+    """The first promotion, the refusal, the forced promotion and the rollback so far: one run each in the
+    MLflow experiment ``promotions``, with both evaluations, the interval, the decision, who and why, as the
+    registry's history (the source of truth) records them."""
+    import mlflow
+
+    experiment = registry.client.get_experiment_by_name("promotions")
+    runs = registry.client.search_runs(
+        [experiment.experiment_id], f"tags.model = '{NAME}'", order_by=["attributes.start_time ASC"]
+    )
+    decisions = [(r.data.tags["action"], r.data.tags["decision"]) for r in runs]
+    assert decisions == [("promote", "first"), ("promote", "refused"), ("promote", "overridden"),
+                         ("rollback", "rollback")]  # fmt: skip
+    first, refused, forced, rolled = runs
+    history = registry.history()
+    assert [r.data.tags.get("history.n") for r in runs] == [str(history[0]["n"]), None, str(history[1]["n"]),
+                                                            str(history[2]["n"])]  # fmt: skip
+    entry = history[1]  # the forced promotion: both evaluations and the interval, as the history has them
+    metrics = forced.data.metrics
+    assert metrics["candidate_ndcg_at_10"] == pytest.approx(entry["metrics"][entry["to"]])
+    assert metrics["champion_ndcg_at_10"] == pytest.approx(entry["metrics"][entry["from"]])
+    assert (metrics["difference"], metrics["difference_lo"], metrics["difference_hi"]) == pytest.approx(
+        (entry["difference"]["mean"], entry["difference"]["lo"], entry["difference"]["hi"])
+    )
+    assert metrics["candidate_hr_at_10"] > 0
+    assert metrics["candidate_users"] == metrics["champion_users"] == metrics["difference_units"] == 300
+    tags = forced.data.tags
+    assert (tags["by"], tags["mlflow.user"], tags["reason"], tags["forced"], tags["promoted"]) == (
+        entry["by"], entry["by"], "the frozen set predates the catalogue change", "true", "true",
+    )  # fmt: skip
+    assert (tags["version.from"], tags["version.to"]) == (entry["from"], entry["to"])
+    assert tags["check.loads"] == tags["check.inputs"] == tags["check.finite"] == "ok"
+    assert forced.data.params["eval.sha256"] == history[0]["eval"]["sha256"]
+    assert mlflow.artifacts.load_dict(f"runs:/{forced.info.run_id}/decision.json") == entry
+    # the refusal moved nothing and says why; its interval lies below zero
+    assert (
+        refused.data.tags["promoted"] == "false" and "worse than the champion" in refused.data.tags["reason"]
+    )
+    assert refused.data.metrics["difference_hi"] < -0.2 < refused.data.metrics["champion_ndcg_at_10"]
+    assert first.data.tags["version.from"] == "none" and "champion_ndcg_at_10" not in first.data.metrics
+    # the rollback: the frozen-set values of the version restored and of the one rolled back
+    back = history[2]
+    assert (rolled.data.tags["version.from"], rolled.data.tags["version.to"]) == (back["from"], back["to"])
+    assert rolled.data.tags["reason"] == "conversion dropped" and rolled.data.tags["by"] == back["by"]
+    assert rolled.data.metrics["restored_ndcg_at_10"] == pytest.approx(back["metrics"][back["to"]])
+    assert rolled.data.metrics["champion_ndcg_at_10"] == pytest.approx(back["metrics"][back["from"]])
+    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 CONTENDER = """
@@ -352,6 +402,47 @@ def test_list_show_and_history_print_the_facts(registry):
     forced = entries[1]
     assert forced[7] == "yes" and forced[8] == "the frozen set predates the catalogue change"
     assert "ndcg@10" in forced[5] and "[" in forced[6] and entries[2][8] == "conversion dropped"
+
+
+def test_list_show_and_history_as_json_for_scripts(registry):
+    """The same facts with -o json: raw values under stable keys, alone on stdout."""
+    import json
+
+    def data(*args):
+        result = registry.run_process(*args, "-o", "json")
+        assert result.returncode == 0, _out(result)
+        return json.loads(result.stdout)
+
+    champion = registry.champion()
+    aliases = {alias: int(v) for alias, v in registry.client.get_registered_model(NAME).aliases.items()}
+    assert aliases["champion"] == int(champion)
+    (listed,) = [r for r in data("models", "list") if r["name"] == NAME]
+    assert list(listed) == ["name", "versions", "aliases", "tasks", "latest_version_created"]
+    assert listed["versions"] == [1, 2, 3, 4] and listed["tasks"] == ["next-item"]
+    assert listed["aliases"] == aliases and aliases["challenger"] == 4
+    assert listed["latest_version_created"].endswith("Z")  # ISO 8601 UTC, as the history's times
+
+    shown = data("models", "show", NAME)
+    assert list(shown) == ["name", "versions", "evaluation_set", "lock"] and shown["lock"] is None
+    assert [v["version"] for v in shown["versions"]] == [1, 2, 3, 4]
+    first, forced = shown["versions"][0], shown["versions"][1]
+    assert list(first) == ["version", "aliases", "task", "model_type", "test_metrics", "dataset",
+                           "created_by", "created_at", "run_id", "promotion"]  # fmt: skip
+    assert first["model_type"] == "sasrec" and 0 < first["test_metrics"]["ndcg_at_10"] <= 1
+    assert forced["promotion"]["forced"] is True and forced["promotion"]["rolled_back_at"]
+    champions_aliases = sorted(alias for alias, v in aliases.items() if v == int(champion))
+    assert sorted(shown["versions"][int(champion) - 1]["aliases"]) == champions_aliases
+    assert len(shown["evaluation_set"]["sha256"]) == 64 and shown["evaluation_set"]["path"]
+
+    history = data("models", "history", NAME)
+    assert [(e["action"], e["from"], e["to"], e["forced"]) for e in history] == [
+        (e["action"], e["from"], e["to"], bool(e.get("forced"))) for e in registry.history()
+    ]
+    assert list(history[0])[:6] == ["n", "at", "by", "action", "from", "to"]
+    assert history[1]["reason"] == "the frozen set predates the catalogue change"
+    assert (
+        history[1]["difference"]["lo"] <= history[1]["difference"]["mean"] <= history[1]["difference"]["hi"]
+    )
 
 
 def test_unknown_names_and_a_changed_evaluation_set_fail_clearly(registry):
@@ -525,3 +616,22 @@ def test_the_demo_bootstraps_a_champion_through_the_gate_or_says_why_it_serves_n
     (entry,) = read_history(registry.client, "shopsight-bootstrap")
     assert (entry["action"], entry["to"], entry["gate"]) == ("promote", good, "first")
     assert ensure_champion(registry.settings, registry.client, "shopsight-bootstrap") == good  # kept
+
+
+def test_a_decision_stands_when_its_run_cannot_be_written(registry):
+    """With the ``promotions`` experiment deleted (a run cannot be created in it), a rollback still moves
+    the champion and is recorded in the registry; the missing run is one warning."""
+    from shopsight.lifecycle.promotion import rollback
+
+    experiment = registry.client.get_experiment_by_name("promotions")
+    champion, said = registry.champion(), []
+    registry.client.delete_experiment(experiment.experiment_id)
+    try:
+        entry = rollback(registry.settings, NAME, "the experiment is gone", log=said.append)
+    finally:
+        registry.client.restore_experiment(experiment.experiment_id)
+    assert registry.champion() == entry["to"] != champion and registry.history()[-1] == entry
+    (warning,) = [line for line in said if line.startswith("warning:")]
+    assert "the decision stands" in warning and "'promotions' could not be written" in warning
+    runs = registry.client.search_runs([experiment.experiment_id], "tags.reason = 'the experiment is gone'")
+    assert runs == []

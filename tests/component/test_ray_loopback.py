@@ -202,14 +202,14 @@ def test_the_local_head_its_worker_node_and_a_job_listen_on_loopback_only(tmp_pa
         )
         listed = _shopsight("jobs", "list", config=remote)
         assert listed.returncode == 1 and "Traceback" not in listed.stdout + listed.stderr, listed.stderr
-        assert "invalid token" in listed.stdout and str(wrong) in listed.stdout, listed.stdout
-        assert "HTTP 403" in listed.stdout and "cannot reach" not in listed.stdout, listed.stdout
+        assert "invalid token" in listed.stderr and str(wrong) in listed.stderr, listed.stderr
+        assert "HTTP 403" in listed.stderr and "cannot reach" not in listed.stderr, listed.stderr
         remote.write_text(
             yaml.safe_dump({"data_dir": str(tmp_path / "elsewhere"), "ray": {"address": head.dashboard_url}})
         )
         listed = _shopsight("jobs", "list", config=remote)
-        assert listed.returncode == 1 and "invalid token" in listed.stdout, listed.stdout
-        assert "none was sent (HTTP 401)" in listed.stdout and "elsewhere" in listed.stdout, listed.stdout
+        assert listed.returncode == 1 and "invalid token" in listed.stderr, listed.stderr
+        assert "none was sent (HTTP 401)" in listed.stderr and "elsewhere" in listed.stderr, listed.stderr
     finally:
         _shopsight("cluster", "down", config=config)
         if node is not None:

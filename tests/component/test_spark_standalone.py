@@ -68,7 +68,7 @@ def spark_standalone(tmp_path, free_port):
 def _build(taobao_sample: Path, data_dir: Path, master: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "shopsight", "--data-dir", str(data_dir), "--set", f"spark.master={master}",
-         "--set", "spark.shuffle_partitions=4", "features", "build", "--events", str(taobao_sample),
+         "--set", "spark.shuffle_partitions=4", "features", "build", "--data", str(taobao_sample),
          "--start", DAYS[0], "--end", DAYS[1]],
         capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "200"},
     )  # fmt: skip

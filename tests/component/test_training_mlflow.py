@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -72,6 +73,28 @@ def test_train_registers_a_challenger_with_its_run(trained):
     } <= artifacts
 
 
+def test_the_run_names_its_training_data_as_an_mlflow_dataset(trained):
+    """The UI shows which data trained which run: the file as a dataset input of the run (its path, the
+    first 12 hex digits of its sha256 as the digest), beside the run's dataset.* tags."""
+    import hashlib
+
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+
+    _, settings, data, _, _ = trained
+    client = MlflowClient(tracking_uri(settings, start=False))
+    run = client.get_run(client.get_model_version_by_alias("shopsight-next-item", "challenger").run_id)
+    sha = hashlib.sha256(data.read_bytes()).hexdigest()
+    (used,) = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == ("pattern.txt", sha[:12])
+    assert used.dataset.source_type == "local"
+    assert json.loads(used.dataset.source) == {"uri": str(data.absolute())}
+    tags = {tag.key: tag.value for tag in used.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["sha256"] == sha
+    assert run.data.tags["dataset.sha256"] == sha and run.data.tags["dataset.path"] == str(data.absolute())
+
+
 def test_registered_model_predicts_any_batch_and_length(trained):
     import mlflow
 
@@ -112,13 +135,13 @@ def test_evaluate_reproduces_the_test_metrics_and_bad_inputs_fail_clearly(traine
     unknown = subprocess.run(
         [*common, "train", "--model", "gpt", "--data", str(data)], capture_output=True, text=True, env=env
     )
-    assert unknown.returncode == 2 and "unknown model 'gpt'" in unknown.stdout + unknown.stderr
+    assert unknown.returncode == 2 and "'gpt' is not one of" in unknown.stderr and unknown.stdout == ""
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     failed = subprocess.run([*common, "train", "--data", str(empty)], capture_output=True, text=True, env=env)
     assert (
         failed.returncode == 1
-        and "empty" in failed.stdout
+        and "empty" in failed.stderr
         and "Traceback" not in failed.stdout + failed.stderr
     )
 

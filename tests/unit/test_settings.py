@@ -1,4 +1,5 @@
-"""Settings: precedence CLI > env > config file > profile > default, sources, unknown keys refused."""
+"""Settings: precedence CLI > env > config files > ecosystem variables > profile > default, sources, unknown
+keys refused, user profiles, YAML values, `config show -o yaml` read back by --config."""
 
 from __future__ import annotations
 
@@ -142,7 +143,18 @@ def test_config_show_masks_every_secret_set_through_the_environment(tmp_path):
     assert rows["mlflow.backend_store_uri"] == "postgresql://mlflow@db/mlflow?password=***"
     assert rows["serving.api_keys.growth"] == f"{API_KEY_DIGEST[:8]}…"
     assert rows["ray.auth_token_path"] == "~/.ray/auth_token"  # where a token is: no secret
-    assert rows["spark.conf"] == "{'spark.hadoop.fs.s3a.secret.key': '***'}"
+    assert rows["spark.conf.spark.hadoop.fs.s3a.secret.key"] == "***"  # an entry of a mapping: its own row
+
+    as_file = subprocess.run(
+        [sys.executable, "-m", "shopsight", "--profile", "cluster", "config", "show", "-o", "yaml"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert as_file.returncode == 0, as_file.stderr
+    for name, (_, secret) in SECRETS.items():
+        if name != "SHOPSIGHT_SERVING__API_KEYS":  # a settings file holds the whole digest, no credential
+            assert secret not in as_file.stdout + as_file.stderr, f"{name}: {secret} is shown"
+    assert "***" not in as_file.stdout  # left out, not masked: a file that loads never sets a password to ***
+    assert "mlflow.backend_store_uri" in as_file.stderr and "spark.conf.spark.hadoop" in as_file.stderr
 
 
 def test_secret_settings_are_known_by_name():
@@ -168,3 +180,227 @@ def test_a_secret_from_the_environment_is_never_parsed_or_quoted():
     with pytest.raises(ConfigError) as info:
         load_settings(environ={"SHOPSIGHT_SPARK__CONF": "{spark: [x"})
     assert "SHOPSIGHT_SPARK__CONF is not valid JSON" in str(info.value) and "[x" not in str(info.value)
+
+
+# --- the ecosystem's variables, user config and profiles ----------------------------------------------
+
+
+def test_ecosystem_variables_fill_what_shopsight_settings_leave():
+    """MLFLOW_TRACKING_URI, RAY_ADDRESS (a Jobs API URL) and Spark's MASTER beat the profile; anything
+    written for Shopsight beats them."""
+    env = {
+        "MLFLOW_TRACKING_URI": "http://mlflow.team:5000",
+        "RAY_ADDRESS": "http://ray-head.team:8265",
+        "MASTER": "spark://spark.team:7077",
+    }
+    for profile in ("local", "cluster"):
+        resolved = load_settings(profile=profile, environ=env)
+        s = resolved.settings
+        assert s.mlflow.tracking_uri == "http://mlflow.team:5000"
+        assert _source(resolved, "mlflow.tracking_uri") == "env:MLFLOW_TRACKING_URI"
+        assert (
+            s.ray.address == "http://ray-head.team:8265"
+            and _source(resolved, "ray.address") == "env:RAY_ADDRESS"
+        )
+        assert (
+            s.spark.master == "spark://spark.team:7077" and _source(resolved, "spark.master") == "env:MASTER"
+        )
+
+    resolved = load_settings(
+        overrides={"spark.master": "local[2]"},
+        environ={**env, "SHOPSIGHT_MLFLOW__TRACKING_URI": "http://ours:5000"},
+    )
+    assert resolved.settings.mlflow.tracking_uri == "http://ours:5000"
+    assert _source(resolved, "mlflow.tracking_uri") == "env:SHOPSIGHT_MLFLOW__TRACKING_URI"
+    assert resolved.settings.spark.master == "local[2]" and _source(resolved, "spark.master") == "cli"
+    # an explicit null is a setting too: --set mlflow.tracking_uri= runs the local server
+    assert (
+        load_settings(overrides={"mlflow.tracking_uri": None}, environ=env).settings.mlflow.tracking_uri
+        is None
+    )
+
+
+def test_ecosystem_variables_that_name_no_server_are_not_settings():
+    """RAY_ADDRESS as ray.init reads it (a GCS address: Ray sets one in every job) and an MLflow URI that
+    is a file or a database are no Jobs API or tracking server."""
+    env = {"RAY_ADDRESS": "10.0.0.5:6379", "MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"}
+    resolved = load_settings(environ=env)
+    assert resolved.settings.ray.address is None and _source(resolved, "ray.address") == "profile:local"
+    assert resolved.settings.mlflow.tracking_uri is None
+
+
+def _user_config(tmp_path, text, profiles=None):
+    folder = tmp_path / "xdg" / "shopsight"
+    (folder / "profiles").mkdir(parents=True)
+    (folder / "config.yaml").write_text(text)
+    for name, body in (profiles or {}).items():
+        (folder / "profiles" / f"{name}.yaml").write_text(body)
+    return {"XDG_CONFIG_HOME": str(tmp_path / "xdg")}, folder
+
+
+def test_user_config_and_config_file_layers(tmp_path):
+    """defaults < profile < ecosystem < user config < SHOPSIGHT_CONFIG / --config < SHOPSIGHT_* < --set."""
+    env, folder = _user_config(
+        tmp_path,
+        "data:\n  batch_rows: 10\nfeatures:\n  segments: 3\nmlflow:\n  tracking_uri: http://user:5000\n",
+    )
+    config = tmp_path / "team.yaml"
+    config.write_text("data:\n  batch_rows: 20\n")
+    env = {**env, "MLFLOW_TRACKING_URI": "http://shell:5000", "SHOPSIGHT_CONFIG": str(config)}
+
+    resolved = load_settings(environ=env)
+    user_file = f"file:{folder / 'config.yaml'}"
+    assert resolved.settings.features.segments == 3 and _source(resolved, "features.segments") == user_file
+    assert resolved.settings.mlflow.tracking_uri == "http://user:5000"  # a file beats the shell's variable
+    assert (
+        resolved.settings.data.batch_rows == 20 and _source(resolved, "data.batch_rows") == f"file:{config}"
+    )
+
+    explicit = tmp_path / "mine.yaml"
+    explicit.write_text("data:\n  batch_rows: 30\n")
+    assert load_settings(config_file=explicit, environ=env).settings.data.batch_rows == 30  # --config wins
+    env_over = {**env, "SHOPSIGHT_DATA__BATCH_ROWS": "40"}
+    assert load_settings(config_file=explicit, environ=env_over).settings.data.batch_rows == 40
+
+    # without XDG_CONFIG_HOME (or with a relative one, which the XDG rule ignores): ~/.config
+    home = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": "relative"}
+    (tmp_path / "home" / ".config").mkdir(parents=True)
+    (tmp_path / "home" / ".config" / "shopsight").symlink_to(folder)
+    assert load_settings(environ=home).settings.features.segments == 3
+
+
+def test_user_profiles(tmp_path):
+    env, folder = _user_config(
+        tmp_path,
+        "profile: staging\n"
+        "profiles:\n"
+        "  staging:\n    spark: {master: 'spark://staging:7077'}\n"
+        "  cluster:\n    ray: {address: 'http://our-head:8265'}\n",  # layered over the built-in cluster
+        profiles={"gpu": "serving:\n  num_gpus: 1\n"},
+    )
+    resolved = load_settings(environ=env)  # the user config's profile:
+    assert resolved.settings.profile == "staging" and resolved.settings.spark.master == "spark://staging:7077"
+    assert _source(resolved, "spark.master") == "profile:staging"
+    assert _source(resolved, "profile") == f"file:{folder / 'config.yaml'}"
+
+    cluster = load_settings(profile="cluster", environ=env).settings
+    assert cluster.ray.address == "http://our-head:8265" and cluster.spark.master.startswith("spark://spark-")
+    assert load_settings(environ={**env, "SHOPSIGHT_PROFILE": "gpu"}).settings.serving.num_gpus == 1
+
+    with pytest.raises(ConfigError) as info:
+        load_settings(profile="prod", environ=env)
+    assert "unknown profile 'prod': choose one of local, cluster, staging, gpu" in str(info.value)
+    (folder / "profiles" / "staging.yaml").write_text("{}\n")
+    with pytest.raises(ConfigError, match="profile 'staging' is defined twice"):
+        load_settings(environ=env)
+
+
+# --- values from the CLI and the environment are YAML; mapping entries by their own names -------------
+
+
+def test_set_values_are_yaml():
+    from shopsight.cli._context import parse_overrides
+
+    overrides = parse_overrides([
+        "features.windows=[1,2]",
+        "mlflow.tracking_uri=",
+        "ray.address=null",
+        "spark.conf.spark.sql.shuffle.partitions=4",
+        "spark.master=local[2]",
+        "feast.project=0123",  # text for a text setting: never YAML 1.1's octal 83
+        "data.batch_rows=2000",
+        "serving.shadow=yes",
+        "object_store.bucket='null'",  # quoted: the text
+    ])  # fmt: skip
+    s = load_settings(overrides=overrides, environ={}).settings
+    assert s.features.windows == (1, 2) and s.mlflow.tracking_uri is None and s.ray.address is None
+    assert s.spark.conf == {"spark.sql.shuffle.partitions": "4"} and s.spark.master == "local[2]"
+    assert s.feast.project == "0123" and s.data.batch_rows == 2000 and s.serving.shadow is True
+    assert s.object_store.bucket == "null"
+
+    with pytest.raises(ConfigError, match="--set features.windows is not valid JSON or YAML"):
+        parse_overrides(["features.windows=[1,"])
+    assert parse_overrides(["mlflow.tracking_token=[x"]) == {"mlflow.tracking_token": "[x"}  # a secret: text
+
+
+def test_mapping_entries_add_up_across_layers(tmp_path):
+    """An entry of spark.conf is named after the mapping, dots and all; each layer adds or replaces entries,
+    each with its own source."""
+    config = tmp_path / "c.yaml"
+    config.write_text("spark:\n  conf:\n    spark.a: 1\n    spark.b: true\n")
+    resolved = load_settings(
+        config_file=config,
+        overrides={"spark.conf.spark.c": "3"},
+        environ={"SHOPSIGHT_SPARK__CONF": '{"spark.b": "false"}'},
+    )
+    assert resolved.settings.spark.conf == {"spark.a": "1", "spark.b": "false", "spark.c": "3"}
+    assert _source(resolved, "spark.conf.spark.a") == f"file:{config}"
+    assert _source(resolved, "spark.conf.spark.b") == "env:SHOPSIGHT_SPARK__CONF"
+    assert _source(resolved, "spark.conf.spark.c") == "cli"
+    shown = {key: value for key, value, _ in resolved.shown_items()}
+    assert shown["spark.conf.spark.b"] == "'false'" and shown["features.windows"] == "[1, 3, 7]"
+    assert shown["serving.api_keys"] == "{}" and shown["ray.head_resources"] == "{}"  # empty mappings too
+
+
+# --- `config show -o yaml` is a settings file ----------------------------------------------------------
+
+
+def _config_show(tmp_path, *args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "shopsight", *args, "config", "show", "-o", "yaml"],
+        cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_config_show_yaml_reads_back_to_the_same_settings(tmp_path):
+    registry, password = SECRETS["SHOPSIGHT_FEAST__REGISTRY"]
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow.team:5000", "SHOPSIGHT_FEAST__REGISTRY": registry}
+    sets = [
+        "features.windows=[2,5]",
+        "spark.conf.spark.sql.shuffle.partitions=4",
+        f"serving.api_keys.growth={API_KEY_DIGEST}",
+        "serving.autoscaling={max_replicas: 3}",
+    ]
+    sets = [arg for value in sets for arg in ("--set", value)]
+    first = _config_show(tmp_path, "--profile", "cluster", *sets, env=env)
+    assert first.returncode == 0, first.stderr
+    assert API_KEY_DIGEST in first.stdout  # whole: a digest is no credential, and a prefix would not load
+    assert "feast.registry" in first.stderr and password not in first.stdout + first.stderr
+    (tmp_path / "saved.yaml").write_text(first.stdout)
+
+    again = _config_show(tmp_path, "--config", "saved.yaml", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert (
+        load_settings(
+            config_file=tmp_path / "saved.yaml", environ={}
+        ).settings.serving.autoscaling.max_replicas
+        == 3
+    )
+
+
+def test_a_masked_secret_in_a_file_is_refused(tmp_path):
+    """A file that says *** where `config show` masked a secret would set the secret to ***."""
+    config = tmp_path / "c.yaml"
+    for line in ("mlflow:\n  backend_store_uri: postgresql://mlflow:***@db/mlflow\n",
+                 "spark:\n  conf:\n    spark.hadoop.fs.s3a.secret.key: '***'\n"):  # fmt: skip
+        config.write_text(line)
+        with pytest.raises(ConfigError, match=r"c.yaml: .* is a secret masked by `shopsight config show`"):
+            load_settings(config_file=config, environ={})
+
+
+def test_a_job_of_a_users_profile_runs_where_that_profile_is_unknown(tmp_path):
+    """A job's settings file holds every value; the profile it names may be one of this machine's user."""
+    import yaml
+
+    from shopsight.platform.jobs import job_settings
+
+    env, _ = _user_config(tmp_path, "profiles:\n  staging:\n    spark: {master: 'spark://staging:7077'}\n")
+    settings = load_settings(profile="staging", environ=env).settings
+    shipped = tmp_path / "shopsight-settings.yaml"
+    shipped.write_text(yaml.safe_dump(job_settings(settings, local_cluster=False)))
+    assert load_settings(config_file=shipped, environ={}).settings.spark.master == "spark://staging:7077"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 from shopsight.cli._context import state
-from shopsight.platform import ShopsightError, console, print_summary
+from shopsight.cli._output import OutputOption, emit
+from shopsight.platform import ShopsightError, console, err_console, print_summary, summary_table
 from shopsight.platform.ray_cluster import local_head, start_local_head, stop_local_head
 
 app = typer.Typer(
@@ -18,7 +19,7 @@ app = typer.Typer(
 def up_command(ctx: typer.Context) -> None:
     """Start a Ray head on this machine (token authentication on), or reuse the running one."""
     settings = state(ctx).settings
-    with console.status("starting the local Ray head"):
+    with err_console.status("starting the local Ray head"):
         head, started = start_local_head(settings)
     print_summary(
         "Ray head " + ("started" if started else "already running"),
@@ -33,26 +34,65 @@ def up_command(ctx: typer.Context) -> None:
 
 
 @app.command("status")
-def status_command(ctx: typer.Context) -> None:
-    """Whether the local head runs, its nodes and their resources; exit 1 when it is down."""
+def status_command(ctx: typer.Context, output: OutputOption = "table") -> None:
+    """Whether the local head runs, its nodes and their resources; exit 1 when it is down.
+
+    With -o json or yaml: address (the profile's cluster, or null for the local head), running (true,
+    false, or null for a profile's cluster, which this command does not inspect), dashboard_url,
+    gcs_address, token_path, nodes (a record each: node_id, role, ip, resources), nodes_error.
+    """
     settings = state(ctx).settings
+    data: dict = {
+        "address": settings.ray.address or None,
+        "running": None,
+        "dashboard_url": None,
+        "gcs_address": None,
+        "token_path": None,
+        "nodes": [],
+        "nodes_error": None,
+    }
     if settings.ray.address:
-        console.print(f"this profile uses the cluster at {settings.ray.address} (`shopsight jobs list`)")
+        emit(
+            output,
+            data,
+            lambda: f"this profile uses the cluster at {settings.ray.address} (`shopsight jobs list`)",
+        )
         return
     head = local_head(settings)
     if head is None:
-        console.print("local Ray head: not running (`shopsight cluster up` starts it)")
+        emit(output, {**data, "running": False}, lambda: _NOT_RUNNING)
         raise typer.Exit(1)
-    summary = {"Jobs API / dashboard": head.dashboard_url, "GCS": head.gcs_address, "token": head.token_path}
+    data.update(
+        running=True,
+        dashboard_url=head.dashboard_url,
+        gcs_address=head.gcs_address,
+        token_path=head.token_path,
+    )
     try:
-        for i, node in enumerate(_nodes(head.dashboard_url, head.token_path)):
-            summary[f"node {i}"] = node
+        data["nodes"] = _nodes(head.dashboard_url, head.token_path)
     except ShopsightError as exc:
-        summary["nodes"] = str(exc)
-    print_summary("local Ray head: running", summary)
+        data["nodes_error"] = str(exc)
+
+    def people():
+        summary = {
+            "Jobs API / dashboard": head.dashboard_url,
+            "GCS": head.gcs_address,
+            "token": head.token_path,
+        }
+        for i, node in enumerate(data["nodes"]):
+            resources = ", ".join(f"{k} {v:g}" for k, v in node["resources"].items())
+            summary[f"node {i}"] = f"{node['node_id'][:12]} ({node['role']}, {node['ip']}): {resources}"
+        if data["nodes_error"]:
+            summary["nodes"] = data["nodes_error"]
+        return summary_table("local Ray head: running", summary)
+
+    emit(output, data, people)
 
 
-def _nodes(dashboard_url: str, token_path: str) -> list[str]:
+_NOT_RUNNING = "local Ray head: not running (`shopsight cluster up` starts it)"
+
+
+def _nodes(dashboard_url: str, token_path: str) -> list[dict]:
     """Alive nodes and their resources, from the dashboard's State API."""
     from pathlib import Path
 
@@ -69,17 +109,19 @@ def _nodes(dashboard_url: str, token_path: str) -> list[str]:
         response.raise_for_status()
     except requests.RequestException as exc:
         raise ShopsightError(f"cannot list nodes: {exc}") from None
-    lines = []
+    nodes = []
     for node in response.json()["data"]["result"]["result"]:
         if node.get("state") != "ALIVE":
             continue
-        resources = ", ".join(
-            f"{k} {v:g}" for k, v in sorted(node.get("resources_total", {}).items())
+        resources = {
+            k: v for k, v in sorted(node.get("resources_total", {}).items())
             if not k.startswith(("node:", "memory", "object_store_memory"))
-        )  # fmt: skip
+        }  # fmt: skip
         role = "head" if node.get("is_head_node") else "worker"
-        lines.append(f"{node['node_id'][:12]} ({role}, {node.get('node_ip')}): {resources}")
-    return lines
+        nodes.append(
+            {"node_id": node["node_id"], "role": role, "ip": node.get("node_ip"), "resources": resources}
+        )
+    return nodes
 
 
 @app.command("down")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import parse_day, state
+from shopsight.cli._context import input_path, one_input, parse_day, state
 from shopsight.data import (
+    FORMATS,
     EventReader,
     EventStats,
     ReadReport,
@@ -24,16 +25,23 @@ from shopsight.platform import Settings, Stopwatch, console, print_summary, prog
 
 app = typer.Typer(help="Event data: simulate Taobao-like events, validate event files.", no_args_is_help=True)
 
+FormatName = Literal[FORMATS]  # type: ignore[valid-type]
+FORMAT_HELP = "The event file's format (auto: decided from its content)."
+
 
 @app.command("simulate")
 def simulate_command(
     ctx: typer.Context,
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: <data_dir>/simulated].")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder.", show_default="<data_dir>/simulated")
+    ] = None,
     users: Annotated[int, typer.Option(min=1, help="Number of users.")] = 2000,
     days: Annotated[int, typer.Option(min=1, help="Number of days.")] = 9,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same events.")] = 0,
     start: Annotated[str, typer.Option(help="First day, YYYY-MM-DD (shop-local).")] = "2017-11-25",
-    items: Annotated[int | None, typer.Option(min=1, help="Number of items [default: 4 per user].")] = None,
+    items: Annotated[
+        int | None, typer.Option(min=1, help="Number of items.", show_default="4 per user")
+    ] = None,
 ) -> None:
     """Simulate Taobao-like behaviour events as day-partitioned parquet, with the next-day buy oracle."""
     settings = state(ctx).settings
@@ -54,27 +62,51 @@ def simulate_command(
 @app.command("validate")
 def validate_command(
     ctx: typer.Context,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Event file (.csv, .csv.gz, .txt, .parquet) or day-partitioned folder.",
+            callback=input_path,
+            show_default=False,
+        ),
+    ] = None,
     path: Annotated[
-        Path, typer.Argument(help="Event file (.csv, .csv.gz, .txt, .parquet) or day-partitioned folder.")
-    ],
-    format: Annotated[str, typer.Option("--format", help="taobao | sasrec | parquet | auto.")] = "auto",
+        Path | None,
+        typer.Argument(help="The same as --data (the older spelling).", hidden=True, callback=input_path),
+    ] = None,
+    format: Annotated[FormatName, typer.Option("--format", help=FORMAT_HELP)] = "auto",
     quarantine: Annotated[
         Path | None,
-        typer.Option(help="Where rejected rows go [default: <data_dir>/quarantine/<name>.rejected.csv]."),
+        typer.Option(
+            help="Where rejected rows go.", show_default="<data_dir>/quarantine/<name>.rejected.csv"
+        ),
     ] = None,
     since: Annotated[
-        str | None, typer.Option(help="First accepted day [default: data.window_start].")
+        str | None, typer.Option(help="First accepted day.", show_default="data.window_start")
     ] = None,
-    until: Annotated[str | None, typer.Option(help="Last accepted day [default: data.window_end].")] = None,
-    no_window: Annotated[bool, typer.Option("--no-window", help="Accept events at any time.")] = False,
-    strict: Annotated[bool, typer.Option(help="Exit with status 1 if any row is rejected.")] = False,
+    until: Annotated[
+        str | None, typer.Option(help="Last accepted day.", show_default="data.window_end")
+    ] = None,
+    window: Annotated[
+        bool,
+        typer.Option(
+            "--window/--no-window", help="Accept only events between --since and --until (else any time)."
+        ),
+    ] = True,
+    strict: Annotated[
+        bool, typer.Option("--strict/--no-strict", help="Exit with status 1 if any row is rejected.")
+    ] = False,
 ) -> None:
-    """Check every row of an event file; count and quarantine the bad ones, summarise the good ones."""
+    """Check every row of an event file; count and quarantine the bad ones, summarise the good ones.
+
+    The file is --data PATH, or the command's argument: `data validate events.csv`.
+    """
     settings = state(ctx).settings
-    window = None if no_window else _window(settings, since, until)
+    path = one_input(data, path)
+    accepted = _window(settings, since, until) if window else None
     quarantine = quarantine or quarantine_file(settings.data_dir / "quarantine", path)
-    report, stats, seconds = validate_events(path, format, window, quarantine, settings.data.batch_rows)
-    print_validation(report, stats, window, seconds)
+    report, stats, seconds = validate_events(path, format, accepted, quarantine, settings.data.batch_rows)
+    print_validation(report, stats, accepted, seconds)
     if strict and report.rows_rejected:
         raise typer.Exit(1)
 

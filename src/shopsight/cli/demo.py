@@ -10,7 +10,7 @@ import typer
 from shopsight.cli._context import state
 from shopsight.cli.data import print_simulation_summary, print_validation, run_simulation, validate_events
 from shopsight.data import SimulatorConfig, TimeWindow
-from shopsight.platform import Stopwatch, console, print_summary
+from shopsight.platform import Stopwatch, console, err_console, print_summary
 
 
 def demo(
@@ -23,7 +23,11 @@ def demo(
         int, typer.Option(min=1, help="Epochs of each model on user snapshots (purchase, churn).")
     ] = 6,
     keep_serving: Annotated[
-        bool, typer.Option(help="Keep the served models up until Ctrl-C instead of stopping at the end.")
+        bool,
+        typer.Option(
+            "--keep-serving/--no-keep-serving",
+            help="Keep the served models up until Ctrl-C instead of stopping at the end.",
+        ),
     ] = False,
 ) -> None:
     """Run the pipeline end to end on this machine: simulate and validate events, build features,
@@ -57,7 +61,7 @@ def demo(
 
     console.rule("[bold]4. features: register in Feast and materialise online")
     store.apply(settings)
-    with console.status("materialising"):
+    with err_console.status("materialising"):
         store.materialize(settings)
     from shopsight.cli.features import list_command
 
@@ -95,7 +99,7 @@ def demo(
             "training set from Feast"
         )
         training_set = settings.data_dir / "demo" / f"training_set_{task.name}.parquet"
-        with console.status(f"point-in-time training set of {service}"):
+        with err_console.status(f"point-in-time training set of {service}"):
             store.training_set(
                 settings,
                 service,

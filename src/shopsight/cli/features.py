@@ -9,8 +9,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import model_uri_option, parse_day, state
-from shopsight.platform import Settings, Stopwatch, console, print_summary
+from shopsight.cli._context import (
+    input_path,
+    model_uri_option,
+    one_input,
+    parse_day,
+    renamed_options,
+    state,
+)
+from shopsight.cli._output import OutputOption, emit
+from shopsight.cli.data import FORMAT_HELP, FormatName
+from shopsight.platform import Settings, Stopwatch, console, err_console, print_summary
 
 app = typer.Typer(
     help="Build Spark features, manage the Feast repository (apply, materialize, list, describe), "
@@ -19,24 +28,30 @@ app = typer.Typer(
 )
 
 
-@app.command("build")
+# --events was the input's name before every command called it --data
+@app.command("build", cls=renamed_options(events="data"))
 def build_command(
     ctx: typer.Context,
-    events: Annotated[Path, typer.Option(help="Events: a day-partitioned parquet folder or a Taobao CSV.")],
+    data: Annotated[
+        Path,
+        typer.Option(help="Events: a day-partitioned parquet folder or a Taobao CSV.", callback=input_path),
+    ],
     start: Annotated[str, typer.Option(help="First snapshot day, YYYY-MM-DD.")],
     end: Annotated[str, typer.Option(help="Last snapshot day, YYYY-MM-DD (inclusive).")],
-    format: Annotated[str, typer.Option("--format", help="taobao | sasrec | parquet | auto.")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: <data_dir>/features].")] = None,
+    format: Annotated[FormatName, typer.Option("--format", help=FORMAT_HELP)] = "auto",
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder.", show_default="<data_dir>/features")
+    ] = None,
 ) -> None:
     """Compute daily feature snapshots with Spark: activity, sequence, item/category stats, segments."""
     settings = state(ctx).settings
-    run_build(settings, events, parse_day(start, "--start"), parse_day(end, "--end"), format=format, out=out)
+    run_build(settings, data, parse_day(start, "--start"), parse_day(end, "--end"), format=format, out=out)
 
 
 def run_build(settings: Settings, events: Path, start: date, end: date, format: str = "auto", out=None):
     from shopsight.features.build import build_features
 
-    with console.status("building features") as status:
+    with err_console.status("building features") as status:
         result = build_features(
             settings, events, start, end, out=out, format=format, on_step=lambda step: status.update(step)
         )
@@ -86,7 +101,10 @@ def apply_command(ctx: typer.Context) -> None:
 def materialize_command(
     ctx: typer.Context,
     incremental: Annotated[
-        bool, typer.Option(help="Only what is new since the last materialisation.")
+        bool,
+        typer.Option(
+            "--incremental/--no-incremental", help="Only what is new since the last materialisation."
+        ),
     ] = False,
 ) -> None:
     """Load the offline feature rows into the online store."""
@@ -94,7 +112,7 @@ def materialize_command(
 
     settings = state(ctx).settings
     watch = Stopwatch()
-    with console.status("materialising"):
+    with err_console.status("materialising"):
         views = store.materialize(settings, incremental=incremental)
     print_summary(
         "Materialised",
@@ -117,7 +135,8 @@ def embed_command(
         ),
     ] = "models:/shopsight-next-item@champion",
     day: Annotated[
-        list[str] | None, typer.Option(help="Only this snapshot day, YYYY-MM-DD (repeatable); default all.")
+        list[str] | None,
+        typer.Option(help="Only this snapshot day, YYYY-MM-DD (repeatable).", show_default="every day"),
     ] = None,
 ) -> None:
     """Write each user's sequence embedding from a next-item model into the user_embedding table
@@ -141,14 +160,36 @@ def embed_command(
 
 
 @app.command("list")
-def list_command(ctx: typer.Context) -> None:
-    """The catalog: feature views and services, owners, online freshness."""
+def list_command(ctx: typer.Context, output: OutputOption = "table") -> None:
+    """The catalog: feature views and services, owners, online freshness.
+
+    With -o json or yaml: one record per view or service: name, kind ("feature view" or "feature
+    service"), entities, fields (how many), owner, online, fresh_until (the end of the last
+    materialisation, ISO 8601, or null).
+    """
     from shopsight.features import store
 
+    entries = store.catalog(state(ctx).settings)
+    records = [
+        {
+            "name": entry.name,
+            "kind": entry.kind,
+            "entities": list(entry.entities),
+            "fields": len(entry.fields),
+            "owner": entry.owner,
+            "online": entry.online,
+            "fresh_until": entry.fresh_until,
+        }
+        for entry in entries
+    ]
+    emit(output, records, lambda: catalog_table(entries))
+
+
+def catalog_table(entries) -> Table:
     table = Table(title="Feature catalog", title_justify="left")
     for column in ("name", "kind", "entities", "fields", "owner", "online until"):
         table.add_column(column, no_wrap=True)
-    for entry in store.catalog(state(ctx).settings):
+    for entry in entries:
         fresh = entry.fresh_until.strftime("%Y-%m-%d %H:%M") if entry.fresh_until else "-"
         table.add_row(
             entry.name,
@@ -158,27 +199,53 @@ def list_command(ctx: typer.Context) -> None:
             entry.owner,
             fresh if entry.online else "offline only",
         )
-    console.print(table)
+    return table
 
 
 @app.command("describe")
 def describe_command(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="A feature view or service.")]
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A feature view or service.")],
+    output: OutputOption = "table",
 ):
-    """One view or service: each field's type, owner and description."""
+    """One view or service: each field's type, owner and description.
+
+    With -o json or yaml: name, kind, entities, owner, description, online, fresh_until, and fields: a
+    record per field (name, type, owner, description).
+    """
+    from rich.text import Text
+
     from shopsight.features import store
 
     entry = store.describe(state(ctx).settings, name)
-    console.print(
-        f"[bold]{entry.name}[/bold] ({entry.kind}; entities: {', '.join(entry.entities)}; "
-        f"owner: {entry.owner})\n{entry.description}"
-    )
-    table = Table(show_header=True)
-    for column in ("field", "type", "owner", "description"):
-        table.add_column(column, overflow="fold")
-    for field in entry.fields:
-        table.add_row(field.name, field.dtype, field.owner, field.description)
-    console.print(table)
+    data = {
+        "name": entry.name,
+        "kind": entry.kind,
+        "entities": list(entry.entities),
+        "owner": entry.owner,
+        "description": entry.description,
+        "online": entry.online,
+        "fresh_until": entry.fresh_until,
+        "fields": [
+            {"name": f.name, "type": f.dtype, "owner": f.owner, "description": f.description}
+            for f in entry.fields
+        ],
+    }
+
+    def people() -> list:
+        heading = Text.assemble(
+            (entry.name, "bold"),
+            f" ({entry.kind}; entities: {', '.join(entry.entities)}; owner: {entry.owner})\n",
+            entry.description,
+        )
+        table = Table(show_header=True)
+        for column in ("field", "type", "owner", "description"):
+            table.add_column(column, overflow="fold")
+        for field in entry.fields:
+            table.add_row(field.name, field.dtype, field.owner, field.description)
+        return [heading, table]
+
+    emit(output, data, people)
 
 
 @app.command("training-set")
@@ -191,8 +258,8 @@ def training_set_command(
     label: Annotated[
         str | None,
         typer.Option(
-            help="Label column [default: the label of the task that reads the service, e.g. churn_3d for "
-            "churn_risk_v1]; rows whose label is not observed yet are left out."
+            help="Label column; rows whose label is not observed yet are left out.",
+            show_default="the label of the task that reads the service, e.g. churn_3d for churn_risk_v1",
         ),
     ] = None,
 ) -> None:
@@ -203,7 +270,7 @@ def training_set_command(
     readers = [t.data.label for t in TASKS.values() if t.data.source == service and t.data.label]
     label = label or (readers[0] if readers else "buy_next_1d")
     watch = Stopwatch()
-    with console.status(f"point-in-time join ({label})"):
+    with err_console.status(f"point-in-time join ({label})"):
         path, rows = store.training_set(
             state(ctx).settings,
             service,
@@ -228,19 +295,30 @@ def serve_command(
     """Run Feast's HTTP feature server (POST /get-online-features); see shopsight.features.client."""
     from shopsight.features import store
 
-    console.print(f"feature server on http://{host}:{port} (POST /get-online-features); Ctrl-C stops it")
+    err_console.print(f"feature server on http://{host}:{port} (POST /get-online-features); Ctrl-C stops it")
     store.serve(state(ctx).settings, host=host, port=port, workers=workers)
 
 
 @app.command("push")
 def push_command(
     ctx: typer.Context,
-    events: Annotated[Path, typer.Argument(help="New events (any supported format).")],
-    format: Annotated[str, typer.Option("--format", help="taobao | sasrec | parquet | auto.")] = "auto",
+    data: Annotated[
+        Path | None,
+        typer.Option(help="New events (any supported format).", callback=input_path, show_default=False),
+    ] = None,
+    events: Annotated[
+        Path | None,
+        typer.Argument(help="The same as --data (the older spelling).", hidden=True, callback=input_path),
+    ] = None,
+    format: Annotated[FormatName, typer.Option("--format", help=FORMAT_HELP)] = "auto",
 ) -> None:
-    """Fold new events into the online user sequence and activity, without a batch run."""
+    """Fold new events into the online user sequence and activity, without a batch run.
+
+    The events are --data PATH, or the command's argument: `features push new_events.csv`.
+    """
     from shopsight.features.push import push_events
 
+    events = one_input(data, events)
     watch = Stopwatch()
     result = push_events(state(ctx).settings, events, format)
     print_summary(
@@ -258,15 +336,27 @@ def get_command(
     ctx: typer.Context,
     service: Annotated[str, typer.Argument(help="Feature service.")],
     user_ids: Annotated[list[int], typer.Argument(help="User ids.")],
+    output: OutputOption = "table",
 ) -> None:
-    """Print a feature service's online values for some users (through the Python SDK)."""
+    """Print a feature service's online values for some users (through the Python SDK).
+
+    With -o json or yaml: one record per user, {"user_id": ..., FEATURE: value, ...}, the values as the
+    online store holds them (null where it has none).
+    """
     from shopsight.features import store
 
     values = store.online_features(state(ctx).settings, service, [{"user_id": u} for u in user_ids])
-    print_online(values)
+    users = values.get("user_id", [])
+    names = sorted(k for k in values if k != "user_id")
+    records = [{"user_id": user, **{name: values[name][i] for name in names}} for i, user in enumerate(users)]
+    emit(output, records, lambda: online_table(values))
 
 
 def print_online(values: dict[str, list]) -> None:
+    console.print(online_table(values))
+
+
+def online_table(values: dict[str, list]) -> Table:
     table = Table(title="Online features", title_justify="left")
     table.add_column("feature", style="cyan")
     users = values.get("user_id", [])
@@ -274,7 +364,7 @@ def print_online(values: dict[str, list]) -> None:
         table.add_column(f"user {user}", overflow="fold")
     for name in sorted(k for k in values if k != "user_id"):
         table.add_row(name, *(_short(v) for v in values[name]))
-    console.print(table)
+    return table
 
 
 def _short(value) -> str:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
 from shopsight.cli._context import state
-from shopsight.platform import ShopsightError, Stopwatch, console, print_summary
+from shopsight.cli._output import OutputOption, emit
+from shopsight.platform import ShopsightError, Stopwatch, console, err_console, print_summary, summary_table
 
 app = typer.Typer(
     help="Start, inspect and stop this data directory's MLflow tracking server (SQL backend, artifacts).",
@@ -59,10 +60,10 @@ def up_command(ctx: typer.Context) -> None:
 
     settings = state(ctx).settings
     watch = Stopwatch()
-    with console.status("starting the MLflow tracking server"):
+    with err_console.status("starting the MLflow tracking server"):
         server = up(settings)
     if server.note:
-        console.print(f"[yellow]note:[/yellow] {server.note}", soft_wrap=True)
+        err_console.print(f"[yellow]note:[/yellow] {server.note}", soft_wrap=True)
     title = "MLflow server started" if server.started else "MLflow server already running"
     rows = _rows(server, settings)
     if server.started:
@@ -73,32 +74,73 @@ def up_command(ctx: typer.Context) -> None:
 
 
 @app.command("status")
-def status_command(ctx: typer.Context) -> None:
-    """Whether the tracking server runs, and where (URI, backend, artifact root, pid, log)."""
+def status_command(ctx: typer.Context, output: OutputOption = "table") -> None:
+    """Whether the tracking server runs, and where (URI, backend, artifact root, pid, log).
+
+    With -o json or yaml: shared (the profile's server, mlflow.tracking_uri, or this data directory's),
+    running (for a shared server: whether it answers), tracking_uri, backend_store, artifact_root, auth,
+    pid, log, note, user and user_is_admin (with mlflow.auth, on a shared server); null where unknown.
+    """
     from shopsight.platform.mlflow_server import healthy, local_server
 
     settings = state(ctx).settings
+    data: dict = {
+        "shared": bool(settings.mlflow.tracking_uri),
+        "running": False,
+        "tracking_uri": None,
+        "backend_store": None,
+        "artifact_root": None,
+        "auth": settings.mlflow.auth,
+        "pid": None,
+        "log": None,
+        "note": None,
+        "user": None,
+        "user_is_admin": None,
+    }
     if settings.mlflow.tracking_uri:
         uri = settings.mlflow.tracking_uri
         answers = healthy(uri)
-        console.print(
-            f"MLflow server: the profile's shared server {uri} (mlflow.tracking_uri) "
-            f"{'answers' if answers else 'does not answer'}; it is run by its deployment, not by this "
-            "command."
-        )
+        data.update(running=answers, tracking_uri=uri)
+        user = None
         if answers and settings.mlflow.auth:
             from shopsight.platform.mlflow_server import authenticated_user
 
             user = authenticated_user(settings)
-            console.print(f"Logged in as MLflow user {user.name}{' (admin)' if user.is_admin else ''}.")
+            data.update(user=user.name, user_is_admin=user.is_admin)
+
+        def shared() -> list[str]:
+            shown = [
+                f"MLflow server: the profile's shared server {uri} (mlflow.tracking_uri) "
+                f"{'answers' if answers else 'does not answer'}; it is run by its deployment, not by this "
+                "command."
+            ]
+            if user is not None:
+                shown.append(f"Logged in as MLflow user {user.name}{' (admin)' if user.is_admin else ''}.")
+            return shown
+
+        emit(output, data, shared)
         return
     server = local_server(settings)
+    data.update(
+        running=server.running,
+        tracking_uri=server.uri,
+        backend_store=server.backend,
+        artifact_root=server.artifact_root,
+        auth=server.auth,
+        pid=server.pid,
+        log=server.log,
+        note=server.note or None,
+    )
     if server.running:
-        print_summary("MLflow server running", _rows(server, settings))
+        emit(output, data, lambda: summary_table("MLflow server running", _rows(server, settings)))
         return
-    console.print(f"MLflow server: not running for {settings.data_dir.absolute()} (`shopsight mlflow up`).")
+    emit(
+        output,
+        data,
+        lambda: f"MLflow server: not running for {settings.data_dir.absolute()} (`shopsight mlflow up`).",
+    )
     if server.note:
-        console.print(f"[yellow]note:[/yellow] {server.note}", soft_wrap=True)
+        err_console.print(f"[yellow]note:[/yellow] {server.note}", soft_wrap=True)
 
 
 @app.command("down")
@@ -121,7 +163,7 @@ def down_command(ctx: typer.Context) -> None:
 
 
 _PERMISSION = Annotated[
-    str,
+    Literal["READ", "EDIT", "MANAGE"],
     typer.Option(
         "--permission",
         help="READ (see), EDIT (register versions, move aliases: promote and roll back) or MANAGE (EDIT, "
@@ -145,12 +187,6 @@ def _grant(settings, name: str, permission: str, models, experiments) -> list[st
     if not models and not experiments:  # no scope named: every model and experiment
         models, experiments = ["*"], ["*"]
     return grant(settings, name, permission.upper(), models or [], experiments or [])
-
-
-def _check_permission(permission: str) -> None:
-    """Before anything is created: a user made with a permission that cannot be granted is half made."""
-    if permission.upper() not in ("READ", "EDIT", "MANAGE"):
-        raise typer.BadParameter("choose READ, EDIT or MANAGE", param_hint="--permission")
 
 
 def _read_password(password_env: str | None) -> str:
@@ -190,7 +226,6 @@ def user_add_command(
     from shopsight.platform.mlflow_server import add_user
 
     settings = state(ctx).settings
-    _check_permission(permission)
     add_user(settings, name, _read_password(password_env))
     granted = _grant(settings, name, permission, model, experiment)
     console.print(f"Created MLflow user {name} with {permission.upper()} on {', '.join(granted)}.")
@@ -206,6 +241,5 @@ def user_grant_command(
 ) -> None:
     """Give a user a permission on models or experiments (default: all), replacing the one it had there."""
     settings = state(ctx).settings
-    _check_permission(permission)
     granted = _grant(settings, name, permission, model, experiment)
     console.print(f"MLflow user {name} now has {permission.upper()} on {', '.join(granted)}.")

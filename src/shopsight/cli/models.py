@@ -4,15 +4,23 @@ what is recorded)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from shopsight.cli._context import state
-from shopsight.platform import ShopsightError, Stopwatch, console, print_summary
+from shopsight.cli._context import input_path, state
+from shopsight.cli._output import OutputOption, emit, snake, utc, utc_from_ms
+from shopsight.platform import (
+    PromotionRefused,
+    Stopwatch,
+    console,
+    err_console,
+    print_summary,
+    summary_table,
+)
 from shopsight.training.tasks import TASKS, get_task
 
 app = typer.Typer(
@@ -39,8 +47,12 @@ def _aliases(aliases: dict) -> str:
 
 
 @app.command("list")
-def list_command(ctx: typer.Context) -> None:
-    """Every registered model with its versions and aliases."""
+def list_command(ctx: typer.Context, output: OutputOption = "table") -> None:
+    """Every registered model with its versions and aliases.
+
+    With -o json or yaml: one record per model: name, versions (numbers, oldest first), aliases
+    ({alias: version}), tasks, latest_version_created (ISO 8601 UTC, or null).
+    """
     from shopsight.lifecycle.registry import (
         list_registered_models,
         registry_client,
@@ -49,26 +61,40 @@ def list_command(ctx: typer.Context) -> None:
     )
 
     client = registry_client(state(ctx).settings)
-    models = list_registered_models(client)
-    if not models:
-        console.print("No registered models yet (`shopsight train` registers one).")
-        return
-    table = Table(title="Registered models", title_justify="left")
-    for column in ("model", "versions", "aliases", "task", "latest version created"):
-        table.add_column(column)
-    for model in models:
+    records = []
+    for model in list_registered_models(client):
         versions = versions_of(client, model.name)
         # the task is a version tag (purchase) or the training run's tag (next item)
         tasks = sorted({version_info(client, model.name, v).task or "" for v in versions} - {""})
         latest = max((v.creation_timestamp for v in versions), default=None)
-        table.add_row(
-            model.name,
-            ", ".join(v.version for v in versions) or "-",
-            _aliases(model.aliases or {}),
-            ", ".join(tasks) or "-",
-            datetime.fromtimestamp(latest / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S") if latest else "-",
+        records.append(
+            {
+                "name": model.name,
+                "versions": [int(v.version) for v in versions],
+                "aliases": {alias: int(v) for alias, v in sorted((model.aliases or {}).items())},
+                "tasks": tasks,
+                "latest_version_created": utc_from_ms(latest),
+            }
         )
-    console.print(table)
+    emit(output, records, lambda: _models_table(records))
+
+
+def _models_table(records: list[dict]):
+    if not records:
+        return "No registered models yet (`shopsight train` registers one)."
+    table = Table(title="Registered models", title_justify="left")
+    for column in ("model", "versions", "aliases", "task", "latest version created"):
+        table.add_column(column)
+    for r in records:
+        latest = r["latest_version_created"]
+        table.add_row(
+            r["name"],
+            ", ".join(map(str, r["versions"])) or "-",
+            _aliases(r["aliases"]),
+            ", ".join(r["tasks"]) or "-",
+            datetime.fromisoformat(latest).strftime("%Y-%m-%d %H:%M:%S") if latest else "-",
+        )
+    return table
 
 
 def _promotion_text(tags: dict[str, str]) -> str:
@@ -92,15 +118,47 @@ def _promotion_text(tags: dict[str, str]) -> str:
     return "; ".join(parts) or "-"
 
 
+# the version tags of promotions, rollbacks and gate checks (see shopsight.lifecycle.registry)
+_PROMOTION_TAGS = (
+    "promoted_at", "promoted_by", "promoted_from", "promotion_action", "promotion_reason", "forced",
+    "demoted_at", "demoted_by", "replaced_by", "rolled_back_at", "rolled_back_by", "rollback_reason",
+    "gate.status", "gate.reason", "gate.checked_at",
+)  # fmt: skip
+
+
+def _version_record(info) -> dict:
+    promotion: dict[str, object] = {snake(tag): info.tags.get(tag) for tag in _PROMOTION_TAGS}
+    promotion["forced"] = info.tags.get("forced") == "true"
+    return {
+        "version": int(info.version),
+        "aliases": list(info.aliases),
+        "task": info.task,
+        "model_type": info.model_type,
+        "test_metrics": {snake(key): value for key, value in sorted(info.metrics.items())},
+        "dataset": {snake(key.removeprefix("dataset.")): value for key, value in info.dataset.items()},
+        "created_by": info.created_by,
+        "created_at": info.created_at,
+        "run_id": info.run_id,
+        "promotion": promotion,
+    }
+
+
 @app.command("show")
 def show_command(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Registered model name.")]
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    output: OutputOption = "table",
 ) -> None:
     """Every version of a model: aliases, task, metrics, data, who registered it and when.
 
     Per version: aliases, task, model type, the training run's test metrics, the dataset identity, the
     run's user and the version's creation time, its promotions; then the frozen evaluation set and any
     promotion in progress.
+
+    With -o json or yaml: name; versions, a record each (version, aliases, task, model_type,
+    test_metrics, dataset, created_by, created_at, run_id, promotion: its promotion and gate tags);
+    evaluation_set (path, sha256, frozen_at, frozen_by, or null); lock (the promotion in progress:
+    action, owner, since, expires_at, detail, or null).
     """
     from shopsight.lifecycle.registry import (
         EVAL_PATH,
@@ -114,38 +172,64 @@ def show_command(
 
     client = registry_client(state(ctx).settings)
     model = registered_model(client, name)
-    table = Table(title=f"{name}", title_justify="left")
-    for column in ("version", "aliases", "task", "model", "test metrics (training run)", "dataset",
-                   "created by", "created (UTC)", "promotion"):  # fmt: skip
-        table.add_column(column, overflow="fold")
-    for mv in versions_of(client, name):
-        info = version_info(client, name, mv)
-        dataset = info.dataset.get("dataset.path", "-")
-        if info.dataset.get("dataset.sha256"):
-            dataset = f"{dataset} (sha256 {info.dataset['dataset.sha256'][:12]})"
-        table.add_row(
-            info.version,
-            ", ".join(info.aliases) or "-",
-            info.task or "-",
-            info.model_type or "-",
-            _metrics_text(info.task, info.metrics),
-            dataset,
-            info.created_by or "-",
-            _when(info.created_at),
-            _promotion_text(info.tags),
-        )
-    console.print(table)
+    infos = [version_info(client, name, mv) for mv in versions_of(client, name)]
     tags = model.tags or {}
-    if tags.get(EVAL_SHA256):
-        console.print(
-            f"frozen evaluation set: {tags.get(EVAL_PATH)} (sha256 {tags[EVAL_SHA256][:12]}, frozen "
-            f"{_when(tags.get('eval.frozen_at'))} by {tags.get('eval.frozen_by', '?')})"
-        )
-    else:
-        console.print("frozen evaluation set: none yet (the first promotion freezes one)")
     holder = lock_holder(client, name)
-    if holder is not None:
-        console.print(f"[yellow]a {holder.action} is in progress[/yellow] ({holder.describe()})")
+    data = {
+        "name": name,
+        "versions": [_version_record(info) for info in infos],
+        "evaluation_set": {
+            "path": tags.get(EVAL_PATH),
+            "sha256": tags[EVAL_SHA256],
+            "frozen_at": tags.get("eval.frozen_at"),
+            "frozen_by": tags.get("eval.frozen_by"),
+        }
+        if tags.get(EVAL_SHA256)
+        else None,
+        "lock": {
+            "action": holder.action,
+            "owner": holder.owner,
+            "since": holder.since,
+            "expires_at": utc(holder.expires),
+            "detail": holder.detail,
+        }
+        if holder is not None
+        else None,
+    }
+
+    def people() -> list:
+        table = Table(title=f"{name}", title_justify="left")
+        for column in ("version", "aliases", "task", "model", "test metrics (training run)", "dataset",
+                       "created by", "created (UTC)", "promotion"):  # fmt: skip
+            table.add_column(column, overflow="fold")
+        for info in infos:
+            dataset = info.dataset.get("dataset.path", "-")
+            if info.dataset.get("dataset.sha256"):
+                dataset = f"{dataset} (sha256 {info.dataset['dataset.sha256'][:12]})"
+            table.add_row(
+                info.version,
+                ", ".join(info.aliases) or "-",
+                info.task or "-",
+                info.model_type or "-",
+                _metrics_text(info.task, info.metrics),
+                dataset,
+                info.created_by or "-",
+                _when(info.created_at),
+                _promotion_text(info.tags),
+            )
+        shown: list = [table]
+        if tags.get(EVAL_SHA256):
+            shown.append(
+                f"frozen evaluation set: {tags.get(EVAL_PATH)} (sha256 {tags[EVAL_SHA256][:12]}, frozen "
+                f"{_when(tags.get('eval.frozen_at'))} by {tags.get('eval.frozen_by', '?')})"
+            )
+        else:
+            shown.append("frozen evaluation set: none yet (the first promotion freezes one)")
+        if holder is not None:
+            shown.append(f"[yellow]a {holder.action} is in progress[/yellow] ({holder.describe()})")
+        return shown
+
+    emit(output, data, people)
 
 
 def _check_text(evaluation, check: str) -> str:
@@ -184,12 +268,12 @@ def promote_command(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Registered model name, e.g. shopsight-next-item.")],
     version: Annotated[
-        str | None, typer.Option(help="Version to promote (default: the `challenger` alias).")
+        str | None, typer.Option(help="Version to promote.", show_default="the `challenger` alias")
     ] = None,
     force: Annotated[
         bool,
         typer.Option(
-            "--force",
+            "--force/--no-force",
             help="Promote even if the metric is worse (never a model that fails to load, "
             "takes other inputs or predicts NaN); needs --reason.",
         ),
@@ -198,17 +282,24 @@ def promote_command(
     eval_data: Annotated[
         Path | None,
         typer.Option(
-            help="The evaluation set to freeze at the first promotion (default: the candidate's training "
-            "data); later only the frozen content (or, with --force, a new one to re-freeze)."
+            help="The evaluation set to freeze at the first promotion; later only the frozen content (or, "
+            "with --force, a new one to re-freeze).",
+            show_default="the candidate's training data",
+            callback=input_path,
         ),
     ] = None,
+    output: OutputOption = "table",
 ) -> None:
     """Move `champion` to the candidate only if it passes the quality gate.
 
     Evaluates the candidate and the champion on the frozen evaluation set with the same protocol; the
     candidate must load, take inputs the feature service provides, predict finite values, and not be
     worse on the primary metric than `promotion.tolerance` allows. Prints the difference with its paired
-    bootstrap 95% interval; a refusal exits 1 and says why.
+    bootstrap 95% interval; a refusal exits 3 and says why.
+
+    With -o json or yaml: name, task, candidate, champion, metric, tolerance, evaluation_set, checks and
+    metrics of the candidate and the champion, difference (mean, lo, hi, units, or null), passed,
+    forced, promoted, reasons, history_entry, seconds; printed for a refusal too, before it exits 3.
     """
     from shopsight.lifecycle.promotion import promote
 
@@ -217,54 +308,126 @@ def promote_command(
     settings = state(ctx).settings
     watch = Stopwatch()
     result = promote(
-        settings, name, version, force=force, reason=reason, eval_data=eval_data, log=console.print
+        settings, name, version, force=force, reason=reason, eval_data=eval_data, log=err_console.print
     )
-    console.print(_gate_table(result))
+    seconds = watch.seconds
+    data = _promotion_record(result, settings.promotion.bootstrap_samples, seconds)
+    emit(output, data, lambda: _promotion_view(result, settings.promotion.bootstrap_samples, seconds))
+    if not result.promoted:
+        raise PromotionRefused(
+            f"promotion of {name} version {result.candidate} refused: " + "; ".join(result.reasons)
+        )
+
+
+def _evaluation_record(evaluation) -> dict | None:
+    if evaluation is None:
+        return None
+    return {
+        "checks": {check: {"ok": ok, "why": why} for check, (ok, why) in evaluation.checks.items()},
+        "metrics": {snake(key): value for key, value in evaluation.metrics.items()},
+        "seconds": evaluation.seconds,
+    }
+
+
+def _promotion_record(result, bootstrap_samples: int, seconds: float) -> dict:
+    return {
+        "name": result.name,
+        "task": result.task,
+        "candidate": int(result.candidate),
+        "champion": int(result.champion) if result.champion else None,
+        "metric": snake(result.metric),
+        "tolerance": result.tolerance,
+        "evaluation_set": {
+            "path": result.eval_path,
+            "sha256": result.eval_sha256,
+            "frozen_now": result.freeze,
+        },
+        "candidate_evaluation": _evaluation_record(result.candidate_eval),
+        "champion_evaluation": _evaluation_record(result.champion_eval),
+        "difference": result.difference,
+        "bootstrap_samples": bootstrap_samples,
+        "passed": result.passed,
+        "forced": result.forced,
+        "promoted": result.promoted,
+        "reasons": list(result.reasons),
+        "history_entry": result.entry,
+        "seconds": seconds,
+    }
+
+
+def _promotion_view(result, bootstrap_samples: int, seconds: float) -> list:
+    shown: list = [_gate_table(result)]
     if result.difference is not None:
         d = result.difference
-        console.print(
+        shown.append(
             f"difference (candidate - champion) in {result.metric_label}: {d['mean']:+.4f}, "
             f"95% CI [{d['lo']:+.4f}, {d['hi']:+.4f}] (paired bootstrap, "
-            f"{settings.promotion.bootstrap_samples} resamples of {int(d['units']):,} "
+            f"{bootstrap_samples} resamples of {int(d['units']):,} "
             f"{get_task(result.task).unit.label}); tolerance {result.tolerance:g}"
         )
     if not result.promoted:
-        raise ShopsightError(
-            f"promotion of {name} version {result.candidate} refused: " + "; ".join(result.reasons)
-        )
+        return shown
     if result.forced:
-        console.print("[yellow]forced:[/yellow] " + "; ".join(result.reasons))
+        shown.append("[yellow]forced:[/yellow] " + "; ".join(result.reasons))
     entry = result.entry or {}
-    print_summary(
-        "Promoted",
-        {
-            "model": f"{name}: champion -> version {result.candidate}"
-            + (f" (was {result.champion})" if result.champion else " (first champion)"),
-            "gate": entry.get("gate", "?") + (f", forced: {entry.get('reason')}" if result.forced else ""),
-            "evaluation set": f"{result.eval_path} (sha256 {result.eval_sha256[:12]}"
-            + (", frozen now)" if result.freeze else ")"),
-            "history entry": f"#{entry.get('n')} by {entry.get('by')} at {_when(entry.get('at'))}",
-            "took": f"{watch.seconds:.1f} s",
-        },
+    name = result.name
+    shown.append(
+        summary_table(
+            "Promoted",
+            {
+                "model": f"{name}: champion -> version {result.candidate}"
+                + (f" (was {result.champion})" if result.champion else " (first champion)"),
+                "gate": entry.get("gate", "?")
+                + (f", forced: {entry.get('reason')}" if result.forced else ""),
+                "evaluation set": f"{result.eval_path} (sha256 {result.eval_sha256[:12]}"
+                + (", frozen now)" if result.freeze else ")"),
+                "history entry": f"#{entry.get('n')} by {entry.get('by')} at {_when(entry.get('at'))}",
+                "took": f"{seconds:.1f} s",
+            },
+        )
     )
+    return shown
+
+
+# the keys of a history entry, in the order -o json prints them (see lifecycle.registry.append_history)
+_HISTORY_KEYS = ("n", "at", "by", "action", "from", "to", "gate", "metric", "metrics", "difference",
+                 "forced", "reason", "eval")  # fmt: skip
 
 
 @app.command("history")
 def history_command(
-    ctx: typer.Context, name: Annotated[str, typer.Argument(help="Registered model name.")]
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    output: OutputOption = "table",
 ) -> None:
     """Every promotion and rollback of a model: when, by whom, from which version to which, and why.
 
     With the primary metric on the frozen evaluation set, the difference's 95% interval, and whether the
     gate was forced.
+
+    With -o json or yaml: the entries, oldest first, as recorded: n, at, by, action (promote or
+    rollback), from, to, gate, metric, metrics (by version), difference (mean, lo, hi, units), forced,
+    reason, eval; a key the entry does not record is null.
     """
     from shopsight.lifecycle.registry import read_history, registry_client
 
     client = registry_client(state(ctx).settings)
     history = read_history(client, name)
+    records = [
+        {
+            **{key: e.get(key) for key in _HISTORY_KEYS},
+            **{k: v for k, v in e.items() if k not in _HISTORY_KEYS},
+        }
+        for e in history
+    ]
+    for record in records:
+        record["forced"] = bool(record["forced"])
+    emit(output, records, lambda: _history_table(name, history))
+
+
+def _history_table(name: str, history: list[dict]):
     if not history:
-        console.print(f"{name} has no promotion yet (`shopsight models promote {name}`).")
-        return
+        return f"{name} has no promotion yet (`shopsight models promote {name}`)."
     table = Table(title=f"Promotion history of {name}", title_justify="left")
     for column in ("#", "when (UTC)", "by", "action", "from -> to", "metric", "difference [95% CI]",
                    "forced", "reason"):  # fmt: skip
@@ -285,7 +448,7 @@ def history_command(
             "yes" if e.get("forced") else "no",
             str(e.get("reason") or ""),
         )
-    console.print(table)
+    return table
 
 
 @app.command("rollback")
@@ -297,7 +460,7 @@ def rollback_command(
     """Move `champion` back to the previous champion (again: further back) and record it."""
     from shopsight.lifecycle.promotion import rollback
 
-    entry = rollback(state(ctx).settings, name, reason, log=console.print)
+    entry = rollback(state(ctx).settings, name, reason, log=err_console.print)
     print_summary(
         "Rolled back",
         {

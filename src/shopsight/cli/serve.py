@@ -16,7 +16,16 @@ import typer
 from rich.table import Table
 
 from shopsight.cli._context import state
-from shopsight.platform import Settings, ShopsightError, console, print_summary
+from shopsight.cli._output import OutputOption, emit
+from shopsight.platform import (
+    PromotionRefused,
+    Settings,
+    ShopsightError,
+    console,
+    err_console,
+    print_summary,
+    summary_table,
+)
 
 app = typer.Typer(
     help="Deploy, inspect and shut down the Ray Serve application of the champion models.",
@@ -58,7 +67,7 @@ def connect(settings: Settings, start: bool) -> str | None:
                 "no Ray head of this data directory is running: nothing is served "
                 "(`shopsight serve deploy` or `shopsight cluster up` starts one)"
             )
-        with console.status("starting a local Ray head (it keeps serving after this command)"):
+        with err_console.status("starting a local Ray head (it keeps serving after this command)"):
             head, _ = start_local_head(settings, started_by=SERVE_STARTED)
     join_head(head, log_to_driver=False, logging_level="ERROR")
     return head.dashboard_url
@@ -93,13 +102,15 @@ def deploy_command(
     canary_share: Annotated[
         float | None,
         typer.Option(
-            min=0, max=1, help="Share of requests for the challenger [default: serving.canary_share]."
+            min=0, max=1, help="Share of requests for the challenger.", show_default="serving.canary_share"
         ),
     ] = None,
     shadow: Annotated[
         bool | None,
         typer.Option(
-            "--shadow/--no-shadow", help="Score every request with the challenger too, logged only."
+            "--shadow/--no-shadow",
+            help="Score every request with the challenger too, logged only.",
+            show_default="serving.shadow",
         ),
     ] = None,
 ) -> None:
@@ -111,11 +122,11 @@ def deploy_command(
     settings = state(ctx).settings
     dashboard = connect(settings, start=True)
     if not settings.serving.api_keys:
-        console.print(
+        err_console.print(
             "[yellow]warning:[/yellow] serving.api_keys is empty: every /v1 request will get 401. "
             "Make a key with `shopsight serve key TEAM`."
         )
-    with console.status("deploying (each replica loads its champion)"):
+    with err_console.status("deploying (each replica loads its champion)"):
         deployed = deploy(settings, canary_share=canary_share, shadow=shadow)
         info = status(settings)
     print_summary(
@@ -132,22 +143,70 @@ def deploy_command(
 
 
 @app.command("status")
-def status_command(ctx: typer.Context) -> None:
-    """Show the application's status, its deployments' replicas and the model versions they serve."""
-    from shopsight.serving.deploy import status
+def status_command(ctx: typer.Context, output: OutputOption = "table") -> None:
+    """Show the application's status, its deployments' replicas and the model versions they serve.
+
+    With a cluster named (serving.dashboard_url, or ray.address as a dashboard URL) it reads Serve's REST
+    API on that dashboard; otherwise it joins this data directory's local Ray head.
+
+    With -o json or yaml: application, status, message, deployments (a record each: name, status,
+    replicas by state, message, and the target and autoscaling where Serve reports them), served (per
+    task: the model, its champion and challenger, canary share, shadow; empty when read from a
+    dashboard), dashboard (the one read, or null), api_docs (null when read from a dashboard).
+    """
+    from shopsight.serving.remote_status import remote_status, serve_dashboard, short_message
 
     settings = state(ctx).settings
-    connect(settings, start=False)
-    info = status(settings)
-    table = Table(title=f"Application {info['application']}: {info['status']}", title_justify="left")
-    for column in ("deployment", "status", "replicas", "message"):
-        table.add_column(column)
-    for name, d in info["deployments"].items():
-        replicas = ", ".join(f"{n} {s.lower()}" for s, n in d["replicas"].items()) or "-"
-        table.add_row(name, d["status"], replicas, d["message"] or "")
-    console.print(table)
+    dashboard = serve_dashboard(settings)
+    if dashboard:
+        info = remote_status(settings, dashboard)
+    else:
+        from shopsight.serving.deploy import status
+
+        connect(settings, start=False)
+        info = status(settings)
     url = f"http://{settings.serving.host}:{settings.serving.port}"
-    print_summary("Served", {**served_lines(info["served"]), "API docs": f"{url}/docs"})
+    data = {
+        "application": info["application"],
+        "status": info["status"],
+        "message": info.get("message") or None,
+        "deployments": [{"name": name, **d} for name, d in info["deployments"].items()],
+        "served": info.get("served") or {},
+        "dashboard": info.get("dashboard") if dashboard else None,
+        "api_docs": None if dashboard else f"{url}/docs",
+    }
+
+    def people() -> list:
+        from rich.text import Text
+
+        table = Table(title=f"Application {info['application']}: {info['status']}", title_justify="left")
+        for column in ("deployment", "status", "replicas", "message"):
+            table.add_column(column)
+        for name, d in info["deployments"].items():
+            replicas = ", ".join(f"{n} {s.lower()}" for s, n in d["replicas"].items()) or "-"
+            if d.get("autoscaling"):
+                auto = d["autoscaling"]
+                replicas += (
+                    f" (target {d.get('target_replicas')}, autoscaling {auto['min_replicas']}.."
+                    f"{auto['max_replicas']} at {auto['target_ongoing_requests']:g} requests each)"
+                )
+            elif d.get("target_replicas") is not None:
+                replicas += f" (target {d['target_replicas']})"
+            table.add_row(name, d["status"], replicas, d["message"] or "")
+        shown: list = [table]
+        if info["message"]:
+            shown.append(Text(f"message: {short_message(info['message'])}"))
+        if dashboard:
+            rows = {
+                "Ray dashboard": info["dashboard"],
+                "model versions": "GET /v1/models on the API (API key)",
+            }
+        else:
+            rows = {**served_lines(info["served"]), "API docs": f"{url}/docs"}
+        shown.append(summary_table("Served", rows))
+        return shown
+
+    emit(output, data, people)
 
 
 @app.command("shutdown")
@@ -156,7 +215,7 @@ def shutdown_command(
     stop_ray: Annotated[
         bool,
         typer.Option(
-            "--stop-ray",
+            "--stop-ray/--no-stop-ray",
             help="Also stop the local Ray head, if `serve deploy` started it (a `cluster up` head stays: "
             "`shopsight cluster down` stops it).",
         ),
@@ -223,7 +282,7 @@ def ensure_champion(settings: Settings, client, name: str) -> str:
         raise ShopsightError(f"{name} has neither a {CHAMPION} nor a {CHALLENGER} to serve")
     result = promote(settings, name, log=console.print)
     if not result.promoted:
-        raise ShopsightError(
+        raise PromotionRefused(
             f"{name}: the gate refused version {result.candidate}, so there is no {CHAMPION} to serve: "
             + "; ".join(result.reasons)
         )
@@ -267,7 +326,7 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
         }
     )
     settings = settings.model_copy(update={"serving": serving})
-    with console.status("deploying the champions on Ray Serve (each replica loads its model)"):
+    with err_console.status("deploying the champions on Ray Serve (each replica loads its model)"):
         deployed = deploy(settings, log_level="WARNING")
     headers = {"X-API-Key": key}
     table = Table(title="A few requests and their answers", title_justify="left")

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from shopsight.cli._context import state
-from shopsight.cli.train import resolve_task, summary_rows
-from shopsight.platform import ShopsightError, console, print_summary
+from shopsight.cli._context import input_path, state
+from shopsight.cli.train import TaskName, resolve_task, summary_rows
+from shopsight.platform import err_console, print_summary
 from shopsight.platform.ray_cluster import connect
-from shopsight.training.tasks import TASKS
+from shopsight.training.models import TUNABLE_MODELS
+
+TunableName = Literal[TUNABLE_MODELS]  # type: ignore[valid-type]
 
 
 def tune_command(
@@ -20,12 +22,15 @@ def tune_command(
         Path,
         typer.Option(
             help="Interactions (SASRec text 'user item' lines, Taobao CSV or parquet) for next-item models; "
-            "for the tasks on user snapshots, a training set of the task's feature service."
+            "for the tasks on user snapshots, a training set of the task's feature service.",
+            callback=input_path,
         ),
     ],
-    model: Annotated[str, typer.Option(help="sasrec | lstm.")] = "sasrec",
+    model: Annotated[
+        TunableName, typer.Option(help="The model family (those with a search space).")
+    ] = "sasrec",
     task: Annotated[
-        str, typer.Option(help=f"auto (by the model and the data's label) | {' | '.join(TASKS)}.")
+        TaskName, typer.Option(help="The task (auto: by the model and the data's label).")
     ] = "auto",
     trials: Annotated[int, typer.Option(min=1, help="Trials (hyperparameter configurations) to run.")] = 16,
     epochs: Annotated[
@@ -35,11 +40,12 @@ def tune_command(
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the Optuna sampler and of every trial's training.")] = 0,
     batch_size: Annotated[
-        int | None, typer.Option(min=1, help="Rows per step and worker [default: the task's].")
+        int | None, typer.Option(min=1, help="Rows per step and worker.", show_default="the task's")
     ] = None,
     max_len: Annotated[int, typer.Option(min=1, help="Longest history the model reads.")] = 50,
     concurrent: Annotated[
-        int | None, typer.Option(min=1, help="Trials at once (default: as many as the cluster holds).")
+        int | None,
+        typer.Option(min=1, help="Trials at once.", show_default="as many as the cluster holds"),
     ] = None,
     name: Annotated[str | None, typer.Option(help="Name of the sweep (MLflow parent run, Tune run).")] = None,
 ) -> None:
@@ -49,8 +55,6 @@ def tune_command(
     from shopsight.training.runtime.tune import check_tunable, tune_model
 
     check_tunable(model)
-    if not data.exists():
-        raise ShopsightError(f"{data} does not exist")
     chosen = resolve_task(task, model, data)
     chosen.code.check_data(data)
     options = TrainOptions(
@@ -72,7 +76,7 @@ def tune_command(
         seed=seed,
         max_concurrent=concurrent,
         run_name=name,
-        log=console.print,
+        log=err_console.print,
     )
     best = ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.best_params.items()

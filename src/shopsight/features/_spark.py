@@ -39,12 +39,17 @@ def build_spark(settings: Settings, app_name: str = "shopsight-features") -> Spa
         .config("spark.driver.host", spark.bind_address)
         .config("spark.sql.session.timeZone", settings.data.timezone)
         .config("spark.sql.shuffle.partitions", str(spark.shuffle_partitions))
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.sources.partitionOverwriteMode", "dynamic")
         # Parquet readers elsewhere (pyarrow, Feast) want microsecond timestamps, not INT96.
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
     )
+    # A command's own Spark has no UI: nobody looks at it, and it would be one more listening port. A
+    # submitted job (spark-submit's --conf, a SparkApplication's sparkConf) decides for itself: the builder's
+    # values would replace the submitted ones when the context starts.
+    submitted = submitted_conf()
+    for key, value in _LOCAL_ONLY_CONF.items():
+        if key not in submitted:
+            builder = builder.config(key, value)
     for key, value in spark.conf.items():
         builder = builder.config(key, value)
     session = builder.getOrCreate()
@@ -56,6 +61,20 @@ def build_spark(settings: Settings, app_name: str = "shopsight-features") -> Spa
     if server is not None:
         server.handle_error = _accumulator_stream_ended
     return session
+
+
+_LOCAL_ONLY_CONF = {"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false"}
+
+
+def submitted_conf() -> dict[str, str]:
+    """The configuration spark-submit started this Python process with (its ``--conf`` values and
+    defaults file: a SparkApplication's ``sparkConf``); empty when this process starts Spark itself."""
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # spark-submit's JVM is the gateway; else none is running
+        return {}
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()
+    return dict(SparkConf().getAll())
 
 
 def _accumulator_stream_ended(request, client_address) -> None:

@@ -28,6 +28,7 @@ output is then as it was. Any other failure keeps its traceback: it is a bug.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -35,6 +36,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -195,7 +197,9 @@ def _failure_from_outside(exc: Exception, settings: Settings, out: Path, stage: 
         folder, free = _fullest(settings, out)
         where = f"{folder} ({free / 1024:,.0f} KiB free)"
         return ShopsightError(f"no space left on device in {where} while building features; {left}")
-    jvm = _jvm_exit()
+    # the connection breaks as the JVM dies, often before the process can be reaped: then wait a little
+    lost = any(type(e).__name__ == "Py4JNetworkError" or isinstance(e, ConnectionError) for e in chain)
+    jvm = _jvm_exit(wait_s=5 if lost else 0)
     if jvm is not None:
         return ShopsightError(f"Spark's JVM exited ({jvm}) while building features; {left}")
     if "Python worker exited unexpectedly" in text:
@@ -218,15 +222,20 @@ def _fullest(settings: Settings, out: Path) -> tuple[Path, int]:
     return folder, free.get(folder, 0)
 
 
-def _jvm_exit() -> str | None:
-    """How this process's Spark JVM ended ("killed by SIGKILL", "exit status 1"); None if it runs (or
-    was never started here)."""
+def _jvm_exit(wait_s: float = 0) -> str | None:
+    """How this process's Spark JVM ended ("killed by SIGKILL", "exit status 1"), waiting up to ``wait_s``
+    for it to end; None if it runs (or was never started here)."""
     try:
         from pyspark import SparkContext
     except ImportError:  # pragma: no cover - pyspark is a core dependency
         return None
     process = getattr(SparkContext._gateway, "proc", None)
-    if process is None or process.poll() is None:
+    if process is None:
+        return None
+    if wait_s:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=wait_s)
+    if process.poll() is None:
         return None
     code = process.returncode
     if code < 0:

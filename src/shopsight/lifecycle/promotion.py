@@ -34,6 +34,8 @@ evaluated); never checks 1-3: a model that does not load, takes inputs serving c
 predicts NaN would fail every request, and no reason makes that right.
 
 Records, concurrency: see :mod:`shopsight.lifecycle.registry` (history tags, version tags, the lease).
+Each decision, a refusal included, and each rollback is also one run of the MLflow experiment
+``promotions`` (both evaluations, the interval, the decision, who and why), written after the registry.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from shopsight.lifecycle.registry import (
     append_history,
     champion_stack,
     finish_interrupted,
+    log_decision_run,
     mlflow_access_errors,
     model_version,
     now_utc,
@@ -263,15 +266,17 @@ def promote(
                 {"gate.status": "refused", "gate.reason": "; ".join(result.reasons)[:4000],
                  "gate.checked_at": now_utc()},
             )  # fmt: skip
-            return result
-        lock.confirm()
-        now_champion = alias_version(client, name, CHAMPION)
-        if now_champion != champion:
-            raise ShopsightError(
-                f"the {CHAMPION} of {name} changed during the evaluation (version {champion} -> "
-                f"{now_champion}); run the promotion again"
-            )
-        _record_promotion(client, result, reason, lock.lease.token)
+        else:
+            lock.confirm()
+            now_champion = alias_version(client, name, CHAMPION)
+            if now_champion != champion:
+                raise ShopsightError(
+                    f"the {CHAMPION} of {name} changed during the evaluation (version {champion} -> "
+                    f"{now_champion}); run the promotion again"
+                )
+            _record_promotion(client, result, reason, lock.lease.token)
+    # after the lock: the registry holds the decision; its run is the record the tracking UI shows
+    _log_gate_run(client, result, reason, settings, log)
     return result
 
 
@@ -369,6 +374,63 @@ def _record_promotion(client, result: GateResult, reason: str | None, token: str
     result.promoted = True
 
 
+def _log_gate_run(client, result: GateResult, reason: str | None, settings: Settings, log) -> None:
+    """The gate's decision as a run of the ``promotions`` experiment: both evaluations, the interval, the
+    decision (first, passed, overridden or refused), who and why."""
+    cand, champ = result.candidate_eval, result.champion_eval
+    metrics = {f"candidate_{_metric_name(k)}": v for k, v in cand.metrics.items()}
+    if champ is not None:
+        metrics |= {f"champion_{_metric_name(k)}": v for k, v in champ.metrics.items()}
+    if result.difference is not None:
+        metrics |= {f"difference{'' if k == 'mean' else '_' + k}": v for k, v in result.difference.items()}
+    record = result.entry
+    if record is None:  # refused: the registry keeps the reasons as version tags, the run keeps them all
+        values = {result.candidate: cand.metrics.get(result.metric)}
+        if champ is not None:
+            values[result.champion] = champ.metrics.get(result.metric)
+        record = {
+            "action": "promote", "at": now_utc(), "by": result.by, "from": result.champion,
+            "to": result.candidate, "task": result.task, "metric": result.metric, "metrics": values,
+            "difference": result.difference, "tolerance": result.tolerance, "gate": "refused",
+            "reasons": result.reasons, "eval": {"path": result.eval_path, "sha256": result.eval_sha256},
+        }  # fmt: skip
+    decision = record["gate"]
+    why = "; ".join(result.reasons) if decision == "refused" else record.get("reason") or reason or ""
+    tags = {
+        "model": result.name, "task": result.task, "action": "promote", "decision": decision,
+        "version.from": result.champion or "none", "version.to": result.candidate,
+        "promoted": str(result.promoted).lower(), "forced": str(result.forced).lower(), "by": result.by,
+        "reason": why[:5000],
+    }  # fmt: skip
+    for check, (ok, why_not) in cand.checks.items():  # loads, inputs, finite
+        tags[f"check.{check}"] = "ok" if ok else f"failed: {why_not}"[:5000]
+    if "n" in record:
+        tags["history.n"] = str(record["n"])
+    log_decision_run(
+        client,
+        f"promote {result.name} {result.champion or '-'} -> {result.candidate}: {decision}",
+        metrics=metrics,
+        params={
+            "metric": result.metric,
+            "tolerance": result.tolerance,
+            "bootstrap_samples": settings.promotion.bootstrap_samples,
+            "seed": settings.promotion.seed,
+            "eval.path": result.eval_path,
+            "eval.sha256": result.eval_sha256,
+            "eval.frozen": result.freeze,
+        },
+        tags=tags,
+        record=record,
+        log=log,
+    )
+
+
+def _metric_name(key: str) -> str:
+    from shopsight.training.runtime.tracking import mlflow_name
+
+    return mlflow_name(key)
+
+
 @mlflow_access_errors
 def rollback(
     settings: Settings, name: str, reason: str | None = None, log: Callable[[str], None] = print
@@ -429,7 +491,33 @@ def rollback(
         set_version_tags(client, name, champion, {"rolled_back_at": at, "rolled_back_by": by,
                                                   "rollback_reason": text})  # fmt: skip
         client.set_registered_model_alias(name, CHAMPION, target)  # last: see _record_promotion
-        return entry
+    metric, values = entry.get("metric"), entry.get("metrics") or {}
+    metrics = {}
+    if metric:  # the frozen-set values the history knows: the restored version's and the one rolled back
+        metrics = {f"restored_{_metric_name(metric)}": values.get(target),
+                   f"champion_{_metric_name(metric)}": values.get(champion)}  # fmt: skip
+    log_decision_run(
+        client,
+        f"rollback {name} {champion} -> {target}",
+        metrics=metrics,
+        params={"metric": metric} if metric else {},
+        tags={
+            "model": name,
+            "task": entry.get("task") or "",
+            "action": "rollback",
+            "decision": "rollback",
+            "version.from": champion,
+            "version.to": target,
+            "promoted": "true",
+            "forced": "false",
+            "by": by,
+            "reason": text,
+            "history.n": str(entry["n"]),
+        },
+        record=entry,
+        log=log,
+    )
+    return entry
 
 
 __all__ = [

@@ -22,6 +22,13 @@ Model-version tags
 Who: every ``by`` and ``*_by`` above, and the lock's owner, is :func:`acting_user`: with ``mlflow.auth``
 the MLflow user the server authenticated (the one its permission checks were made for), else the login
 name, which only the client vouches for.
+
+The ``promotions`` experiment
+    One run per decision (a promotion, a refusal, a rollback; :func:`log_decision_run`), so that the
+    tracking UI lists them beside the training runs and compares them: both evaluations as metrics, the
+    bootstrap interval, the decision, who (``mlflow.user``) and why, and the history entry as
+    ``decision.json``. The tags above stay the source of truth: the run is written after them, and a run
+    that cannot be written is a warning, never a changed decision.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ if TYPE_CHECKING:
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+PROMOTIONS_EXPERIMENT = "promotions"
 LOCK_TAG = "promotion.lock"
 HISTORY_PREFIX = "history."
 EVAL_PATH, EVAL_SHA256 = "eval.path", "eval.sha256"
@@ -318,6 +326,65 @@ def champion_stack(history: list[dict]) -> list[str]:
     return stack
 
 
+def log_decision_run(
+    client: MlflowClient,
+    run_name: str,
+    *,
+    metrics: dict[str, float],
+    params: dict[str, object],
+    tags: dict[str, str],
+    record: dict,
+    log=print,
+) -> str | None:
+    """One run in the :data:`PROMOTIONS_EXPERIMENT` (created on first use) recording a decision already
+    made: its ``metrics``, ``params``, ``tags`` (``by`` also as ``mlflow.user``, the UI's User) and
+    ``record`` as ``decision.json``. Returns the run id, or None after saying, through ``log``, why the
+    run could not be written: the registry already holds the decision, which stands either way."""
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    run_id = None
+    try:
+        experiment = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT)
+        if experiment is None:
+            try:
+                experiment_id = client.create_experiment(PROMOTIONS_EXPERIMENT)
+            except MlflowException:  # created meanwhile by another command
+                experiment_id = client.get_experiment_by_name(PROMOTIONS_EXPERIMENT).experiment_id
+        else:
+            experiment_id = experiment.experiment_id
+        run_tags = {**tags, "mlflow.user": tags.get("by", "")}
+        run_id = client.create_run(experiment_id, tags=run_tags, run_name=run_name).info.run_id
+        at = int(time.time() * 1000)
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), at, 0) for k, v in metrics.items() if _finite(v)],
+            params=[Param(k, str(v)[:6000]) for k, v in params.items() if v is not None],
+        )
+        client.log_dict(run_id, record, "decision.json")
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
+    except Exception as exc:  # noqa: BLE001 - the record of a decision made; any failure is only reported
+        if run_id is not None:
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, "FAILED")
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        log(
+            f"warning: the decision stands (the registry records it), but its run in the MLflow experiment "
+            f"{PROMOTIONS_EXPERIMENT!r} could not be written: {detail}"
+        )
+        return None
+
+
+def _finite(value) -> bool:
+    import math
+
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 # -------------------------------------------------------------------------------------------- lock
 
 
@@ -503,6 +570,7 @@ __all__ = [
     "EVAL_PATH",
     "EVAL_SHA256",
     "Lease",
+    "PROMOTIONS_EXPERIMENT",
     "PromotionInProgress",
     "RegistryLock",
     "VersionInfo",
@@ -516,6 +584,7 @@ __all__ = [
     "current_user",
     "list_registered_models",
     "lock_holder",
+    "log_decision_run",
     "mlflow_access_errors",
     "model_version",
     "now_utc",

@@ -1,7 +1,21 @@
 """The ground floor: settings and profiles, user-facing errors, console helpers. It imports no stage."""
 
-from shopsight.platform._console import Stopwatch, console, print_summary, progress_bar
-from shopsight.platform._errors import ConfigError, InputFormatError, MissingDependencyError, ShopsightError
+from shopsight.platform._console import (
+    Stopwatch,
+    console,
+    err_console,
+    print_summary,
+    progress_bar,
+    summary_table,
+)
+from shopsight.platform._errors import (
+    ConfigError,
+    InputFormatError,
+    MissingDependencyError,
+    PromotionRefused,
+    ShopsightError,
+    UsageError,
+)
 from shopsight.platform._settings import (
     PROFILES,
     DataSettings,
@@ -14,6 +28,7 @@ from shopsight.platform._settings import (
     Settings,
     SparkSettings,
     load_settings,
+    parse_setting_value,
 )
 
 __all__ = [
@@ -26,14 +41,19 @@ __all__ = [
     "MissingDependencyError",
     "MlflowSettings",
     "ObjectStoreSettings",
+    "PromotionRefused",
     "RaySettings",
     "ResolvedSettings",
     "Settings",
     "ShopsightError",
     "SparkSettings",
+    "UsageError",
     "Stopwatch",
     "console",
+    "err_console",
     "load_settings",
+    "parse_setting_value",
     "print_summary",
     "progress_bar",
+    "summary_table",
 ]

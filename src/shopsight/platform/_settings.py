@@ -1,26 +1,38 @@
 """Settings and profiles.
 
-Where a value comes from, highest precedence first::
+Where a value comes from, lowest precedence first (each source overrides the ones before it)::
 
-    CLI (--set key=value, --data-dir)  >  environment (SHOPSIGHT_*)  >  --config YAML file
-        >  profile file (src/shopsight/platform/profiles/<profile>.yaml)  >  field default
+    field default
+    < profile: the built-in profiles/<name>.yaml and/or the user's own profile of that name
+    < the ecosystem's variables: MLFLOW_TRACKING_URI, RAY_ADDRESS (a Jobs API URL), MASTER (Spark's)
+    < user config file: $XDG_CONFIG_HOME/shopsight/config.yaml (default ~/.config/shopsight/config.yaml)
+    < config file: --config, else SHOPSIGHT_CONFIG
+    < environment: SHOPSIGHT_*
+    < CLI: --set key=value, --data-dir
 
-The profile itself is chosen by ``--profile``, else ``SHOPSIGHT_PROFILE``, else the ``profile:`` key of
-the config file, else ``local``. Nested keys are dotted on the CLI (``spark.master``) and joined by a
-double underscore in the environment (``SHOPSIGHT_SPARK__MASTER``). Unknown keys are errors wherever
-they appear, so a typo never silently falls back to a default.
+The profile itself is chosen by ``--profile``, else ``SHOPSIGHT_PROFILE``, else the ``profile:`` key of the
+config file, else that of the user config file, else ``local``. Besides the built-in ``local`` and
+``cluster``, users define profiles under a ``profiles:`` mapping of the user config file or as files
+``profiles/<name>.yaml`` beside it; one named like a built-in profile is layered over it.
+
+Nested keys are dotted on the CLI (``spark.master``) and joined by a double underscore in the environment
+(``SHOPSIGHT_SPARK__MASTER``). An entry of a mapping setting is named after it, dots and all:
+``spark.conf.spark.sql.shuffle.partitions`` is the entry ``spark.sql.shuffle.partitions`` of ``spark.conf``;
+a layer's entries add to or replace those of the layers below. Values from the CLI and the environment are
+YAML (``[1, 3]``, ``{a: 1}``, ``null``, ``'quoted text'``), secrets excepted (:func:`parse_setting_value`).
+Unknown keys are errors wherever they appear, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date
 from importlib import resources
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePath
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -28,7 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from shopsight.platform._errors import ConfigError
 
 ENV_PREFIX = "SHOPSIGHT_"
-PROFILES = ("local", "cluster")
+PROFILE_VARIABLE = ENV_PREFIX + "PROFILE"
+CONFIG_VARIABLE = ENV_PREFIX + "CONFIG"
+PROFILES = ("local", "cluster")  # built in; users define more (user_profiles)
 
 
 class _Section(BaseModel):
@@ -92,6 +106,21 @@ class SparkSettings(_Section):
     )
     bind_address: str = Field("127.0.0.1", description="Address the driver binds to.")
     conf: dict[str, str] = Field(default_factory=dict, description="Extra Spark configuration, key -> value.")
+
+    @field_validator("conf", mode="before")
+    @classmethod
+    def _values_as_text(cls, value: Any) -> Any:
+        # Spark reads every configuration value as text; YAML and --set read `4` and `true` as a number and
+        # a boolean, which mean the text "4" and "true" to Spark.
+        if not isinstance(value, Mapping):
+            return value
+        return {key: _spark_text(item) for key, item in value.items()}
+
+
+def _spark_text(value: Any) -> Any:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if isinstance(value, int | float) else value
 
 
 class RaySettings(_Section):
@@ -269,6 +298,12 @@ class ServingSettings(_Section):
     app_name: str = Field("shopsight", description="Ray Serve application name.")
     host: str = Field("127.0.0.1", description="Address Ray Serve's HTTP proxy binds to.")
     port: int = Field(8000, gt=0, lt=65536, description="Port of Ray Serve's HTTP proxy.")
+    dashboard_url: str | None = Field(
+        None,
+        description="Dashboard of the Ray cluster that serves, http://HEAD:8265: `serve status` reads "
+        "Serve's REST API there (token from ray.auth_token_path); null: ray.address when it is a dashboard "
+        "URL, else the local head.",
+    )
     layout: Literal["combined", "split"] = Field(
         "combined",
         description="combined: one deployment holds the HTTP API and both models (one hop less); "
@@ -326,8 +361,9 @@ class ServingSettings(_Section):
 class Settings(_Section):
     """Everything a Shopsight command needs to know about where it runs."""
 
-    profile: Literal["local", "cluster"] = Field(
-        "local", description="Which profile the values started from."
+    profile: str = Field(
+        "local",
+        description="Which profile the values started from: local, cluster, or one of the user's own.",
     )
     data_dir: Path = Field(Path(".shopsight"), description="Root of every file the platform writes locally.")
     data: DataSettings = Field(default_factory=DataSettings)
@@ -349,14 +385,36 @@ class ResolvedSettings:
     sources: dict[str, str]
 
     def items(self) -> Iterator[tuple[str, Any, str]]:
-        """Yield ``(dotted key, value, source)`` for every leaf setting, in declaration order."""
-        for key, value in _flatten(self.settings.model_dump()).items():
+        """Yield ``(dotted key, value, source)`` for every leaf setting, in declaration order: each entry
+        of a mapping setting (``spark.conf.spark.sql.shuffle.partitions``), an empty mapping as itself."""
+        for path, value in _leaves(self.settings.model_dump()):
+            key = ".".join(path)
             yield key, value, self.sources.get(key, "default")
 
     def shown_items(self) -> Iterator[tuple[str, str, str]]:
-        """:meth:`items` as they may be shown: values as text, secrets masked (:func:`shown_value`)."""
+        """:meth:`items` as they may be shown: values as YAML, secrets masked (:func:`shown_value`)."""
         for key, value, source in self.items():
             yield key, shown_value(key, value), source
+
+    def file_values(self) -> tuple[dict[str, Any], list[str]]:
+        """The settings as a settings file holds them, which ``--config`` reads back to these settings, and
+        the keys of the secrets left out of it.
+
+        A secret (by name, or a URL with a password) is left out rather than written masked: a file that
+        said ``***`` would set the password to ``***`` (files that do are refused). Left out, it comes from
+        wherever it came from before, the environment or a profile. API-key digests are written whole: a
+        digest is no credential, and its shown prefix would not load.
+        """
+        kept: dict[tuple[str, ...], Any] = {}
+        left_out: list[str] = []
+        for path, value in _leaves(self.settings.model_dump(mode="json")):
+            key = ".".join(path)
+            secret = value is not None and is_secret_setting(key)
+            if secret or (isinstance(value, str) and mask_secrets(value) != value):
+                left_out.append(key)
+            else:
+                kept[path] = value
+        return _nest(kept), left_out
 
 
 # --- secrets: never shown -----------------------------------------------------------------------------
@@ -393,7 +451,8 @@ def mask_secrets(text: str) -> str:
 
 
 def shown_value(key: str, value: Any) -> str:
-    """A setting's value as ``config show`` prints it: ``null``, ``***`` for a secret, URL passwords masked.
+    """A setting's value as ``config show`` prints it: YAML (``null``, ``[1, 3, 7]``, ``{}``), ``***`` for a
+    secret, URL passwords masked.
 
     API-key digests (``serving.api_keys.TEAM``) show their first 8 hex digits: a digest is no credential
     (the server wants the key itself), and a prefix is enough to tell which key a team has (`shopsight
@@ -405,9 +464,81 @@ def shown_value(key: str, value: Any) -> str:
         return _MASK
     if key.startswith("serving.api_keys."):
         return f"{str(value)[:8]}…"
-    if isinstance(value, Mapping):  # spark.conf: entries by their own names
-        value = {k: _MASK if is_secret_setting(str(k)) else v for k, v in value.items()}
-    return mask_secrets(str(value))
+    text = yaml.safe_dump(_masked(value), default_flow_style=True, allow_unicode=True, width=1_000_000)
+    return text.removesuffix("\n...\n").strip()  # a lone scalar ends with YAML's document end marker
+
+
+def _masked(value: Any) -> Any:
+    """``value`` with URL passwords and secret-named mapping entries masked, as types YAML writes."""
+    if isinstance(value, str):
+        return mask_secrets(value)
+    if isinstance(value, Mapping):
+        return {k: _MASK if is_secret_setting(str(k)) else _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_masked(item) for item in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    return value
+
+
+# what a file says where `config show` masked a secret: the whole value, or a URL's password
+_MASKED_VALUE = re.compile(
+    rf"^{re.escape(_MASK)}$|://[^/\s@]*:{re.escape(_MASK)}@|[?&](password|passwd)={re.escape(_MASK)}(&|#|$)",
+    re.IGNORECASE,
+)
+
+
+# --- where values come from ---------------------------------------------------------------------------
+
+_Path = tuple[str, ...]
+_Assignment = tuple[_Path, Any, str]  # key, value, source
+
+
+def _model_paths(model: type[BaseModel], prefix: _Path = ()) -> tuple[set[_Path], set[_Path]]:
+    """The keys of ``model`` that are sections (models, merged key by key) and mappings (``spark.conf``:
+    dicts whose entries are named by their own keys, dots and all)."""
+    sections: set[_Path] = set()
+    mappings: set[_Path] = set()
+    for name, field in model.model_fields.items():
+        path = (*prefix, name)
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                sections.add(path)
+                inner_sections, inner_mappings = _model_paths(kind, path)
+                sections |= inner_sections
+                mappings |= inner_mappings
+            elif kind is dict or get_origin(kind) is dict:
+                mappings.add(path)
+    return sections, mappings
+
+
+_SECTIONS, _MAPPINGS = _model_paths(Settings)
+
+# Variables the ecosystem's own tools read, and the setting each one means, when its value means it. They
+# rank above the profile, a deployment's defaults, since the variable says where this shell's tools point;
+# and below anything written for Shopsight (its files, SHOPSIGHT_*, --set). mlflow.tracking_uri and
+# ray.address name servers: an MLflow URI that is a file or a database is no server, and a RAY_ADDRESS
+# that is a GCS address (HOST:6379, auto, ray://) is ray.init's, which Ray follows itself
+# (ray_cluster.connect) and sets in every job it runs; `ray job submit` reads the same variable as the
+# Jobs API URL, which is ray.address. MASTER is what spark-submit and PySpark read for the master URL.
+_SERVER_URL = re.compile(r"^https?://", re.IGNORECASE)
+ECOSYSTEM_VARIABLES: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "MLFLOW_TRACKING_URI": ("mlflow.tracking_uri", lambda value: bool(_SERVER_URL.match(value))),
+    "RAY_ADDRESS": ("ray.address", lambda value: bool(_SERVER_URL.match(value))),
+    "MASTER": ("spark.master", bool),
+}
+
+
+def user_config_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """``$XDG_CONFIG_HOME/shopsight``, else ``$HOME/.config/shopsight`` (the XDG base directory rule: a
+    relative XDG_CONFIG_HOME is ignored); None without either."""
+    environ = os.environ if environ is None else environ
+    xdg = environ.get("XDG_CONFIG_HOME", "")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "shopsight"
+    if environ.get("HOME"):
+        return Path(environ["HOME"]) / ".config" / "shopsight"
+    return None
 
 
 def load_settings(
@@ -419,56 +550,230 @@ def load_settings(
     """Resolve the settings from all sources (see the module docstring for precedence).
 
     Args:
-        profile: ``local`` or ``cluster``; ``None`` picks it from the environment, the file or the default.
-        config_file: a YAML file with the same nesting as :class:`Settings`.
-        overrides: dotted keys from the CLI, e.g. ``{"spark.master": "local[2]"}``.
-        environ: the environment to read ``SHOPSIGHT_*`` from (default: ``os.environ``).
+        profile: ``local``, ``cluster`` or a user's profile; ``None`` picks it from the environment, the
+            config files or the default.
+        config_file: a YAML file with the same nesting as :class:`Settings`; ``None``: ``SHOPSIGHT_CONFIG``.
+        overrides: dotted keys from the CLI with their values, e.g. ``{"spark.master": "local[2]"}``
+            (:func:`parse_setting_value` reads a CLI's text).
+        environ: the environment to read ``SHOPSIGHT_*``, the ecosystem's variables and the user config
+            directory from (default: ``os.environ``).
 
     Returns:
         The validated settings and the source of each value.
 
     Raises:
-        ConfigError: unknown profile or key, unreadable file, or a value of the wrong type.
+        ConfigError: unknown profile or key, unreadable file, a masked secret in a file, or a value of the
+            wrong type.
     """
     environ = os.environ if environ is None else environ
+    user_dir = user_config_dir(environ)
+    user_file = user_dir / "config.yaml" if user_dir else None
+    user_values = _read_yaml(user_file, "user config file") if user_file and user_file.is_file() else {}
+    user_profiles = _profile_definitions(user_values.pop("profiles", None), user_file)
+    config_file = config_file or environ.get(CONFIG_VARIABLE) or None
     file_values = _read_yaml(Path(config_file), "config file") if config_file else {}
-    env_values = _env_values(environ)
-    cli_values = _unflatten(dict(overrides or {}), "--set")
 
-    chosen = profile or environ.get(ENV_PREFIX + "PROFILE") or file_values.get("profile") or "local"
-    if chosen not in PROFILES:
-        raise ConfigError(f"unknown profile {chosen!r}: choose one of {', '.join(PROFILES)}")
-    profile_values = _read_yaml(
-        resources.files("shopsight.platform") / "profiles" / f"{chosen}.yaml", "profile"
+    chosen, profile_source = _choose_profile(
+        profile, environ, [(config_file, file_values), (user_file, user_values)]
     )
-
-    merged: dict[str, Any] = {}
-    sources: dict[str, str] = {}
+    merged: dict[_Path, tuple[Any, str]] = {}
     layers = [
-        (f"profile:{chosen}", profile_values),
-        (f"file:{config_file}", file_values),
-        ("env", env_values),
-        ("cli", cli_values),
+        *_profile_layers(chosen, user_dir, user_file, user_profiles),
+        _ecosystem_assignments(environ),
+        _file_assignments(user_values, f"file:{user_file}"),
+        _file_assignments(file_values, f"file:{config_file}"),
+        _env_assignments(environ),
+        _cli_assignments(overrides or {}),
     ]
-    for source, values in layers:
-        _deep_merge(merged, values, sources, source, prefix="")
-    merged["profile"] = chosen
-    sources["profile"] = _profile_source(profile, environ, file_values)
+    for layer in layers:
+        for path, value, source in layer:
+            _assign(merged, path, value, source)
+    _assign(merged, ("profile",), chosen, profile_source)
+    sources = {".".join(path): source for path, (_, source) in merged.items()}
     try:
-        settings = Settings.model_validate(merged)
+        settings = Settings.model_validate(_nest({path: value for path, (value, _) in merged.items()}))
     except ValidationError as exc:
         raise ConfigError(_describe_validation_error(exc, sources)) from None
     return ResolvedSettings(settings=settings, sources=sources)
 
 
-def _profile_source(profile: str | None, environ: Mapping[str, str], file_values: Mapping[str, Any]) -> str:
+def parse_setting_value(key: str, text: str, where: str) -> Any:
+    """A value given as text on the CLI or in the environment, read as YAML: ``[1, 2]`` and ``{a: 1}`` are
+    a list and a mapping, ``null``, ``~`` and nothing are null, a quoted string is its text.
+
+    Other scalars stay text, for the setting's type to read (pydantic): ``0123`` is the string "0123" or
+    the number 123, never YAML 1.1's octal 83, and ``12:30`` never 750. A secret (by its name) is never
+    parsed: it is text whatever it starts with, and a parse error would quote it.
+
+    Raises:
+        ConfigError: text that starts as a list or mapping and is no valid YAML.
+    """
+    if is_secret_setting(key):
+        return text
+    flow = text.lstrip().startswith(("{", "["))
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        if flow:
+            raise ConfigError(f"{where} is not valid JSON or YAML") from None
+        return text
+    if value is None or isinstance(value, str) or (flow and isinstance(value, list | dict)):
+        return value
+    return text
+
+
+def _choose_profile(
+    profile: str | None, environ: Mapping[str, str], files: list[tuple[Any, Mapping[str, Any]]]
+) -> tuple[str, str]:
     if profile:
-        return "cli"
-    if environ.get(ENV_PREFIX + "PROFILE"):
-        return "env:SHOPSIGHT_PROFILE"
-    if file_values.get("profile"):
-        return "file"
-    return "default"
+        return profile, "cli"
+    if environ.get(PROFILE_VARIABLE):
+        return environ[PROFILE_VARIABLE], f"env:{PROFILE_VARIABLE}"
+    for path, values in files:
+        if values.get("profile"):
+            return str(values["profile"]), f"file:{path}"
+    return "local", "default"
+
+
+def _profile_definitions(profiles: Any, user_file: Path | None) -> dict[str, dict[str, Any]]:
+    if profiles is None:
+        return {}
+    if not isinstance(profiles, Mapping) or not all(
+        isinstance(values, Mapping | None) for values in profiles.values()
+    ):
+        raise ConfigError(f"profiles in {user_file} must map each profile's name to its settings")
+    return {str(name): dict(values or {}) for name, values in profiles.items()}
+
+
+def _profile_layers(
+    chosen: str, user_dir: Path | None, user_file: Path | None, user_profiles: Mapping[str, Any]
+) -> list[list[_Assignment]]:
+    """The chosen profile's values: the built-in one, then the user's own of that name (from the user
+    config file's ``profiles:`` or from ``profiles/<name>.yaml``, not both)."""
+    source = f"profile:{chosen}"
+    layers = []
+    if chosen in PROFILES:
+        builtin = resources.files("shopsight.platform") / "profiles" / f"{chosen}.yaml"
+        layers.append(_file_assignments(_read_yaml(builtin, "profile"), source))
+    profile_dir = user_dir / "profiles" if user_dir else None
+    profile_file = (
+        profile_dir / f"{chosen}.yaml" if profile_dir and re.fullmatch(r"[\w.-]+", chosen) else None
+    )
+    in_file = profile_file is not None and profile_file.is_file()
+    if in_file and chosen in user_profiles:
+        raise ConfigError(f"profile {chosen!r} is defined twice: in {user_file} and as {profile_file}")
+    if chosen in user_profiles:
+        layers.append(
+            _file_assignments(user_profiles[chosen], source, where=f"profile {chosen} of {user_file}")
+        )
+    elif in_file:
+        layers.append(_file_assignments(_read_yaml(profile_file, "profile"), source, where=str(profile_file)))
+    if not layers:
+        known = [*PROFILES, *sorted(set(user_profiles) - set(PROFILES))]
+        if profile_dir is not None and profile_dir.is_dir():
+            known += sorted({p.stem for p in profile_dir.glob("*.yaml")} - set(known))
+        where = f" (yours: under profiles: in {user_file}, or as {profile_dir}/NAME.yaml)" if user_dir else ""
+        raise ConfigError(f"unknown profile {chosen!r}: choose one of {', '.join(known)}{where}")
+    return layers
+
+
+def _ecosystem_assignments(environ: Mapping[str, str]) -> list[_Assignment]:
+    return [
+        (tuple(key.split(".")), environ[name], f"env:{name}")
+        for name, (key, means_it) in ECOSYSTEM_VARIABLES.items()
+        if environ.get(name) and means_it(environ[name])
+    ]
+
+
+def _file_assignments(values: Mapping[str, Any], source: str, where: str | None = None) -> list[_Assignment]:
+    """The leaves of a YAML file's mapping (:func:`_leaves_of`).
+
+    Raises:
+        ConfigError: a value masked by `config show` (``***``), which would become the secret itself.
+    """
+    assignments = [leaf for name, value in values.items() for leaf in _leaves_of((str(name),), value, source)]
+    for path, value, _ in assignments:
+        if isinstance(value, str) and _MASKED_VALUE.search(value):
+            raise ConfigError(
+                f"{where or source.removeprefix('file:')}: {'.'.join(path)} is a secret masked by "
+                "`shopsight config show` (***): write the real value there, or delete the line to keep the "
+                "one from the environment or the profile"
+            )
+    return assignments
+
+
+def _leaves_of(path: _Path, value: Any, source: str) -> list[_Assignment]:
+    """A value given for ``path``, down to its leaves: a section key by key, a mapping setting entry by
+    entry (so that each has its own source, and a layer adds entries rather than replacing the mapping)."""
+    if isinstance(value, Mapping) and path in _MAPPINGS:
+        return [((*path, str(entry)), item, source) for entry, item in value.items()]
+    if isinstance(value, Mapping) and path in _SECTIONS:
+        return [leaf for name, item in value.items() for leaf in _leaves_of((*path, str(name)), item, source)]
+    return [(path, value, source)]
+
+
+def _env_assignments(environ: Mapping[str, str]) -> list[_Assignment]:
+    assignments: list[_Assignment] = []
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in (PROFILE_VARIABLE, CONFIG_VARIABLE):
+            continue
+        where = f"environment variable {name}"
+        path = _setting_path(name[len(ENV_PREFIX) :].lower(), "__", where)
+        assignments += _leaves_of(path, parse_setting_value(".".join(path), text, where), f"env:{name}")
+    return assignments
+
+
+def _cli_assignments(overrides: Mapping[str, Any]) -> list[_Assignment]:
+    return [
+        leaf
+        for key, value in overrides.items()
+        for leaf in _leaves_of(_setting_path(key, ".", "--set"), value, "cli")
+    ]
+
+
+def _setting_path(key: str, separator: str, where: str) -> _Path:
+    """``spark.conf.spark.sql.shuffle.partitions`` -> ``("spark", "conf", "spark.sql.shuffle.partitions")``:
+    after a mapping setting's name, the rest is the entry's own name."""
+    parts = key.split(separator)
+    for end in range(1, len(parts)):
+        if tuple(parts[:end]) in _MAPPINGS:
+            parts = [*parts[:end], separator.join(parts[end:])]
+            break
+    names = parts[:-1] if tuple(parts[:-1]) in _MAPPINGS else parts
+    if not all(re.fullmatch(r"[a-z_][a-z0-9_]*", name) for name in names) or not parts[-1]:
+        raise ConfigError(f"bad setting name {key!r} in {where}: use dotted lowercase keys like spark.master")
+    return tuple(parts)
+
+
+def _assign(merged: dict[_Path, tuple[Any, str]], path: _Path, value: Any, source: str) -> None:
+    """Set ``path``, replacing what a lower layer set there, below it (a section given as null) or above it
+    (a section set whole, e.g. serving.autoscaling: null, now set key by key)."""
+    for key in [key for key in merged if key[: len(path)] == path or path[: len(key)] == key]:
+        del merged[key]
+    merged[path] = (value, source)
+
+
+def _nest(flat: Mapping[_Path, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return nested
+
+
+def _leaves(values: Mapping[str, Any], prefix: _Path = ()) -> Iterator[tuple[_Path, Any]]:
+    """The leaves of a dumped :class:`Settings`: every entry of a mapping setting, an empty one as itself."""
+    for name, value in values.items():
+        path = (*prefix, name)
+        if path in _SECTIONS and isinstance(value, Mapping):
+            yield from _leaves(value, path)
+        elif path in _MAPPINGS and isinstance(value, Mapping) and value:
+            for entry, item in value.items():
+                yield (*path, entry), item
+        else:
+            yield path, value
 
 
 def _read_yaml(path: Any, what: str) -> dict[str, Any]:
@@ -487,78 +792,14 @@ def _read_yaml(path: Any, what: str) -> dict[str, Any]:
     return values
 
 
-def _env_values(environ: Mapping[str, str]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "PROFILE":
-            continue
-        key = ".".join(part.lower() for part in name[len(ENV_PREFIX) :].split("__"))
-        value: Any = raw
-        # Mappings (spark.conf) and lists (features.windows) come as JSON. A secret is a string whatever its
-        # first character, and never parsed: a parse error would quote it.
-        if raw.startswith(("{", "[")) and not is_secret_setting(key):
-            try:
-                value = yaml.safe_load(raw)
-            except yaml.YAMLError:
-                raise ConfigError(f"environment variable {name} is not valid JSON") from None
-        flat[key] = value
-    return _unflatten(flat, "environment variable")
-
-
-def _unflatten(flat: Mapping[str, Any], what: str) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", key):
-            raise ConfigError(
-                f"bad setting name {key!r} in {what}: use dotted lowercase keys like spark.master"
-            )
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
-
-
-def _deep_merge(
-    target: dict, values: Mapping[str, Any], sources: dict[str, str], source: str, prefix: str
-) -> None:
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if (
-            isinstance(value, Mapping)
-            and isinstance(target.get(key), dict | type(None))
-            and not _is_mapping_field(dotted)
-        ):
-            _deep_merge(target.setdefault(key, {}), value, sources, source, dotted + ".")
-        else:
-            target[key] = value
-            sources[dotted] = (
-                f"env:{ENV_PREFIX}{dotted.upper().replace('.', '__')}" if source == "env" else source
-            )
-
-
-def _is_mapping_field(dotted: str) -> bool:
-    """Keys whose value is itself a mapping (spark.conf): merged whole, not key by key."""
-    return dotted == "spark.conf"
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and not _is_mapping_field(dotted):
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def _describe_validation_error(exc: ValidationError, sources: Mapping[str, str]) -> str:
     problems = []
     for error in exc.errors():
         dotted = ".".join(str(part) for part in error["loc"])
-        where = sources.get(dotted)
+        # a mapping setting's error names the mapping; its entries came from where they came from
+        where = sources.get(dotted) or ", ".join(
+            sorted({source for key, source in sources.items() if key.startswith(dotted + ".")})
+        )
         origin = f" (from {where})" if where else ""
         if error["type"] == "extra_forbidden":
             problems.append(f"unknown setting {dotted!r}{origin}")

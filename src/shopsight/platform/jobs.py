@@ -25,7 +25,7 @@ import yaml
 
 import shopsight
 from shopsight.platform._errors import ShopsightError
-from shopsight.platform._settings import Settings
+from shopsight.platform._settings import PROFILES, Settings
 from shopsight.platform.ray_cluster import JobsEndpoint
 
 SETTINGS_FILE = "shopsight-settings.yaml"
@@ -36,6 +36,8 @@ KINDS: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "tune": ("tune",),
     "evaluate": ("evaluate",),
+    # the gate reads the frozen evaluation set from data_dir, which on a cluster is the cluster's volume
+    "promote": ("models", "promote"),
 }
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -48,6 +50,8 @@ def job_settings(settings: Settings, local_cluster: bool) -> dict:
     """
     values = settings.model_dump(mode="json")
     values["ray"].update(address=None, num_cpus=None)  # inside a job Ray provides RAY_ADDRESS
+    if values["profile"] not in PROFILES:  # a user's own profile is defined on this machine only
+        values.pop("profile")  # and the file holds its values anyway
     if local_cluster:
         values["data_dir"] = str(Path(settings.data_dir).absolute())
     elif not Path(settings.data_dir).is_absolute():

@@ -98,7 +98,7 @@ def token_env(path: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class JobsEndpoint:
-    """Where the Jobs API of the profile's cluster is, with the header that authenticates to it."""
+    """A Ray dashboard (the Jobs API, Serve's REST API), with the header that authenticates to it."""
 
     address: str
     headers: dict[str, str]
@@ -111,26 +111,71 @@ class JobsEndpoint:
         try:
             return JobSubmissionClient(self.address, headers=self.headers)
         except AuthenticationError as exc:  # the server answered 401 (no token) or 403 (a wrong one)
-            raise ShopsightError(self._refused(exc)) from None
+            # Ray's message starts "Authentication required" for a 401 and "Authentication failed" for a 403
+            status = 401 if str(exc).startswith("Authentication required") else 403
+            raise ShopsightError(self._refused(status)) from None
         except Exception as exc:  # noqa: BLE001 - connection and HTTP errors all mean: cannot submit
             raise ShopsightError(
                 f"cannot reach the Ray cluster at {self.address}: {_first_line(exc)}"
             ) from None
 
-    def _refused(self, exc: BaseException) -> str:
-        # Ray's message starts "Authentication required" for a 401 and "Authentication failed" for a 403
-        status = "HTTP 401" if str(exc).startswith("Authentication required") else "HTTP 403"
+    def get_json(self, path: str, timeout_s: float = 30) -> dict:
+        """``GET address + path`` with the token header: the decoded JSON body.
+
+        Raises:
+            ShopsightError: unreachable, a refused token (HTTP 401/403, as ``invalid token``), another
+                HTTP error, or a body that is not JSON.
+        """
+        import requests
+
+        url = f"{self.address}{path}"
+        try:
+            response = requests.get(url, headers=self.headers, timeout=timeout_s)
+        except requests.RequestException as exc:
+            raise ShopsightError(
+                f"cannot reach the Ray cluster at {self.address}: {_first_line(exc)}"
+            ) from None
+        if response.status_code in (401, 403):
+            raise ShopsightError(self._refused(response.status_code))
+        if response.status_code != 200:
+            body = " ".join(response.text.split())[:300]
+            raise ShopsightError(f"the Ray dashboard at {url} answered HTTP {response.status_code}: {body}")
+        try:
+            return response.json()
+        except ValueError:
+            raise ShopsightError(f"the Ray dashboard at {url} did not answer with JSON") from None
+
+    def _refused(self, status: int) -> str:
         where = self.token_path or "ray.auth_token_path"
         if not self.headers:
             return (
                 f"invalid token: the Ray cluster at {self.address} requires a token and none was sent "
-                f"({status}): put the cluster's token in {where} or set ray.auth_token_path "
+                f"(HTTP {status}): put the cluster's token in {where} or set ray.auth_token_path "
                 "(`ray get-auth-token` on the head prints it)"
             )
         return (
-            f"invalid token: the Ray cluster at {self.address} refused the token in {where} ({status}): "
+            f"invalid token: the Ray cluster at {self.address} refused the token in {where} (HTTP {status}): "
             "copy the cluster's token there (`ray get-auth-token` on the head prints it)"
         )
+
+
+def dashboard_endpoint(settings: Settings, address: str) -> JobsEndpoint:
+    """The Ray dashboard at ``address`` (``http://HEAD:8265``), with the token of ``ray.auth_token_path``
+    when that file exists (a cluster without token authentication takes requests without one).
+
+    Raises:
+        ShopsightError: ``address`` is no http(s) URL, or ``ray.auth_token_path`` names a missing file.
+    """
+    if not address.startswith(("http://", "https://")):
+        raise ShopsightError(
+            f"{address!r} is not a Ray dashboard URL: jobs and Serve's REST API are on the head's "
+            "dashboard, http://HEAD:8265"
+        )
+    path = token_path(settings)
+    headers = {"Authorization": f"Bearer {read_token(path)}"} if path.exists() else {}
+    if settings.ray.auth_token_path and not headers:
+        read_token(path)  # a configured token file that is missing is an error, not "no auth"
+    return JobsEndpoint(address.rstrip("/"), headers, str(path))
 
 
 def jobs_endpoint(settings: Settings) -> JobsEndpoint:
@@ -146,11 +191,7 @@ def jobs_endpoint(settings: Settings) -> JobsEndpoint:
                 f"ray.address {address!r} is not a jobs API URL: jobs go to the head's dashboard, "
                 "http://HEAD:8265"
             )
-        path = token_path(settings)
-        headers = {"Authorization": f"Bearer {read_token(path)}"} if path.exists() else {}
-        if settings.ray.auth_token_path and not headers:
-            read_token(path)  # a configured token file that is missing is an error, not "no auth"
-        return JobsEndpoint(address.rstrip("/"), headers, str(path))
+        return dashboard_endpoint(settings, address)
     head = local_head(settings)
     if head is None:
         raise ShopsightError("no local Ray head is running: start one with `shopsight cluster up`")

@@ -219,7 +219,7 @@ TASKS: dict[str, Task] = {
             metric=Metric("tstr_ratio", "TSTR / TRTR (validation users)"),
             baselines=("real rows (TRTR)",),
             pyfunc=Pyfunc(
-                "shopsight.training.synthetic_users.train:SyntheticUsers",
+                "shopsight.training.synthetic_users.pyfunc:SyntheticUsers",
                 inputs=("buy_next_1d",),
                 outputs=("purchase_propensity_v1 fields",),
                 params={"seed": -1},

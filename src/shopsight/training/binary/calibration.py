@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+METHODS = ("auto", "isotonic", "platt", "identity")  # what `train --calibration` may ask for
 MIN_ISOTONIC_ROWS = 1000  # scikit-learn's guidance: isotonic calibration overfits below about this
 MIN_ISOTONIC_POSITIVES = 50
 _EPS = 1e-6

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from shopsight.training.binary.data import SnapshotTensors
+from shopsight.training.binary.features import SnapshotTensors, predict_probabilities
 from shopsight.training.runtime.loop import EpochResult, LoopConfig, epoch_share, fit, to_device
 from shopsight.training.runtime.metrics import binary_report
 
@@ -26,20 +26,6 @@ def balanced_pos_weight(labels: np.ndarray) -> float:
     """Non-buyers per buyer: the weight that makes both classes count equally."""
     positives = float(np.sum(labels))
     return (len(labels) - positives) / max(positives, 1.0)
-
-
-@torch.no_grad()
-def predict_probabilities(
-    model: nn.Module, data: SnapshotTensors, device: str | torch.device = "cpu", batch_size: int = 2048
-) -> np.ndarray:
-    """Probabilities (N,) of buying tomorrow for every row of ``data``."""
-    model.eval()
-    out = []
-    for start in range(0, len(data), batch_size):
-        rows = slice(start, start + batch_size)
-        tensors = [torch.as_tensor(a, device=device) for a in data.inputs(rows)]
-        out.append(model.user_proba(*tensors).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 class BinaryStep:

@@ -1,7 +1,9 @@
 """A binary model of user snapshots (purchase, churn) as MLflow stores and serves it: a pyfunc holding the
-network's config and weights, the fitted :class:`~shopsight.training.binary.data.SnapshotFeatures` and the
+network's config and weights, the fitted
+:class:`~shopsight.training.binary.features.SnapshotFeatures` and the
 :class:`~shopsight.training.binary.calibration.Calibration` fitted on the validation day, so that it takes
-the rows of the task's feature service as Feast returns them and answers calibrated probabilities.
+the rows of the task's feature service as Feast returns them and answers calibrated probabilities. The
+registered model carries this module and what it imports (MLflow ``code``): it loads without Shopsight.
 
 Input: a DataFrame with the service's columns (``user_id``, the activity features, ``seq_*`` arrays,
 ``segment_id``) and optionally ``event_timestamp``, the instant the features describe (naive = UTC; by
@@ -19,9 +21,8 @@ import pandas as pd
 import torch
 
 from shopsight.training.binary.calibration import Calibration
-from shopsight.training.binary.data import LABELS, SNAPSHOT, SnapshotFeatures
-from shopsight.training.binary.fit import predict_probabilities
-from shopsight.training.runtime.tracking import FolderModel, load_network, save_network
+from shopsight.training.binary.features import SNAPSHOT, SnapshotFeatures, predict_probabilities
+from shopsight.training.runtime.pyfunc import FolderModel, load_network, save_network
 
 FEATURES, CALIBRATION = "features.json", "calibration.json"  # beside the network's files (save_network)
 
@@ -65,6 +66,8 @@ def input_example(rows: pd.DataFrame) -> pd.DataFrame:
     features as int32, Feast's online store returns int64, and MLflow accepts a wider input type than its
     signature (int32 into int64) but refuses a narrower one.
     """
+    from shopsight.training.binary.data import LABELS  # the platform's side: examples are made in training
+
     example = rows.drop(columns=list(LABELS), errors="ignore").reset_index(drop=True).copy()
     for column in example.columns:
         if pd.api.types.is_integer_dtype(example[column].dtype):

@@ -12,30 +12,31 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# ShopsightError in the platform (the GPU checks and a registered model's code run without it)
+from shopsight.training._errors import user_error
+
 # name -> (module, config class, model class)
 MODELS = {
     "sasrec": ("shopsight.training.models.sasrec", "SASRecConfig", "SASRec"),
     "lstm": ("shopsight.training.models.lstm", "LSTMConfig", "LSTMRec"),
     "gan": ("shopsight.training.models.gan", "GANConfig", "TabularGAN"),
 }
+# the next-item training losses (see _next_item_loss), and the models Ray Tune has a search space for
+# (shopsight.training.runtime.tune): here, where reading them imports no torch, for the CLI's choices
+LOSSES = ("bce", "sampled_softmax", "softmax")
+TUNABLE_MODELS = ("lstm", "sasrec")
 
 
 def build_model(name: str, **config: Any):
     """The model called ``name`` with its config built from ``config``; ShopsightError if unknown."""
     if name not in MODELS:
-        from shopsight.platform import (
-            ShopsightError,
-        )  # lazily: the GPU checks run without the platform's deps
-
-        raise ShopsightError(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
+        raise user_error(f"unknown model {name!r}: choose one of {', '.join(sorted(MODELS))}")
     module_name, config_name, model_name = MODELS[name]
     module = importlib.import_module(module_name)
     try:
         cfg = getattr(module, config_name)(**config)
     except (TypeError, ValueError) as exc:
-        from shopsight.platform import ShopsightError
-
-        raise ShopsightError(f"bad configuration for {name}: {exc}") from None
+        raise user_error(f"bad configuration for {name}: {exc}") from None
     return getattr(module, model_name)(cfg)
 
 

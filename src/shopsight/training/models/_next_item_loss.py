@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shopsight.training.models import LOSSES
+
 if TYPE_CHECKING:
     from shopsight.training.next_item.distill import TeacherBatch
-
-LOSSES = ("bce", "sampled_softmax", "softmax")
 
 
 def check_loss(name: str) -> None:

@@ -42,6 +42,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+# ShopsightError in the platform; ValueError where a registered GAN's code is loaded alone
+from shopsight.training._errors import user_error as _error
+
 __all__ = ["GANConfig", "TabularGAN"]
 
 
@@ -81,12 +84,6 @@ class GANConfig:
             raise ValueError("quantiles must be at least 2")
         if not 0 <= self.critic_dropout < 1:
             raise ValueError("critic_dropout must be in [0, 1)")
-
-
-def _error(message: str) -> Exception:
-    from shopsight.platform import ShopsightError  # lazily: the GPU checks run without the platform's deps
-
-    return ShopsightError(message)
 
 
 class _QuantileNormal:

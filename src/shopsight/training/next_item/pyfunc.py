@@ -5,7 +5,8 @@ Input: a DataFrame with a column ``item_ids`` (a list of the user's item ids, ol
 unknown ids are skipped). Param ``k`` (default 10). Output: columns ``items`` (the top-k item ids, best
 first, excluding every item of the input, also those before the last ``max_len``) and ``scores``. Any
 batch size and sequence length work: the weights are loaded into the eager PyTorch module, not a traced
-graph of fixed shapes.
+graph of fixed shapes. The registered model carries this module and what it imports (MLflow ``code``): it
+loads without Shopsight.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from shopsight.training.runtime.tracking import FolderModel, load_network, save_network
+from shopsight.training.runtime.pyfunc import FolderModel, load_network, save_network
 
 ITEMS = "item_ids.npy"  # beside the network's files (save_network)
 

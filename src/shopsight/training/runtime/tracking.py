@@ -48,6 +48,31 @@ def dataset_identity(path: Path) -> dict[str, str]:
     return {"dataset.path": str(path.absolute()), "dataset.sha256": digest.hexdigest()}
 
 
+DIGEST_CHARS = 12  # of the sha256 as the MLflow dataset's digest (MLflow keeps 36; reports print 12)
+
+
+def log_dataset(identity: dict[str, str], context: str = "training") -> None:
+    """The run's data as an MLflow dataset input of the active run (the run's Inputs, the Datasets column):
+    its path as the source, the first :data:`DIGEST_CHARS` hex digits of its sha256 as the digest, and the
+    rest of its identity (the whole sha256, the feature service, the snapshot range) as the input's tags.
+    Metadata only: nothing is read again, the data may be gigabytes."""
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    path = identity.get("dataset.path")
+    if not path:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MLflow's local source is registered for two schemes and says so
+        source = resolve_dataset_source(path)
+    digest = identity.get("dataset.sha256", "")[:DIGEST_CHARS] or None  # None: MLflow derives one
+    tags = {k.removeprefix("dataset."): v for k, v in identity.items() if k != "dataset.path"}
+    mlflow.log_input(MetaDataset(source, name=Path(path).name, digest=digest), context=context, tags=tags)
+
+
 def mlflow_name(key: str) -> str:
     """A metric key as MLflow accepts it (no '@')."""
     return key.replace("@", "_at_")
@@ -56,49 +81,6 @@ def mlflow_name(key: str) -> str:
 def public(metrics: dict[str, Any]) -> dict[str, float]:
     """The metrics without the per-unit arrays a protocol also returns (keys starting with '_')."""
     return {k: float(v) for k, v in metrics.items() if not k.startswith("_")}
-
-
-class FolderModel:
-    """Mixin for a task's pyfunc whose files live in one folder (the ``model_dir`` artifact): MLflow's
-    ``load_context`` and the platform's ``from_folder`` both end in the class's ``load(folder)``."""
-
-    def load_context(self, context) -> None:
-        self.load(Path(context.artifacts["model_dir"]))
-
-    @classmethod
-    def from_folder(cls, folder: Path):
-        loaded = cls()
-        loaded.load(Path(folder))
-        return loaded
-
-    def load(self, folder: Path) -> None:
-        raise NotImplementedError
-
-
-NETWORK_CONFIG, NETWORK_WEIGHTS = "config.json", "weights.pt"
-
-
-def save_network(folder: Path, model_name: str, model: torch.nn.Module) -> None:
-    """A network's family, config and weights in ``folder``, as :func:`load_network` reads them."""
-    import json
-    from dataclasses import asdict
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = {"model": model_name, "config": asdict(model.cfg)}
-    (folder / NETWORK_CONFIG).write_text(json.dumps(config, indent=2))
-    torch.save(model.state_dict(), folder / NETWORK_WEIGHTS)
-
-
-def load_network(folder: Path) -> tuple[str, torch.nn.Module]:
-    """``(family, network)`` from what :func:`save_network` wrote, in eval mode on the CPU."""
-    import json
-
-    from shopsight.training.models import build_model
-
-    meta = json.loads((folder / NETWORK_CONFIG).read_text())
-    model = build_model(meta["model"], **meta["config"])
-    model.load_state_dict(torch.load(folder / NETWORK_WEIGHTS, map_location="cpu", weights_only=True))
-    return meta["model"], model.eval()
 
 
 @dataclass
@@ -118,7 +100,7 @@ class Candidate:
     example: pd.DataFrame
     params: dict[str, Any] | None = None
     figures: Callable[[Path], None] | None = None  # writes the task's own plots into a folder
-    requirements: tuple[str, ...] = ()  # pip requirements beyond torch, mlflow, numpy, pandas
+    requirements: tuple[str, ...] = ()  # pip requirements beyond model_code.BASE_REQUIREMENTS
     tags: dict[str, str] = field(default_factory=dict)  # extra version tags
 
 
@@ -253,6 +235,7 @@ def tracked_run(
     run = mlflow.start_run(run_name=run_name)
     try:
         mlflow.set_tags({**identity, "model": model_name, "task": task.name, **(tags or {})})
+        log_dataset(identity)
         mlflow.log_params(params)
         log(f"MLflow run {run.info.run_id} at {uri}")
         yield TrackedRun(settings, task, uri, run.info.run_id, run_name, log)
@@ -396,27 +379,30 @@ def log_pyfunc(
     requirements: tuple[str, ...] = (),
 ):
     """Log a task's pyfunc (``pyfunc.from_folder(folder)`` loads it) in the active run, with its signature
-    and input example, and register it under ``registered_model``; returns MLflow's ModelInfo."""
+    and input example, and register it under ``registered_model``; returns MLflow's ModelInfo.
+
+    The model travels: it carries the Shopsight modules it loads with (MLflow ``code``) and lists its
+    pinned requirements (:mod:`~shopsight.training.runtime.model_code`), so that ``mlflow.pyfunc.load_model``
+    and ``mlflow models serve`` work where only those are installed."""
     import mlflow
     from mlflow.models import infer_signature
 
+    from shopsight.training.runtime.model_code import copy_code
+    from shopsight.training.runtime.model_code import requirements as pinned
+
     output = pyfunc.from_folder(folder).predict(None, example, params)
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=pyfunc(),  # unloaded: the weights travel as the artifact, not in the pickle
-        artifacts={"model_dir": str(folder)},
-        signature=infer_signature(example, output, params=params),
-        input_example=(example, params) if params else example,
-        registered_model_name=registered_model,
-        # listed, not inferred: inference would load the model in a fresh process just to guess these
-        pip_requirements=[
-            f"torch=={torch.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}",
-            "numpy",
-            "pandas",
-            *requirements,
-        ],
-    )
+    with tempfile.TemporaryDirectory() as code:
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=pyfunc(),  # unloaded: the weights travel as the artifact, not in the pickle
+            artifacts={"model_dir": str(folder)},
+            code_paths=[str(copy_code(pyfunc, Path(code)))],
+            signature=infer_signature(example, output, params=params),
+            input_example=(example, params) if params else example,
+            registered_model_name=registered_model,
+            # listed, not inferred: inference would load the model in a fresh process just to guess these
+            pip_requirements=pinned(requirements),
+        )
 
 
 def same_predictions(expected: pd.DataFrame, got: pd.DataFrame) -> bool:
@@ -459,13 +445,11 @@ def default_run_name(prefix: str) -> str:
 __all__ = [
     "CHALLENGER",
     "Candidate",
-    "FolderModel",
-    "load_network",
-    "save_network",
     "Prepared",
     "TrackedRun",
     "TrainSummary",
     "dataset_identity",
+    "log_dataset",
     "default_run_name",
     "learning_curves",
     "log_pyfunc",

@@ -36,9 +36,10 @@ import torch
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform.mlflow_server import tracking_uri
 from shopsight.platform.ray_cluster import storage_path
+from shopsight.training.models import TUNABLE_MODELS  # the models with a search space
 from shopsight.training.runtime.loop import LoopConfig
 from shopsight.training.runtime.ray_train import CHECKPOINT_FILE
-from shopsight.training.runtime.tracking import Prepared, mlflow_name, register
+from shopsight.training.runtime.tracking import Prepared, log_dataset, mlflow_name, register
 from shopsight.training.tasks import Task
 
 # the search-space keys that configure the loop; every other key configures the model
@@ -46,7 +47,6 @@ LOOP_KEYS = frozenset({"lr", "batch_size", "weight_decay"})
 # the per-epoch metrics of a trial that go into its MLflow run (besides every valid_* metric)
 EPOCH_METRICS = ("loss", "samples_per_second", "epoch_seconds")
 TRIAL_CPUS = 0.01  # the trial only drives its Train run (controller and workers hold the real resources)
-TUNABLE_MODELS = ("lstm", "sasrec")  # the models with a search space
 
 
 def check_tunable(model: str) -> None:
@@ -399,6 +399,7 @@ def tune_model(
         run_url = f"{uri}/#/experiments/{experiment.experiment_id}/runs/{parent_id}"
         tags = {**identity, "model": model, "task": task.name, **prepared.tags}
         mlflow.set_tags({**tags, "kind": "tune"})
+        log_dataset(identity)
         common = {
             "model": model,
             "workers": workers,
@@ -471,6 +472,7 @@ def tune_model(
         candidate.tags["tune.parent_run_id"] = parent_id
         # the best trial's child run gets the test protocol and the model: the version links back to it
         with mlflow.start_run(run_id=best_row.run_id, nested=True):
+            log_dataset(identity)
             version = register(uri, best_row.run_id, task, candidate, registered_model, identity)
         mlflow.log_params({f"best.{k}": v for k, v in _params_of(best_row.params).items()})
         mlflow.set_tags(

@@ -11,7 +11,8 @@ difference, distance to closest record), so no test user was seen by the GAN or 
 
 One MLflow run records the parameters, the dataset's identity, per-epoch losses and validation distance,
 the report (markdown, the per-column distances as PNG, learning curves, 1,000 synthetic rows as parquet)
-and the generator as a pyfunc (:class:`SyntheticUsers`) registered with the alias ``challenger``.
+and the generator as a pyfunc (:class:`~shopsight.training.synthetic_users.pyfunc.SyntheticUsers`)
+registered with the alias ``challenger``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -29,12 +29,15 @@ from shopsight.training.binary.data import SNAPSHOT, read_training_set
 from shopsight.training.models.gan import GANConfig, TabularGAN
 from shopsight.training.runtime.tracking import (
     Candidate,
-    FolderModel,
     Prepared,
     TrainSummary,
     dataset_identity,
     default_run_name,
     train_prepared,
+)
+from shopsight.training.synthetic_users.pyfunc import (
+    GAN_FILE,
+    SyntheticUsers,  # also here: the GANs registered before it moved unpickle it from this module
 )
 from shopsight.training.tasks import get_task
 
@@ -44,7 +47,6 @@ SERVICE = TASK.data.source
 SPLIT = (0.7, 0.1, 0.2)  # users: train, validation, test
 CATEGORICAL = ("segment_id",)
 _NOT_GENERATED = {"user_id", SNAPSHOT, LABEL}
-GAN_FILE = "gan.pt"
 
 
 @dataclass
@@ -101,25 +103,6 @@ class GanData:
             return f"{part['user_id'].nunique():,} users, {len(part):,} rows, {part[LABEL].mean():.1%} buyers"
 
         return {"train": users(self.train), "valid": users(self.valid), "test": users(self.test)}
-
-
-class SyntheticUsers(FolderModel, mlflow.pyfunc.PythonModel):
-    """Synthetic users in the training set's feature schema.
-
-    Input: a DataFrame with one row per wanted user and the column ``buy_next_1d`` (the condition: True
-    for buyers). Params: ``seed`` (an int; -1, the default, draws fresh rows each call). Output: the
-    generated feature rows, the condition included.
-    """
-
-    def load(self, folder: Path) -> None:
-        self.gan = TabularGAN.load(Path(folder) / GAN_FILE)
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        if LABEL not in model_input.columns:
-            raise ShopsightError(f"the input needs a column {LABEL!r}: the condition of each wanted row")
-        seed = int((params or {}).get("seed", -1))
-        wanted = [bool(v) for v in model_input[LABEL]]
-        return self.gan.sample(len(wanted), wanted, seed=None if seed < 0 else seed)
 
 
 def prepare(settings: Settings, data: Path, *, model_config: dict | None = None, seed: int = 0) -> Prepared:
