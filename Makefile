@@ -71,6 +71,7 @@ demo: setup
 
 test: setup services
 	$(BIN)/lint-imports
+	$(BIN)/deptry .
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 chaos: setup services

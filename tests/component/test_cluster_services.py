@@ -130,7 +130,7 @@ def test_mlflow_up_on_postgres_registers_and_promotes_over_http(postgres_url, fr
     assert down.returncode == 0 and f"Stopped the MLflow server at {uri}" in down.stdout, down.stdout
     assert not healthy(uri)
     status = _cli(*cli, "mlflow", "status")
-    assert status.returncode == 0 and "MLflow server: not running" in status.stdout
+    assert status.returncode == 1 and "MLflow server: not running" in status.stdout
 
 
 @pytest.mark.mlflow

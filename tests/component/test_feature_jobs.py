@@ -400,7 +400,21 @@ def test_a_build_removes_the_staging_of_killed_builds_only(spark, taobao_sample,
     running = feature_build._new_staging(out)  # named after this process, which is alive
     assert running.name.startswith(f".staging-{os.getpid()}-") and psutil.pid_exists(os.getpid())
 
-    build_features(settings, events, date(2017, 11, 26), date(2017, 11, 26))
+    steps, tables = [], []
+    build_features(
+        settings,
+        events,
+        date(2017, 11, 26),
+        date(2017, 11, 26),
+        on_step=steps.append,
+        on_table=lambda *table: tables.append(table),
+    )
+    # what the progress bar shows: every table as it starts, then all done
+    assert [name for _, _, name in tables] == [*feature_build.KEYS, ""]
+    assert [(done, total) for done, total, _ in tables] == [
+        (i, len(feature_build.KEYS)) for i in range(len(feature_build.KEYS) + 1)
+    ]
+    assert steps[0].startswith("reading") and steps[-1] == "publishing partitions"
 
     assert not leftover.exists() and not legacy.exists()
     assert running.exists()

@@ -75,7 +75,11 @@ def redis_store(taobao_features, make_settings, tmp_path_factory, redis_url):
         **{"feast.online_store": "redis", "feast.redis_url": redis_url},
     )
     store.apply(settings)
-    store.materialize(settings)
+    heard = []
+    views = store.materialize(settings, on_view=lambda *step: heard.append(step))
+    # view after view, as a progress bar shows them: each as it starts, then once at the end
+    assert heard == [(i, len(views), v) for i, v in enumerate(views)] + [(len(views), len(views), "")]
+    assert {"user_activity", "user_sequence", "user_segment"} <= set(views)
     return settings
 
 
@@ -107,9 +111,18 @@ def test_online_equals_offline(backend, request):
 
 def test_training_set_is_point_in_time_correct(sqlite_store, tmp_path):
     settings = sqlite_store
+    heard = []
     path, rows = store.training_set(
-        settings, "purchase_propensity_v1", date(2017, 11, 27), date(2017, 11, 29), tmp_path / "t.parquet"
+        settings,
+        "purchase_propensity_v1",
+        date(2017, 11, 27),
+        date(2017, 11, 29),
+        tmp_path / "t.parquet",
+        on_view=lambda *step: heard.append(step),
     )
+    joined_views = [name for _, _, name in heard[:-1]]
+    assert len(joined_views) >= 3 and heard[-1] == (len(joined_views), len(joined_views), "")
+    assert [done for done, _, _ in heard] == list(range(len(joined_views) + 1))
     frame = pd.read_parquet(path)
     labels = pd.read_parquet(settings.data_dir.absolute() / "features" / "labels")
     in_range = labels[labels.snapshot_day.astype(str).between("2017-11-27", "2017-11-29")]

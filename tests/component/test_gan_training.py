@@ -60,6 +60,11 @@ def test_gan_training_registers_a_challenger_with_its_report(trained_gan):
     assert "TSTR / TRTR" in result.stdout and "shopsight-synthetic-users version 1" in result.stdout
     for epoch in range(1, 6):  # one progress line per epoch, printed once
         assert output.count(f"epoch {epoch:>3}  critic ") == 1, output[-3000:]
+    # the workers' lines come through the driver, without Ray's prefixes; Ray's own lines go to the log
+    assert "RayTrainWorker pid=" not in output and "TrainController" not in output, output[-3000:]
+    assert "worker rank 0 of 1 on node" in result.stderr
+    log = (settings.data_dir / "logs" / "shopsight.log").read_text()
+    assert "Started a local Ray instance" in log and "DeprecationWarning" not in output
     client = MlflowClient(tracking_uri(settings, start=False))
     version = client.get_model_version_by_alias("shopsight-synthetic-users", "challenger")
     run = client.get_run(version.run_id)

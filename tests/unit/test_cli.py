@@ -269,7 +269,8 @@ def test_inputs_are_data_switches_have_a_no_form_and_follow_is_f():
     for path in [("train",), ("tune",), ("evaluate",), ("features", "build"), ("features", "push"),
                  ("data", "validate")]:  # fmt: skip
         assert any("--data" in o.opts for o in _options(commands[path])), path
-    actions = {"--help", "--version", "--install-completion", "--show-completion"}
+    # actions, and -v/--verbose, which every command line spells that way
+    actions = {"--help", "--version", "--install-completion", "--show-completion", "--verbose"}
     for path, command in commands.items():
         for option in _options(command):
             assert not {"--events", "--input", "--file"} & set(option.opts), (path, option.opts)
@@ -312,14 +313,19 @@ def test_the_gate_refusal_has_its_own_exit_status():
 
 
 def test_status_commands_print_json_and_yaml_alone_on_stdout(tmp_path):
-    """Nothing runs here: `mlflow status` says so (exit 0), `cluster status` too (exit 1, a script's
+    """Nothing runs here: `mlflow status` and `cluster status` say so, with exit status 1 (a script's
     "down"); the JSON and YAML are the same data with the same keys."""
     import json
+    import socket
 
     import yaml
 
-    mlflow_json = _shopsight("--data-dir", "dd", "mlflow", "status", "-o", "json", cwd=tmp_path)
-    assert mlflow_json.returncode == 0, mlflow_json.stderr
+    with socket.socket() as probe:  # a port nothing listens on: no note about a stranger on 5000
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    common = ("--data-dir", "dd", "--set", f"mlflow.port={port}")
+    mlflow_json = _shopsight(*common, "mlflow", "status", "-o", "json", cwd=tmp_path)
+    assert mlflow_json.returncode == 1, mlflow_json.stderr
     data = json.loads(mlflow_json.stdout)
     assert data == {
         "shared": False,
@@ -334,7 +340,7 @@ def test_status_commands_print_json_and_yaml_alone_on_stdout(tmp_path):
         "user": None,
         "user_is_admin": None,
     }
-    mlflow_yaml = _shopsight("--data-dir", "dd", "mlflow", "status", "--output", "yaml", cwd=tmp_path)
+    mlflow_yaml = _shopsight(*common, "mlflow", "status", "--output", "yaml", cwd=tmp_path)
     assert yaml.safe_load(mlflow_yaml.stdout) == data
     cluster = _shopsight("--data-dir", "dd", "cluster", "status", "-o", "json", cwd=tmp_path)
     assert cluster.returncode == 1 and cluster.stderr == ""

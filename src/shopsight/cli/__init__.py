@@ -13,6 +13,7 @@ from shopsight.cli import cluster, config, data, features, jobs, mlflow, models,
 from shopsight.cli._context import CliState, parse_overrides
 from shopsight.cli.demo import demo
 from shopsight.platform import ShopsightError, console, err_console
+from shopsight.platform._logs import log_file, quiet_console, release_console, show_engine_output
 
 app = typer.Typer(
     name="shopsight",
@@ -59,6 +60,15 @@ def root(
     data_dir: Annotated[
         Path | None, typer.Option(help="Root folder of local files (setting data_dir).")
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Show what Spark, Ray, Feast and MLflow say on the console; otherwise it goes to "
+            "<data_dir>/logs/shopsight.log.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -66,6 +76,8 @@ def root(
     """Settings come from, highest first: --set/--data-dir, SHOPSIGHT_* variables, --config (or
     $SHOPSIGHT_CONFIG), ~/.config/shopsight/config.yaml, MLFLOW_TRACKING_URI/RAY_ADDRESS/MASTER, the profile.
     """
+    if verbose:
+        show_engine_output()
     overrides = parse_overrides(set_ or [])
     if data_dir is not None:
         overrides["data_dir"] = str(data_dir)
@@ -89,22 +101,41 @@ app.command("tune")(tune.tune_command)
 def main() -> None:
     """Entry point: a user error prints one line on stderr, never a traceback, and exits with its
     ``exit_code`` (1; 3 for a refused promotion); click's usage errors exit 2. A command that fails stops
-    the MLflow server it started: no long-lived server is left as the side effect of a failure."""
+    the MLflow server it started: no long-lived server is left as the side effect of a failure.
+
+    What the engines print goes to the data directory's log file (:mod:`shopsight.platform._logs`); the
+    streams are the terminal's again before click, or Python, reports an error."""
     from rich.text import Text
+    from typer import rich_utils
 
     from shopsight.platform.mlflow_server import stop_servers_started_here
 
+    quiet_console()
     try:
-        app()
+        code = app(standalone_mode=False)
     except ShopsightError as exc:
+        release_console()
         # the message as it is: a path or an interval in brackets is not rich markup
         err_console.print(Text.assemble(("error:", "red"), " ", str(exc)), soft_wrap=True)
         stop_servers_started_here()
         sys.exit(exc.exit_code)
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            stop_servers_started_here()
-        raise
-    except BaseException:
+    except typer.TyperException as exc:  # click's usage errors (typer carries its own click)
+        release_console()
+        rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
         stop_servers_started_here()
+        sys.exit(getattr(exc, "exit_code", 1))
+    except typer.Abort:
+        release_console()
+        err_console.print("Aborted.")
+        stop_servers_started_here()
+        sys.exit(1)
+    except BaseException as exc:
+        release_console()
+        stop_servers_started_here()
+        if not isinstance(exc, SystemExit | KeyboardInterrupt) and log_file() is not None:
+            err_console.print(f"(what the engines said before this is in {log_file()})", markup=False)
         raise
+    code = code if isinstance(code, int) else 0
+    if code:
+        stop_servers_started_here()
+    sys.exit(code)

@@ -13,6 +13,7 @@ import typer
 from typer.core import TyperCommand
 
 from shopsight.platform import ConfigError, ResolvedSettings, Settings, load_settings, parse_setting_value
+from shopsight.platform._logs import capture_engine_output
 
 
 @dataclass
@@ -28,6 +29,8 @@ class CliState:
     def resolved(self) -> ResolvedSettings:
         if self._resolved is None:
             self._resolved = load_settings(self.profile, self.config_file, self.overrides)
+            # from here on the command may start the engines: their output goes to the data dir's log
+            capture_engine_output(self._resolved.settings.data_dir)
         return self._resolved
 
     @property

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import math
 import re
-import sys
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
 from enum import Enum
@@ -48,18 +47,19 @@ def emit(output: OutputFormat, data: Any, people: Callable[[], Any]) -> None:
 
     ``people`` is only called for ``table``, so what it alone needs (formatting, column widths) costs a
     script nothing."""
+    out = console.file  # stdout, or the terminal's copy of it while the engines' output goes to the log
     if output == "json":
-        sys.stdout.write(json.dumps(plain(data), indent=2, ensure_ascii=False) + "\n")
+        out.write(json.dumps(plain(data), indent=2, ensure_ascii=False) + "\n")
     elif output == "yaml":
         import yaml
 
-        sys.stdout.write(yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True, width=1_000_000))
+        out.write(yaml.safe_dump(plain(data), sort_keys=False, allow_unicode=True, width=1_000_000))
     else:
         shown = people()
         for renderable in shown if isinstance(shown, list | tuple) else [shown]:
             if renderable is not None:
                 console.print(renderable)
-    sys.stdout.flush()
+    out.flush()
 
 
 def plain(value: Any) -> Any:

@@ -6,7 +6,7 @@ import typer
 
 from shopsight.cli._context import state
 from shopsight.cli._output import OutputOption, emit
-from shopsight.platform import ShopsightError, console, err_console, print_summary, summary_table
+from shopsight.platform import ShopsightError, console, print_summary, spinner, summary_table
 from shopsight.platform.ray_cluster import local_head, start_local_head, stop_local_head
 
 app = typer.Typer(
@@ -19,7 +19,7 @@ app = typer.Typer(
 def up_command(ctx: typer.Context) -> None:
     """Start a Ray head on this machine (token authentication on), or reuse the running one."""
     settings = state(ctx).settings
-    with err_console.status("starting the local Ray head"):
+    with spinner("starting the local Ray head"):
         head, started = start_local_head(settings)
     print_summary(
         "Ray head " + ("started" if started else "already running"),

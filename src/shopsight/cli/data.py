@@ -126,8 +126,8 @@ def validate_events(
     return reader.report, stats, watch.seconds
 
 
-def run_simulation(cfg: SimulatorConfig, out: Path) -> SimulationResult:
-    with progress_bar() as bar:
+def run_simulation(cfg: SimulatorConfig, out: Path, transient: bool = False) -> SimulationResult:
+    with progress_bar(transient=transient) as bar:
         task = bar.add_task(f"simulating {cfg.users:,} users x {cfg.days} days", total=cfg.users)
         return simulate(cfg, out, on_progress=lambda done, _total: bar.update(task, completed=done))
 

@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from shopsight.cli._context import state
-from shopsight.cli.data import print_simulation_summary, print_validation, run_simulation, validate_events
+from shopsight.cli.data import run_simulation, validate_events
 from shopsight.data import SimulatorConfig, TimeWindow
-from shopsight.platform import Stopwatch, console, err_console, print_summary
+from shopsight.platform import Stopwatch, console, note, print_summary, steps_bar
+from shopsight.platform._logs import log_file
 
 
 def demo(
@@ -34,43 +35,57 @@ def demo(
     register and materialise them in Feast, look one user up online, train and register a model of every
     served task (next item, and the tasks on user snapshots: purchase, churn), each beside its baselines,
     then serve the champions with Ray Serve and send them a few requests."""
-    from shopsight.cli.features import print_online, run_build
+    from shopsight.cli.features import run_build
     from shopsight.features import store
 
     settings = state(ctx).settings
     watch = Stopwatch()
     out = settings.data_dir / "demo" / "simulated"
+    stages = 8
 
-    console.rule("[bold]1. data: simulate Taobao-like events")
+    def stage(number: int, title: str) -> None:
+        console.rule(f"[bold]{number}/{stages} {title}", align="left")
+
+    stage(1, "data: simulate Taobao-like events")
     cfg = SimulatorConfig(users=users, days=days, seed=seed, timezone=settings.data.timezone)
-    result = run_simulation(cfg, out)
-    print_simulation_summary(result)
+    result = run_simulation(cfg, out, transient=True)
+    console.print(
+        f"{result.events:,} events of {result.users:,} users, {result.days[0]} .. {result.days[-1]}, "
+        f"in {result.out}/events ({result.seconds:.1f} s)"
+    )
 
-    console.rule("[bold]2. data: validate the events against the contract")
+    stage(2, "data: validate the events against the contract")
     last_day = cfg.start + timedelta(days=days - 1)
     window = TimeWindow.from_days(cfg.start, last_day, cfg.timezone)
     quarantine = settings.data_dir / "demo" / "quarantine" / "simulated.rejected.csv"
     report, stats, seconds = validate_events(
         out / "events", "parquet", window, quarantine, settings.data.batch_rows
     )
-    print_validation(report, stats, window, seconds)
+    mix = stats.behavior_mix
+    console.print(
+        f"{report.rows_read:,} rows, {report.rows_rejected:,} rejected; {stats.users:,} users, "
+        f"{len(stats.items):,} items; buys {mix.get('buy', 0):.2f}% of events (Taobao 2.00%) "
+        f"({seconds:.1f} s)"
+    )
 
-    console.rule("[bold]3. features: Spark feature jobs")
+    stage(3, "features: Spark feature jobs")
     # every day but the last gets a snapshot; the last day provides the last snapshot's labels
-    build = run_build(settings, out / "events", cfg.start, last_day - timedelta(days=1))
+    build = run_build(settings, out / "events", cfg.start, last_day - timedelta(days=1), brief=True)
 
-    console.rule("[bold]4. features: register in Feast and materialise online")
-    store.apply(settings)
-    with err_console.status("materialising"):
-        store.materialize(settings)
-    from shopsight.cli.features import list_command
-
-    list_command(ctx)
+    stage(4, "features: register in Feast and materialise online")
+    applied = store.apply(settings)
+    with steps_bar("materialising") as progress:
+        views = store.materialize(settings, on_view=progress)
+    console.print(
+        f"{len(applied)} feature views and services registered; {len(views)} views materialised into the "
+        f"{settings.feast.online_store} online store"
+    )
     user = int(stats.events_per_user.most_common(1)[0][0])
-    console.print(f"Online features of user {user} (feature service user_profile_v1):")
-    print_online(store.online_features(settings, "user_profile_v1", [{"user_id": user}]))
+    online = store.online_features(settings, "user_profile_v1", [{"user_id": user}])
+    shown = ", ".join(f"{k} {online[k][0]}" for k in ("n_pv_7d", "n_buy_7d", "segment_id") if k in online)
+    console.print(f"user {user} online (user_profile_v1): {shown}, ...")
 
-    console.rule("[bold]5. training: SASRec next-item model (Ray Train, tracked and registered in MLflow)")
+    stage(5, "training: SASRec next item (Ray Train, MLflow)")
     from shopsight.platform.mlflow_server import tracking_uri
     from shopsight.platform.ray_cluster import connect
     from shopsight.training.next_item.train import train_next_item_model
@@ -83,7 +98,14 @@ def demo(
         out / "events",
         model_config={"max_len": 50, "d_model": 48, "n_heads": 2, "dropout": 0.2},
         loop=LoopConfig(epochs=train_epochs, eval_every=5, batch_size=128, lr=2e-3),
-        log=console.print,
+        log=_brief,
+    )
+    popularity = trained.baselines["popularity"]
+    console.print(
+        f"{trained.registered_model} v{trained.version} (challenger): "
+        f"test HR@10 {trained.test['hr@10']:.3f}, "
+        f"full ranking {trained.test['hr@10_full']:.3f} (popularity {popularity['hr@10']:.3f} / "
+        f"{popularity['hr@10_full']:.3f})"
     )
 
     from shopsight.training.binary.train import train_snapshot_model
@@ -94,12 +116,9 @@ def demo(
     for number, task in enumerate(snapshot_tasks, 6):
         service = task.data.source
         shown = {"sasrec": "SASRec", "lstm": "LSTM"}.get(task.default_model, task.default_model)
-        console.rule(
-            f"[bold]{number}. training: {shown} {task.name} model ({task.data.label}) on a point-in-time "
-            "training set from Feast"
-        )
+        stage(number, f"training: {shown} {task.name} ({task.data.label}), a point-in-time set from Feast")
         training_set = settings.data_dir / "demo" / f"training_set_{task.name}.parquet"
-        with err_console.status(f"point-in-time training set of {service}"):
+        with steps_bar(f"point-in-time training set of {service}") as progress:
             store.training_set(
                 settings,
                 service,
@@ -107,8 +126,9 @@ def demo(
                 last_day - timedelta(days=1),
                 training_set,
                 label=task.data.label,
+                on_view=progress,
             )
-        trained_snapshots[task.name] = train_snapshot_model(
+        summary = train_snapshot_model(
             settings,
             task,
             task.default_model,
@@ -119,45 +139,41 @@ def demo(
                 epochs=purchase_epochs, batch_size=256, eval_every=1, patience=3, weight_decay=1e-5
             ),
             truth=out / "truth" / task.code.ORACLE_FILE,
-            log=console.print,
+            log=_brief,
+        )
+        trained_snapshots[task.name] = summary
+        baselines = ", ".join(f"{b} {r['roc_auc']:.3f}" for b, r in summary.baselines.items())
+        console.print(
+            f"{summary.registered_model} v{summary.version} (challenger): test ROC-AUC "
+            f"{summary.test['roc_auc']:.3f} ({baselines}), ECE {summary.test['ece']:.3f}"
         )
 
-    console.rule(
-        f"[bold]{6 + len(snapshot_tasks)}. serving: the champions on Ray Serve (live Feast features, "
-        "MLflow by alias)"
-    )
+    stage(stages, "serving: the champions on Ray Serve (live Feast features, MLflow by alias)")
     from shopsight.cli.serve import demo_serving, stop_serving
 
     top_users = [int(u) for u, _ in stats.events_per_user.most_common(3)]
-    popularity = trained.baselines["popularity"]
     serving = demo_serving(settings, top_users)
-    snapshot_rows = {}
-    for name, summary in trained_snapshots.items():
-        baselines = ", ".join(f"{b} {r['roc_auc']:.3f}" for b, r in summary.baselines.items())
-        snapshot_rows[f"{name} model"] = f"{summary.registered_model} v{summary.version} (alias challenger)"
-        snapshot_rows[f"{name} test ROC-AUC"] = f"{summary.test['roc_auc']:.3f} ({baselines})"
-        snapshot_rows[f"{name} test PR-AUC"] = (
-            f"{summary.test['pr_auc']:.3f} (base rate {summary.test['base_rate']:.3f})"
-        )
-        snapshot_rows[f"{name} calibration"] = (
-            f"ECE {summary.test['ece']:.3f} (before calibration {summary.test['ece_uncalibrated']:.3f}), "
-            f"mean probability {summary.test['mean_probability']:.3f}"
-        )
-
     print_summary(
         "Demo finished",
         {
-            "events": f"{result.events:,} in {out / 'events'}",
-            "rejected rows": f"{report.rows_rejected:,}",
+            "events": f"{result.events:,} in {out / 'events'} ({report.rows_rejected:,} rejected)",
             "features": f"{sum(build.rows.values()):,} rows in {build.out}",
-            "feature store": f"{settings.data_dir / 'feast'} ({settings.feast.online_store} online store)",
-            "next-item model": f"{trained.registered_model} v{trained.version} (alias challenger)",
-            "test HR@10 sampled / full": f"{trained.test['hr@10']:.3f} / {trained.test['hr@10_full']:.3f} "
-            f"(popularity {popularity['hr@10']:.3f} / {popularity['hr@10_full']:.3f})",
-            **snapshot_rows,
+            "feature store": f"{settings.data_dir / 'feast'} ({settings.feast.online_store} online)",
+            "models": ", ".join(
+                f"{s.registered_model} v{s.version}" for s in [trained, *trained_snapshots.values()]
+            )
+            + " (evaluation reports in their MLflow runs)",
             "MLflow UI": tracking_uri(settings),
             **serving,
-            "took": f"{watch.seconds:.1f} s",
+            "logs": str(log_file() or "on the console (-v)"),
+            "took": f"{watch.seconds:.0f} s",
         },
     )
     stop_serving(settings, keep_serving)
+
+
+def _brief(text: str) -> None:
+    """The demo's log of a training run: its one-line notes; the evaluation report (many lines) is in the
+    run's artifacts, and the stage prints its numbers in one line."""
+    if "\n" not in text.strip():
+        note(text)

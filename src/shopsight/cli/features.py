@@ -19,7 +19,15 @@ from shopsight.cli._context import (
 )
 from shopsight.cli._output import OutputOption, emit
 from shopsight.cli.data import FORMAT_HELP, FormatName
-from shopsight.platform import Settings, Stopwatch, console, err_console, print_summary
+from shopsight.platform import (
+    Settings,
+    Stopwatch,
+    console,
+    err_console,
+    print_summary,
+    progress_bar,
+    steps_bar,
+)
 
 app = typer.Typer(
     help="Build Spark features, manage the Feast repository (apply, materialize, list, describe), "
@@ -48,13 +56,38 @@ def build_command(
     run_build(settings, data, parse_day(start, "--start"), parse_day(end, "--end"), format=format, out=out)
 
 
-def run_build(settings: Settings, events: Path, start: date, end: date, format: str = "auto", out=None):
+def run_build(
+    settings: Settings,
+    events: Path,
+    start: date,
+    end: date,
+    format: str = "auto",
+    out=None,
+    brief: bool = False,
+):
+    """Build with a progress bar, then print the segments and a summary (``brief``: one line)."""
     from shopsight.features.build import build_features
 
-    with err_console.status("building features") as status:
+    with progress_bar(transient=True) as bar:  # the tables written, and what the build does now
+        task = bar.add_task("building features", total=None)
         result = build_features(
-            settings, events, start, end, out=out, format=format, on_step=lambda step: status.update(step)
+            settings,
+            events,
+            start,
+            end,
+            out=out,
+            format=format,
+            on_step=lambda step: bar.update(task, description=step),
+            on_table=lambda done, total, _name: bar.update(task, completed=done, total=total),
         )
+    rejected = sum(result.events_rejected.values())
+    if brief:
+        console.print(
+            f"{sum(result.rows.values()):,} rows in {len(result.rows)} tables for {len(result.days)} "
+            f"snapshot days, {len(result.segment_profile)} user segments, in {result.out} "
+            f"({result.seconds:.1f} s)"
+        )
+        return result
     table = Table(title="User segments (portrait, last snapshot day)", title_justify="left")
     for column in ("segment", "users", "views 7d", "buys 7d", "active days 7d", "carted, not bought"):
         table.add_column(column, justify="right")
@@ -69,7 +102,6 @@ def run_build(settings: Settings, events: Path, start: date, end: date, format: 
             f"{seg['mean_n_carted_not_bought']:.1f}",
         )
     console.print(table)
-    rejected = sum(result.events_rejected.values())
     print_summary(
         "Features built",
         {
@@ -112,8 +144,8 @@ def materialize_command(
 
     settings = state(ctx).settings
     watch = Stopwatch()
-    with err_console.status("materialising"):
-        views = store.materialize(settings, incremental=incremental)
+    with steps_bar("materialising") as report:
+        views = store.materialize(settings, incremental=incremental, on_view=report)
     print_summary(
         "Materialised",
         {
@@ -270,7 +302,7 @@ def training_set_command(
     readers = [t.data.label for t in TASKS.values() if t.data.source == service and t.data.label]
     label = label or (readers[0] if readers else "buy_next_1d")
     watch = Stopwatch()
-    with err_console.status(f"point-in-time join ({label})"):
+    with steps_bar(f"point-in-time join ({label})") as report:
         path, rows = store.training_set(
             state(ctx).settings,
             service,
@@ -278,6 +310,7 @@ def training_set_command(
             parse_day(end, "--end"),
             out,
             label=label,
+            on_view=report,
         )
     print_summary(
         "Training set",

@@ -8,7 +8,6 @@ anything is sent: an unknown kind or option, a missing input file or an unreacha
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -254,14 +253,14 @@ def logs_command(
     if follow:
         _follow(endpoint, job_id)
     else:
-        sys.stdout.write(endpoint.client().get_job_logs(job_id))
+        console.file.write(endpoint.client().get_job_logs(job_id))
 
 
 def _follow(endpoint: JobsEndpoint, job_id: str) -> None:
     async def stream() -> None:
         async for chunk in endpoint.client().tail_job_logs(job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+            console.file.write(chunk)
+            console.file.flush()
 
     asyncio.run(stream())
 

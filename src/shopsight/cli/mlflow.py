@@ -22,7 +22,15 @@ import typer
 
 from shopsight.cli._context import state
 from shopsight.cli._output import OutputOption, emit
-from shopsight.platform import ShopsightError, Stopwatch, console, err_console, print_summary, summary_table
+from shopsight.platform import (
+    ShopsightError,
+    Stopwatch,
+    console,
+    err_console,
+    print_summary,
+    spinner,
+    summary_table,
+)
 
 app = typer.Typer(
     help="Start, inspect and stop this data directory's MLflow tracking server (SQL backend, artifacts).",
@@ -60,7 +68,7 @@ def up_command(ctx: typer.Context) -> None:
 
     settings = state(ctx).settings
     watch = Stopwatch()
-    with err_console.status("starting the MLflow tracking server"):
+    with spinner("starting the MLflow tracking server"):
         server = up(settings)
     if server.note:
         err_console.print(f"[yellow]note:[/yellow] {server.note}", soft_wrap=True)
@@ -75,7 +83,8 @@ def up_command(ctx: typer.Context) -> None:
 
 @app.command("status")
 def status_command(ctx: typer.Context, output: OutputOption = "table") -> None:
-    """Whether the tracking server runs, and where (URI, backend, artifact root, pid, log).
+    """Whether the tracking server runs, and where (URI, backend, artifact root, pid, log). Exit status 1
+    when it does not run (or, shared, does not answer).
 
     With -o json or yaml: shared (the profile's server, mlflow.tracking_uri, or this data directory's),
     running (for a shared server: whether it answers), tracking_uri, backend_store, artifact_root, auth,
@@ -119,6 +128,8 @@ def status_command(ctx: typer.Context, output: OutputOption = "table") -> None:
             return shown
 
         emit(output, data, shared)
+        if not answers:
+            raise typer.Exit(1)
         return
     server = local_server(settings)
     data.update(
@@ -141,6 +152,7 @@ def status_command(ctx: typer.Context, output: OutputOption = "table") -> None:
     )
     if server.note:
         err_console.print(f"[yellow]note:[/yellow] {server.note}", soft_wrap=True)
+    raise typer.Exit(1)  # a script's "down", as `cluster status` says it
 
 
 @app.command("down")

@@ -23,7 +23,9 @@ from shopsight.platform import (
     ShopsightError,
     console,
     err_console,
+    note,
     print_summary,
+    spinner,
     summary_table,
 )
 
@@ -67,7 +69,7 @@ def connect(settings: Settings, start: bool) -> str | None:
                 "no Ray head of this data directory is running: nothing is served "
                 "(`shopsight serve deploy` or `shopsight cluster up` starts one)"
             )
-        with err_console.status("starting a local Ray head (it keeps serving after this command)"):
+        with spinner("starting a local Ray head (it keeps serving after this command)"):
             head, _ = start_local_head(settings, started_by=SERVE_STARTED)
     join_head(head, log_to_driver=False, logging_level="ERROR")
     return head.dashboard_url
@@ -126,7 +128,7 @@ def deploy_command(
             "[yellow]warning:[/yellow] serving.api_keys is empty: every /v1 request will get 401. "
             "Make a key with `shopsight serve key TEAM`."
         )
-    with err_console.status("deploying (each replica loads its champion)"):
+    with spinner("deploying (each replica loads its champion)"):
         deployed = deploy(settings, canary_share=canary_share, shadow=shadow)
         info = status(settings)
     print_summary(
@@ -258,10 +260,10 @@ def key_command(
         raise typer.BadParameter("use lowercase letters, digits and _ (it becomes a settings key)")
     key = secrets.token_urlsafe(32)
     # plain lines, not a table: a table narrower than the terminal would cut the key or the digest
-    typer.echo(f"API key for {team}")
-    typer.echo(f"key (shown once): {key}")
-    typer.echo(f"setting: serving.api_keys.{team}={hash_key(key)}")
-    typer.echo(f"YAML (--config): serving: {{api_keys: {{{team}: {hash_key(key)}}}}}")
+    console.file.write(
+        f"API key for {team}\nkey (shown once): {key}\nsetting: serving.api_keys.{team}={hash_key(key)}\n"
+        f"YAML (--config): serving: {{api_keys: {{{team}: {hash_key(key)}}}}}\n"
+    )
 
 
 # ------------------------------------------------------------------------------------- the demo's stage
@@ -280,7 +282,7 @@ def ensure_champion(settings: Settings, client, name: str) -> str:
         return champion
     if alias_version(client, name, CHALLENGER) is None:
         raise ShopsightError(f"{name} has neither a {CHAMPION} nor a {CHALLENGER} to serve")
-    result = promote(settings, name, log=console.print)
+    result = promote(settings, name, log=note)
     if not result.promoted:
         raise PromotionRefused(
             f"{name}: the gate refused version {result.candidate}, so there is no {CHAMPION} to serve: "
@@ -326,7 +328,7 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
         }
     )
     settings = settings.model_copy(update={"serving": serving})
-    with err_console.status("deploying the champions on Ray Serve (each replica loads its model)"):
+    with spinner("deploying the champions on Ray Serve (each replica loads its model)"):
         deployed = deploy(settings, log_level="WARNING")
     headers = {"X-API-Key": key}
     table = Table(title="A few requests and their answers", title_justify="left")
@@ -337,7 +339,7 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
         path = task.route.path
         ranking = task.route.predictor == "ranking"
         bodies = (
-            [{"user_id": user, "k": 5} for user in (users[0], users[-1], 10**12)]
+            [{"user_id": user, "k": 3} for user in (users[0], users[-1], 10**12)]
             if ranking
             else [{"user_ids": users[:3]}]
         )

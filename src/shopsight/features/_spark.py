@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
@@ -141,3 +141,31 @@ def task_failures_unlogged(spark: SparkSession) -> Iterator[None]:
                 else:
                     jvm.org.apache.logging.log4j.core.config.Configurator.setLevel(name, level)
             context.updateLoggers()
+
+
+@contextmanager
+def task_progress(spark: SparkSession, report: Callable[[int, int], None], every_s: float = 0.5):
+    """While the block runs, ``report(done, total)`` the tasks of Spark's active stages, every ``every_s``
+    seconds (from the status tracker: what the Spark UI's progress bar shows, without the UI)."""
+    import threading
+
+    tracker = spark.sparkContext.statusTracker()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(every_s):
+            try:
+                stages = [tracker.getStageInfo(i) for i in tracker.getActiveStageIds()]
+            except Exception:  # noqa: BLE001 - a JVM going away: the build reports that itself
+                return
+            stages = [s for s in stages if s is not None]
+            if stages:
+                report(sum(s.numCompletedTasks for s in stages), sum(s.numTasks for s in stages))
+
+    thread = threading.Thread(target=poll, name="spark-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -49,7 +49,7 @@ import psutil
 from shopsight.data import DayPartitionedWriter, EventReader, TimeWindow, quarantine_file
 from shopsight.data.schema import TS, USER_ID
 from shopsight.features import jobs
-from shopsight.features._spark import spark_session, task_failures_unlogged
+from shopsight.features._spark import spark_session, task_failures_unlogged, task_progress
 from shopsight.platform import Settings, ShopsightError, Stopwatch
 
 TABLES = ("user_activity", "user_sequence", "item_stats", "category_stats", "user_segment", "labels")
@@ -101,6 +101,7 @@ def build_features(
     out: Path | None = None,
     format: str = "auto",
     on_step: Callable[[str], None] | None = None,
+    on_table: Callable[[int, int, str], None] | None = None,
 ) -> BuildResult:
     """Build every feature table for snapshot days ``start`` .. ``end`` (inclusive).
 
@@ -108,6 +109,9 @@ def build_features(
     ``<data_dir>/quarantine``); history before ``start`` feeds the windows and recency, and the days
     after ``end``, when present, feed the labels (the next one ``buy_next_1d``, the next three
     ``churn_3d``; a label whose days are not all there is unknown, see :func:`jobs.labels`).
+
+    ``on_step(text)`` hears what the build is doing (reading, each table's Spark tasks, publishing);
+    ``on_table(done, total, name)`` each table as it starts, and once more when all are written.
 
     Raises:
         ShopsightError: an empty range, unreadable input, or no events before the end of ``end``; no
@@ -141,7 +145,7 @@ def build_features(
 
         with spark_session(settings) as spark, task_failures_unlogged(spark):
             step("computing features with Spark")
-            result = _run_jobs(spark, settings, staging, start, end)
+            result = _run_jobs(spark, settings, staging, start, end, step, on_table or (lambda *_: None))
         _write_segment_profile(staging, result["profile"])
         step("publishing partitions")
         stage = "publishing"
@@ -246,7 +250,15 @@ def _jvm_exit(wait_s: float = 0) -> str | None:
     return f"exit status {code}"
 
 
-def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) -> dict:
+def _run_jobs(
+    spark,
+    settings: Settings,
+    staging: Path,
+    start: date,
+    end: date,
+    step: Callable[[str], None],
+    on_table: Callable[[int, int, str], None],
+) -> dict:
     from pyspark.sql import functions as F
 
     cfg = settings.features
@@ -272,31 +284,39 @@ def _run_jobs(spark, settings: Settings, staging: Path, start: date, end: date) 
     }
     snapshot_days = [(start + timedelta(days=i)).isoformat() for i in range((end - start).days + 1)]
     rows = {}
-    for name, frame in tables.items():
-        path = staging / name
-        # One task per day (so one file per day), its rows sorted by day then keys: the order the
-        # partitioned writer needs, so Spark adds no sort of its own, and a total order within the
-        # day (the keys are unique there), so no tie is left in the order the shuffle delivered.
-        (
-            frame.repartition(jobs.SNAPSHOT_DAY)
-            .sortWithinPartitions(jobs.SNAPSHOT_DAY, *KEYS[name])
-            .write.mode("overwrite")
-            .option("maxRecordsPerFile", 0)  # never split a day into several files
-            .partitionBy(jobs.SNAPSHOT_DAY)
-            .parquet(str(path))
-        )
-        # Spark writes no partition for a day without rows (the labels of the last observed day have
-        # none), and a table without files cannot even be read back (UNABLE_TO_INFER_SCHEMA). An empty
-        # file keeps the day's partition and its schema: readers get a typed empty day, and a re-run
-        # replaces the day's earlier rows, as for any other day.
-        for day in snapshot_days:
-            partition = path / f"{jobs.SNAPSHOT_DAY}={day}"
-            if not partition.exists():
-                frame.drop(jobs.SNAPSHOT_DAY).limit(0).coalesce(1).write.parquet(str(partition))
-        rows[name] = sum(
-            _normalise_partition(partition) for partition in sorted(path.glob(f"{jobs.SNAPSHOT_DAY}=*"))
-        )
+    # each table is one Spark job over every snapshot day: its progress is the job's tasks
+    doing = {"table": ""}
+    with task_progress(spark, lambda done, total: step(f"{doing['table']}: Spark tasks {done:,}/{total:,}")):
+        for number, (name, frame) in enumerate(tables.items()):
+            doing["table"] = f"{name} ({len(snapshot_days)} snapshot days)"
+            on_table(number, len(tables), name)
+            rows[name] = _write_table(frame, staging / name, KEYS[name], snapshot_days)
+    on_table(len(tables), len(tables), "")
     return {"rows": rows, "profile": profile, "silhouette": silhouette}
+
+
+def _write_table(frame, path: Path, keys: list[str], snapshot_days: list[str]) -> int:
+    """One table's partitions, a file per snapshot day; returns its rows."""
+    # One task per day (so one file per day), its rows sorted by day then keys: the order the
+    # partitioned writer needs, so Spark adds no sort of its own, and a total order within the
+    # day (the keys are unique there), so no tie is left in the order the shuffle delivered.
+    (
+        frame.repartition(jobs.SNAPSHOT_DAY)
+        .sortWithinPartitions(jobs.SNAPSHOT_DAY, *keys)
+        .write.mode("overwrite")
+        .option("maxRecordsPerFile", 0)  # never split a day into several files
+        .partitionBy(jobs.SNAPSHOT_DAY)
+        .parquet(str(path))
+    )
+    # Spark writes no partition for a day without rows (the labels of the last observed day have
+    # none), and a table without files cannot even be read back (UNABLE_TO_INFER_SCHEMA). An empty
+    # file keeps the day's partition and its schema: readers get a typed empty day, and a re-run
+    # replaces the day's earlier rows, as for any other day.
+    for day in snapshot_days:
+        partition = path / f"{jobs.SNAPSHOT_DAY}={day}"
+        if not partition.exists():
+            frame.drop(jobs.SNAPSHOT_DAY).limit(0).coalesce(1).write.parquet(str(partition))
+    return sum(_normalise_partition(partition) for partition in sorted(path.glob(f"{jobs.SNAPSHOT_DAY}=*")))
 
 
 def _normalise_partition(folder: Path) -> int:

@@ -4,8 +4,11 @@ from shopsight.platform._console import (
     Stopwatch,
     console,
     err_console,
+    note,
     print_summary,
     progress_bar,
+    spinner,
+    steps_bar,
     summary_table,
 )
 from shopsight.platform._errors import (
@@ -52,6 +55,9 @@ __all__ = [
     "console",
     "err_console",
     "load_settings",
+    "note",
+    "spinner",
+    "steps_bar",
     "parse_setting_value",
     "print_summary",
     "progress_bar",

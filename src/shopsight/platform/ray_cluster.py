@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from shopsight.platform._errors import ShopsightError
+from shopsight.platform._logs import engine_output_shown
 from shopsight.platform._settings import Settings
 
 _START_TIMEOUT_S = 180
@@ -218,9 +219,12 @@ def connect(settings: Settings) -> None:
             f"ray.address is {settings.ray.address}: run this on the cluster with "
             "`shopsight jobs submit ...` (or from a Ray job)"
         )
+    # what the workers print besides their lines for the user (runtime/feed.py) is Ray's and torch's: in
+    # Ray's logs, and on the console only with -v
+    forward = engine_output_shown()
     head = local_head(settings)
     if head is not None:
-        join_head(head)
+        join_head(head, log_to_driver=forward)
         return
     # the dashboard also serves the State API that Ray Train's placement-group cleaner polls; every server
     # of this private cluster listens on 127.0.0.1 only (the module docstring says how)
@@ -230,6 +234,7 @@ def connect(settings: Settings) -> None:
             include_dashboard=True,
             _node_ip_address="127.0.0.1",
             _temp_dir=str(ray_temp_dir(settings)),
+            log_to_driver=forward,
         )
 
 

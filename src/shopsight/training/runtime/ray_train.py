@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from shopsight.platform import ShopsightError
+from shopsight.training.runtime import feed
 from shopsight.training.runtime.loop import EpochResult, LoopConfig, fit
 
 CHECKPOINT_FILE = "state.pt"
@@ -45,7 +46,11 @@ class Reporter:
         self.config, self.rank = config, rank
         self.history: list[dict[str, Any]] = list((resumed or {}).get(HISTORY, []))
         live = rank == 0 and config.get("mlflow")
-        self.tracking = _EpochLog(*config["mlflow"]) if live else None
+        self.tracking = _EpochLog(*config["mlflow"], say=self.say) if live else None
+
+    def say(self, line: str) -> None:
+        """A line for whoever started the run (:mod:`~shopsight.training.runtime.feed`)."""
+        feed.say(self.config.get("feed"), line)
 
     def announce(self, world_size: int, checkpoint, start_epoch: int) -> None:
         """Where this rank runs and where it starts: the job log shows placement and resumption."""
@@ -53,11 +58,9 @@ class Reporter:
 
         node = ray.get_runtime_context().get_node_id()
         now = datetime.now().isoformat(sep=" ", timespec="milliseconds")
-        print(f"worker rank {self.rank} of {world_size} on node {node}, starting {now}", flush=True)
+        self.say(f"worker rank {self.rank} of {world_size} on node {node}, starting {now}")
         if checkpoint:
-            print(
-                f"worker rank {self.rank} resumes after epoch {start_epoch} ({checkpoint.path})", flush=True
-            )
+            self.say(f"worker rank {self.rank} resumes after epoch {start_epoch} ({checkpoint.path})")
 
     def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
         import ray.train
@@ -70,6 +73,7 @@ class Reporter:
             with tempfile.TemporaryDirectory() as folder:
                 torch.save({**state, HISTORY: self.history}, Path(folder) / CHECKPOINT_FILE)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+            feed.say(self.config.get("feed"), None, epoch=epoch)
         else:
             ray.train.report(metrics)
         # fault injection for tests: fail once, after epoch k is checkpointed, so a restart resumes at k+1
@@ -87,8 +91,8 @@ class _EpochLog:
     is kept and sent with a later epoch. Whatever is still unsent when training ends, the driver logs
     from the last checkpoint's history."""
 
-    def __init__(self, uri: str, run_id: str) -> None:
-        self.uri, self.run_id = uri, run_id
+    def __init__(self, uri: str, run_id: str, say: Callable[[str], None] = print) -> None:
+        self.uri, self.run_id, self.say = uri, run_id, say
         self.pending: list = []
         self.away = False
 
@@ -108,15 +112,14 @@ class _EpochLog:
                 text = str(exc).strip() or type(exc).__name__
                 # a server that is away shows as urllib3's long "Max retries exceeded ..." line
                 reason = "no answer" if "Max retries exceeded" in text else text.splitlines()[0][:160]
-                print(
+                self.say(
                     f"MLflow at {self.uri} did not take epoch {int(row['epoch'])}'s metrics ({reason}): "
-                    "training goes on, and the metrics are sent when it answers",
-                    flush=True,
+                    "training goes on, and the metrics are sent when it answers"
                 )
             self.away = True
             return
         if self.away:
-            print(f"MLflow at {self.uri} answers again: the epochs it missed are logged", flush=True)
+            self.say(f"MLflow at {self.uri} answers again: the epochs it missed are logged")
         self.away = False
 
 
@@ -235,6 +238,7 @@ def _fit(setup: Callable, config: dict[str, Any]) -> None:
         optimizer_state=optimizer_state,
         average_state=average_state,
         on_epoch=on_epoch,
+        log=reporter.say,
     )
 
 
@@ -255,6 +259,7 @@ def train_with_ray(
     fail_after_epoch: int | None = None,
     mlflow: tuple[str, str] | None = None,
     callbacks: list | None = None,
+    show_progress: bool = True,
 ):
     """Run a task's ``worker`` on ``workers`` Ray workers; returns Ray's ``Result`` (metrics, checkpoints).
 
@@ -267,6 +272,8 @@ def train_with_ray(
         mlflow: (tracking URI, run id): rank 0 logs every epoch's metrics into that run.
         worker_resources: custom Ray resources each worker needs (pins workers to the nodes offering them).
         callbacks: Ray Train ``UserCallback``s (Tune's ``TuneReportCallback`` forwards each epoch to Tune).
+        show_progress: print the workers' lines here, under a per-epoch bar (:mod:`.feed`); otherwise the
+            workers print them (a Tune trial: the sweep shows its own progress).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -288,28 +295,35 @@ def train_with_ray(
         "failure_marker": f"{storage_path}/{name}/.injected_failure" if fail_after_epoch else None,
         "mlflow": mlflow,
     }
-    trainer = TorchTrainer(
-        train_loop_per_worker=worker,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=gpus_per_worker > 0,
-            resources_per_worker={
-                "CPU": threads_per_worker,
-                **({"GPU": gpus_per_worker} if gpus_per_worker else {}),
-                **(worker_resources or {}),
-            },
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=keep_checkpoints,
-                checkpoint_score_attribute=f"valid_{metric}",
-                checkpoint_score_order="max",
+
+    def run(queue=None):
+        trainer = TorchTrainer(
+            train_loop_per_worker=worker,
+            train_loop_config={**config, "feed": queue},
+            scaling_config=ScalingConfig(
+                num_workers=workers,
+                use_gpu=gpus_per_worker > 0,
+                resources_per_worker={
+                    "CPU": threads_per_worker,
+                    **({"GPU": gpus_per_worker} if gpus_per_worker else {}),
+                    **(worker_resources or {}),
+                },
             ),
-            failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=callbacks,
-        ),
-    )
-    return trainer.fit()
+            run_config=RunConfig(
+                name=name,
+                storage_path=storage_path,
+                checkpoint_config=CheckpointConfig(
+                    num_to_keep=keep_checkpoints,
+                    checkpoint_score_attribute=f"valid_{metric}",
+                    checkpoint_score_order="max",
+                ),
+                failure_config=FailureConfig(max_failures=max_failures),
+                callbacks=callbacks,
+            ),
+        )
+        return trainer.fit()
+
+    if not show_progress:
+        return run()
+    with feed.shown_here((loop or LoopConfig()).epochs, f"{config['model']} epochs") as queue:
+        return run(queue)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from shopsight.platform import Settings, ShopsightError
+from shopsight.platform import Settings, ShopsightError, progress_bar
 from shopsight.platform.mlflow_server import tracking_uri
 from shopsight.platform.ray_cluster import storage_path
 from shopsight.training.models import TUNABLE_MODELS  # the models with a search space
@@ -141,6 +141,7 @@ def _trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
         worker_resources=fixed.get("worker_resources"),
         loop=loop,
         callbacks=[TuneReportCallback()],
+        show_progress=False,
     )
     if result.error is not None:
         raise result.error
@@ -216,9 +217,15 @@ def _tracker(base):
             self.reap_until = 0.0  # after a trial ends, release what its Train run may have left behind
             self.last_reap = 0.0
             self._client = None
+            self.epochs = 0  # each trial's most: a trial that ends counts as that many on the bar
+            self.show: Callable[[int], None] | None = None  # the epochs done of all trials, to the bar
 
-        def __getstate__(self):  # Tune pickles its run config: leave out the client and the printer
-            return {**self.__dict__, "_client": None, "log": print}
+        def __getstate__(self):  # Tune pickles its run config: leave out the client, printer and bar
+            return {**self.__dict__, "_client": None, "log": print, "show": None}
+
+        def _advance(self) -> None:
+            if self.show is not None:
+                self.show(sum(r.epochs if r.status == "running" else self.epochs for r in self.rows.values()))
 
         @property
         def client(self):
@@ -269,6 +276,7 @@ def _tracker(base):
             key = f"valid_{self.metric.key}"
             if key in result:
                 row.valid = max(row.valid, float(result[key]))
+            self._advance()
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._finish(trial, failed=False)
@@ -289,6 +297,7 @@ def _tracker(base):
             self.client.set_tag(row.run_id, "tune.epochs", str(row.epochs))
             self.client.set_tag(row.run_id, "tune.status", row.status)
             self.client.set_terminated(row.run_id, "FAILED" if failed else "FINISHED")
+            self._advance()
             values = " ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
             valid = f"{row.valid:.4f}" if row.valid >= 0 else "-"
             self.log(
@@ -455,7 +464,11 @@ def tune_model(
                 name=run_name, storage_path=str(storage), callbacks=[tracker], verbose=0
             ),
         )
-        grid = tuner.fit()
+        tracker.epochs = epochs
+        with progress_bar() as bar:  # every trial's epochs, a stopped trial's as if it had run them all
+            task_id = bar.add_task("trial epochs", total=trials * epochs)
+            tracker.show = lambda done: bar.update(task_id, completed=done)
+            grid = tuner.fit()
         release_orphaned_placement_groups()
         rows = _rows(tracker)
         done = [row for row in rows if row.status != "failed"]

@@ -53,12 +53,11 @@ def gan_worker(config: dict[str, Any]) -> None:
             "valid_ks": distances["ks"],
             "valid_tvd": distances.get("tvd", 0.0),
         }
-        print(
+        reporter.say(
             f"epoch {epoch:>3}  critic {entry['critic_loss']:.4f}  generator {entry['generator_loss']:.4f}  "
             f"wasserstein {entry['wasserstein']:.4f}  valid TSTR/TRTR {utility['ratio']:.4f} "
             f"KS {distances['ks']:.4f}  "
-            f"{metrics['samples_per_second']:>9,.0f} rows/s  {entry['seconds']:.1f} s",
-            flush=True,
+            f"{metrics['samples_per_second']:>9,.0f} rows/s  {entry['seconds']:.1f} s"
         )
         reporter.report(metrics, state)
 
