@@ -47,7 +47,8 @@ java:
 	fi
 
 # Servers the tests start themselves on loopback: Redis (the online store) and PostgreSQL (MLflow's and
-# Feast's SQL backends; the tests create a throwaway cluster with its initdb).
+# Feast's SQL backends; the tests create a throwaway cluster with its initdb); and Chromium, the headless
+# browser that looks at the pages (Feast's UI).
 services:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -64,6 +65,13 @@ services:
 			service redis-server stop >/dev/null 2>&1 || true; \
 		else \
 			echo "warning: redis-server not found; Redis tests will skip (install redis-server)" >&2; \
+		fi; }
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "Chromium not found; installing it (the pages' tests look at them in a headless browser)"; \
+			apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else \
+			echo "warning: Chromium not found; the browser tests will skip (install chromium)" >&2; \
 		fi; }
 
 demo: setup

@@ -3,13 +3,16 @@ sets, the HTTP feature server, pushes, and clear errors."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import date
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -196,28 +199,14 @@ def test_unknown_feature_service_is_a_clear_error(sqlite_store, tmp_path):
     assert {"n_pv_7d", "hours_since_buy", "top_categories"} <= {f.name for f in described.fields}
 
 
-def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tmp_path):
-    port = free_port()
-    # gunicorn's default control socket, ~/.gunicorn/gunicorn.ctl (or under $XDG_RUNTIME_DIR), is one per
-    # user: the server must open its data directory's own instead (checked below)
-    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"HOME": str(tmp_path / "home")}
+@contextmanager
+def _feature_server(settings, port: int, env: dict | None = None):
+    """`shopsight features serve` on ``port``, answering: yields its process, stopped at the end."""
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "shopsight",
-            "--data-dir",
-            str(sqlite_store.data_dir),
-            "features",
-            "serve",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
+        [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), "features", "serve",
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
     try:
         client = FeatureClient(f"http://127.0.0.1:{port}")
         deadline = time.time() + 90
@@ -225,6 +214,20 @@ def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tm
             assert server.poll() is None, "feature server exited"
             assert time.time() < deadline, "feature server did not start"
             time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tmp_path):
+    port = free_port()
+    # gunicorn's default control socket, ~/.gunicorn/gunicorn.ctl (or under $XDG_RUNTIME_DIR), is one per
+    # user: the server must open its data directory's own instead (checked below)
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"HOME": str(tmp_path / "home")}
+    with _feature_server(sqlite_store, port, env):
+        client = FeatureClient(f"http://127.0.0.1:{port}")
+        deadline = time.time() + 90
         users = _users(sqlite_store, 5)
         over_http = client.get("user_profile_v1", users)
         in_process = store.online_features(sqlite_store, "user_profile_v1", [{"user_id": u} for u in users])
@@ -245,9 +248,54 @@ def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tm
         with ControlClient(str(control), timeout=10) as gunicornc:  # and it is this server's
             listeners = gunicornc.send_command("show listeners")["listeners"]
         assert [listener["address"] for listener in listeners] == [f"http://127.0.0.1:{port}"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+
+
+CLIENT = """
+import json, sys
+from feast import FeatureStore
+
+store = FeatureStore(repo_path=sys.argv[1])
+rows = [{"user_id": int(u)} for u in sys.argv[3:]]
+values = store.get_online_features(features=store.get_feature_service(sys.argv[2]), entity_rows=rows)
+print(json.dumps(values.to_dict()))
+"""
+
+
+def test_another_team_reads_with_feast_alone(sqlite_store, free_port, tmp_path, model_venv):
+    """A process with only feast installed (no Shopsight, torch, pyspark or ray) reads, through the
+    platform's feature server and Feast's `remote` online store, what the platform reads in process. Its
+    feature_store.yaml is what `shopsight features repo-yaml --server URL` prints."""
+    python = model_venv(["feast==0.67.0"])
+    absent = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print([m for m in ('shopsight', 'torch', 'pyspark', "
+         "'ray', 'mlflow') if u.find_spec(m)])"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    client = tmp_path / "team-b"
+    client.mkdir()
+    printed = subprocess.run(
+        [sys.executable, "-m", "shopsight", "--data-dir", str(sqlite_store.data_dir), "features", "repo-yaml",
+         "--server", url],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert printed.returncode == 0, printed.stderr
+    (client / store.REPO_FILE).write_text(printed.stdout)
+    users = _users(sqlite_store, 5)
+    with _feature_server(sqlite_store, port):
+        for service in ("user_profile_v1", "purchase_propensity_v1"):
+            read = subprocess.run(
+                [str(python), "-c", CLIENT, str(client), service, *map(str, users)],
+                capture_output=True, text=True, timeout=300, cwd=tmp_path,
+            )  # fmt: skip
+            assert read.returncode == 0, read.stderr[-3000:]
+            remote = json.loads(read.stdout.strip().splitlines()[-1])
+            local = store.online_features(sqlite_store, service, [{"user_id": u} for u in users])
+            assert set(remote) == set(local) and len(local) > 10, service
+            for name in local:
+                assert all(_same(a, b) for a, b in zip(remote[name], local[name], strict=True)), name
 
 
 @pytest.mark.parametrize("backend", ["sqlite_store", "redis_store"])
@@ -293,3 +341,104 @@ def test_serving_path_reader_equals_the_sdk(backend, service, request):
     assert all(values[-1] is None for name, values in fast.items() if name != "user_id")
     only = OnlineFeatureReader(settings, "purchase_propensity_v1", features=["seq_item_ids", "n_buy_7d"])
     assert set(only.read(users[:2])) == {"user_id", "seq_item_ids", "n_buy_7d"}
+
+
+# ------------------------------------------------------------------- Feast's own CLI and UI on the repository
+
+
+def _feast(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    feast = Path(sys.executable).parent / "feast"
+    return subprocess.run(
+        [str(feast), *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+
+
+def test_feasts_cli_lists_every_view_and_service_of_the_repository(sqlite_store, tmp_path):
+    from feast import FeatureService, FeatureView
+
+    from shopsight.features.definitions import repository
+
+    folder = store.feast_dir(sqlite_store)
+    yaml_text = (folder / store.REPO_FILE).read_text()
+    assert yaml_text == store.repo_yaml(sqlite_store)  # written by apply
+    objects = repository(sqlite_store)
+    views = {o.name for o in objects if isinstance(o, FeatureView)}
+    services = {o.name for o in objects if isinstance(o, FeatureService)}
+    assert {"user_activity", "user_sequence", "item_stats"} <= views and "purchase_propensity_v1" in services
+    # from another folder, as another team runs it: the file names every path it needs
+    listed = _feast("-c", str(folder), "feature-views", "list")
+    assert listed.returncode == 0, listed.stderr
+    names = {line.split()[0] for line in listed.stdout.splitlines()[1:] if line.strip()}
+    assert names == views
+    listed = _feast("-c", str(folder), "feature-services", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {line.split()[0] for line in listed.stdout.splitlines()[1:] if line.strip()} == services
+
+
+def test_the_repository_file_holds_no_secret(redis_store):
+    """The Redis password stays in the environment: the file says ${FEAST_REDIS_PASSWORD}, and Feast's CLI
+    reads the store with it set, and is refused without it."""
+    folder = store.feast_dir(redis_store)
+    text = (folder / store.REPO_FILE).read_text()
+    password = store.redis_target(redis_store.feast).password
+    assert password and password not in text and "password=${FEAST_REDIS_PASSWORD}" in text
+    listed = _feast("-c", str(folder), "feature-views", "list", env={"FEAST_REDIS_PASSWORD": password})
+    assert listed.returncode == 0 and "user_activity" in listed.stdout, listed.stderr
+
+
+def test_feast_ui_shows_the_catalog_in_a_browser(sqlite_store, tmp_path, free_port):
+    """`feast ui` on the repository, looked at by headless Chromium: the Feature Views page lists the
+    views (the screenshot is kept under the test's folder)."""
+    import shutil
+
+    import requests
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        message = "Chromium is not installed (make test installs it: apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    port = free_port()
+    feast = Path(sys.executable).parent / "feast"
+    ui = subprocess.Popen(
+        [
+            str(feast),
+            "-c",
+            str(store.feast_dir(sqlite_store)),
+            "ui",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            assert ui.poll() is None, "feast ui exited"
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/projects-list.json", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.time() < deadline, "feast ui did not answer in 90 s"
+            time.sleep(0.5)
+        page = f"http://127.0.0.1:{port}/p/shopsight/feature-view"
+        common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  f"--user-data-dir={tmp_path / 'chromium'}", "--window-size=1400,1000",
+                  "--virtual-time-budget=20000"]  # fmt: skip
+        dom = subprocess.run([*common, "--dump-dom", page], capture_output=True, text=True, timeout=120)
+        screenshot = tmp_path / "feast-ui-feature-views.png"
+        shot = subprocess.run([*common, f"--screenshot={screenshot}", page], capture_output=True, timeout=120)
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for view in ("user_activity", "user_sequence", "item_stats", "category_stats", "user_segment"):
+        assert f">{view}<" in dom.stdout, view
+    assert "Feature Views" in dom.stdout
+    assert shot.returncode == 0 and screenshot.stat().st_size > 20_000  # a rendered page, not a blank one

@@ -1493,3 +1493,24 @@ def test_dockerignore_keeps_the_build_context_small_but_complete():
         assert (ROOT / source).exists(), source
         assert not ignored(source), f".dockerignore drops {source}, which the Dockerfile copies"
     assert ignored("tests/unit/test_infra.py") and ignored(".venv/bin/python")
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_the_feast_repository_configmap_is_the_one_the_settings_give(overlay, monkeypatch):
+    """feast-repo (mounted at /etc/feast for Feast's CLI) is `shopsight features repo-yaml` with the
+    overlay's own shopsight-config: a changed setting that the file does not follow fails here."""
+    from shopsight.features import store
+    from shopsight.platform import load_settings
+
+    rendered = _render(overlay)
+    config = _one(rendered, "ConfigMap", "shopsight-config")["data"]
+    monkeypatch.setenv("FEAST_REDIS_PASSWORD", "set-in-the-pod")  # the pods have it: the file names it
+    settings = load_settings(environ=config).settings
+    assert settings.profile == "cluster"
+    mounted = _one(rendered, "ConfigMap", "feast-repo")["data"]["feature_store.yaml"]
+    assert mounted == store.repo_yaml(settings)
+    assert "password=${FEAST_REDIS_PASSWORD}" in mounted and "set-in-the-pod" not in mounted
+    server = _one(rendered, "Deployment", "feast-feature-server")["spec"]["template"]["spec"]
+    mounts = {m["name"]: m["mountPath"] for m in server["containers"][0]["volumeMounts"]}
+    assert mounts["feast-repo"] == "/etc/feast"
+    assert {"name": "feast-repo", "configMap": {"name": "feast-repo"}} in server["volumes"]

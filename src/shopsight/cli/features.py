@@ -122,11 +122,39 @@ def apply_command(ctx: typer.Context) -> None:
     """Register the feature repository (entities, views, services) with Feast."""
     from shopsight.features import store
 
+    settings = state(ctx).settings
     watch = Stopwatch()
-    names = store.apply(state(ctx).settings)
+    names = store.apply(settings)
+    folder = store.feast_dir(settings)
     print_summary(
-        "Feature repository applied", {"objects": ", ".join(names), "took": f"{watch.seconds:.1f} s"}
+        "Feature repository applied",
+        {
+            "objects": ", ".join(names),
+            "Feast repository": f"{folder / store.REPO_FILE} (feast -c {folder} feature-views list)",
+            "took": f"{watch.seconds:.1f} s",
+        },
     )
+
+
+@app.command("repo-yaml")
+def repo_yaml_command(
+    ctx: typer.Context,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="A feature server's URL (features serve): print a client's file instead, whose online "
+            "store is Feast's `remote` store reading through that server.",
+            show_default="the platform's own stores",
+        ),
+    ] = None,
+) -> None:
+    """Print the profile's feature_store.yaml: the repository as Feast's CLI, UI and clients read it
+    (`features apply` also writes it to <data_dir>/feast). No secret is in it: the Redis password is read
+    from FEAST_REDIS_PASSWORD, a SQL registry's from PGPASSWORD."""
+    from shopsight.features import store
+
+    text = store.repo_yaml(state(ctx).settings, server)  # first: reading the settings may move console.file
+    console.file.write(text)
 
 
 @app.command("materialize")

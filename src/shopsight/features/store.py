@@ -42,34 +42,85 @@ def feast_dir(settings: Settings) -> Path:
     return Path(settings.data_dir).absolute() / "feast"
 
 
+REPO_FILE = "feature_store.yaml"
+REDIS_PASSWORD_VARIABLE = "FEAST_REDIS_PASSWORD"
+
+
 def repo_config(settings: Settings):
     """Feast's RepoConfig for the profile's stores."""
     from feast.repo_config import RepoConfig
 
     folder = feast_dir(settings)
     folder.mkdir(parents=True, exist_ok=True)
+    return RepoConfig(**_repo_fields(settings), repo_path=str(folder))
+
+
+def repo_yaml(settings: Settings, server: str | None = None) -> str:
+    """The profile's ``feature_store.yaml``: what Feast's own CLI, UI and clients read (``feast -c
+    <data_dir>/feast feature-views list``), the same stores as :func:`repo_config`. No secret is in it:
+    Feast expands ``${FEAST_REDIS_PASSWORD}`` from the reader's environment, and a SQL registry's password
+    is libpq's ``PGPASSWORD``.
+
+    With ``server`` (a feature server's URL, ``shopsight features serve``), the file of another team's
+    client instead: the same registry, and Feast's ``remote`` online store reading through that server, so
+    the client needs nothing but ``feast`` and no access to Redis."""
+    import yaml
+
+    fields = _repo_fields(settings, redis_password="${" + REDIS_PASSWORD_VARIABLE + "}")
+    if server:
+        fields["online_store"] = {"type": "remote", "path": server.rstrip("/")}
+        del fields["offline_store"]  # a client reads online features; training sets are the platform's
+        header = (
+            f"# A Feast client of Shopsight's feature server at {server} (profile {settings.profile}), as\n"
+            "# `shopsight features repo-yaml --server URL` prints it: pip install feast, then\n"
+            "#   FeatureStore(repo_path=<this folder>).get_online_features(features=..., entity_rows=...)\n"
+        )
+    else:
+        header = (
+            f"# Feast's view of Shopsight's feature repository (profile {settings.profile}), written by\n"
+            "# `shopsight features apply`. For Feast's CLI, UI and clients:\n"
+            "#   feast -c <this folder> feature-views list | feature-services list | ui\n"
+            f"# Secrets come from the environment: {REDIS_PASSWORD_VARIABLE} (Redis), PGPASSWORD "
+            "(registry).\n"
+        )
+    return header + yaml.safe_dump(fields, sort_keys=False)
+
+
+def write_repo_yaml(settings: Settings) -> Path:
+    """Write :func:`repo_yaml` as ``<data_dir>/feast/feature_store.yaml`` (whole, or not at all)."""
+    path = feast_dir(settings) / REPO_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(repo_yaml(settings))
+    partial.replace(path)
+    return path
+
+
+def _repo_fields(settings: Settings, redis_password: str | None = None) -> dict[str, Any]:
+    """RepoConfig's fields for the settings; ``redis_password`` in place of the real one (a placeholder
+    for a file that must not hold it)."""
+    folder = feast_dir(settings)
     feast = settings.feast
     if feast.registry and "://" in feast.registry:
         registry: Any = {"registry_type": "sql", "path": feast.registry, "cache_ttl_seconds": 60}
     else:
         registry = feast.registry or str(folder / "registry.db")
     if feast.online_store == "redis":
-        connection = f"{redis_connection_string(feast)},{REDIS_CLIENT_OPTIONS}"
+        connection = f"{redis_connection_string(feast, redis_password)},{REDIS_CLIENT_OPTIONS}"
         online: dict = {"type": "redis", "connection_string": connection}
     else:
         online = {"type": "sqlite", "path": str(folder / "online.db")}
     offline: dict = {"type": "file"}
     if feast.offline_store == "spark":
         offline = {"type": "spark", "spark_conf": _spark_conf(settings)}
-    return RepoConfig(
-        project=feast.project,
-        provider="local",
-        registry=registry,
-        offline_store=offline,
-        online_store=online,
-        entity_key_serialization_version=3,
-        repo_path=str(folder),
-    )
+    return {
+        "project": feast.project,
+        "provider": "local",
+        "registry": registry,
+        "offline_store": offline,
+        "online_store": online,
+        "entity_key_serialization_version": 3,
+    }
 
 
 def _spark_conf(settings: Settings) -> dict[str, str]:
@@ -219,17 +270,18 @@ def _survives_feast(value: str) -> bool:
     return False
 
 
-def redis_connection_string(feast: FeastSettings) -> str:
+def redis_connection_string(feast: FeastSettings, password: str | None = None) -> str:
     """Feast's ``host:port,db=N[,username=U][,password=P][,ssl=true]`` for the online store's Redis.
 
-    It holds the password: it goes to Feast's config only, never into a message or a log line.
+    It holds the password: it goes to Feast's config only, never into a message or a log line. A
+    ``password`` given stands in for the real one, where there is one (a placeholder for a file).
     """
     target = redis_target(feast)
     parts = [target.address, f"db={target.db}"]
     if target.username:
         parts.append(f"username={target.username}")
     if target.password:
-        parts.append(f"password={target.password}")
+        parts.append(f"password={password or target.password}")
     if target.ssl:
         parts.append("ssl=true")
     return ",".join(parts)
@@ -323,12 +375,14 @@ def _read_sources_as_one_partition() -> None:
 
 
 def apply(settings: Settings) -> list[str]:
-    """Register the repository's objects; returns the names of the feature views and services."""
+    """Register the repository's objects, and write the repository's ``feature_store.yaml`` for Feast's
+    own tools (:func:`write_repo_yaml`); returns the names of the feature views and services."""
     from shopsight.features.definitions import repository
 
     store = feature_store(settings)  # first: it quiets the Spark source's warnings that repository() raises
     objects = repository(settings)
     store.apply(objects)
+    write_repo_yaml(settings)
     return [o.name for o in objects if type(o).__name__ in ("FeatureView", "FeatureService")]
 
 

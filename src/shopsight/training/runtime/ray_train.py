@@ -298,7 +298,7 @@ def train_with_ray(
 
     def run(queue=None):
         trainer = TorchTrainer(
-            train_loop_per_worker=worker,
+            train_loop_per_worker=feed.printed_here(worker),
             train_loop_config={**config, "feed": queue},
             scaling_config=ScalingConfig(
                 num_workers=workers,
