@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -139,7 +140,9 @@ def test_a_server_killed_mid_training_and_restarted_loses_no_epoch_and_the_model
         steps = _loss_steps(server.uri, run_id)
         assert steps == list(range(1, EPOCHS + 1)), steps
         said = "".join(training.lines)
-        assert "did not take epoch 3's metrics (no answer)" in said or "did not take epoch 4's" in said
+        # the first epoch after the kill (the lines reach the driver a little after the epochs end)
+        missed = [int(e) for e in re.findall(r"did not take epoch (\d+)'s metrics \(no answer\)", said)]
+        assert len(missed) == 1 and 3 <= missed[0] <= 5, said[-3000:]
         # sent by the worker when the server is back in time, else by the driver after the last epoch
         assert "answers again: the epochs it missed are logged" in said or "that MLflow missed" in said
         version = MlflowClient(server.uri).get_model_version_by_alias(MODEL, "challenger")

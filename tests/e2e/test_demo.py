@@ -98,7 +98,7 @@ def test_demo_runs_every_stage(tmp_path):
 
     read, rejected = re.search(r"([\d,]+) rows read, ([\d,]+) rejected", out).groups()
     assert rejected == "0" and int(read.replace(",", "")) > 20_000
-    mix = re.search(r"behaviour mix (.*) \(Taobao (.*)\)", out).groups()
+    mix = re.search(r"behaviour mix, % of events: (.*) \(Taobao (.*)\)", out).groups()
     simulated, taobao = ({b: float(v) for b, v in re.findall(r"(\w+) ([\d.]+)", part)} for part in mix)
     for behavior, real in TAOBAO_BEHAVIOR_MIX.items():
         assert taobao[behavior] == real and abs(simulated[behavior] - real) < 1.0

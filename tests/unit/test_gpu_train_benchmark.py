@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from benchmarks.gpu_train import held_out_quality
+
 from shopsight.training.models import build_model
 from shopsight.training.next_item.data import LeaveOneOut, SequenceData
 from shopsight.training.next_item.evaluate import evaluate_next_item, scorer

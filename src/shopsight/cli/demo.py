@@ -10,6 +10,7 @@ import typer
 from shopsight.cli._context import state
 from shopsight.cli.data import run_simulation, validate_events
 from shopsight.data import SimulatorConfig, TimeWindow
+from shopsight.data.schema import TAOBAO_BEHAVIOR_MIX
 from shopsight.platform import Stopwatch, console, note, print_summary, steps_bar
 from shopsight.platform._logs import log_file
 
@@ -63,10 +64,12 @@ def demo(
     )
     mix = stats.behavior_mix
     console.print(
-        f"{report.rows_read:,} rows, {report.rows_rejected:,} rejected; {stats.users:,} users, "
-        f"{len(stats.items):,} items; buys {mix.get('buy', 0):.2f}% of events (Taobao 2.00%) "
-        f"({seconds:.1f} s)"
+        f"{report.rows_read:,} rows read, {report.rows_rejected:,} rejected ({seconds:.1f} s); "
+        f"{stats.users:,} users, {len(stats.items):,} items"
     )
+    shares = ", ".join(f"{b} {share:.2f}" for b, share in mix.items())
+    taobao = ", ".join(f"{b} {share:.2f}" for b, share in TAOBAO_BEHAVIOR_MIX.items())
+    console.print(f"behaviour mix, % of events: {shares} (Taobao {taobao})")
 
     stage(3, "features: Spark feature jobs")
     # every day but the last gets a snapshot; the last day provides the last snapshot's labels
@@ -145,7 +148,8 @@ def demo(
         baselines = ", ".join(f"{b} {r['roc_auc']:.3f}" for b, r in summary.baselines.items())
         console.print(
             f"{summary.registered_model} v{summary.version} (challenger): test ROC-AUC "
-            f"{summary.test['roc_auc']:.3f} ({baselines}), ECE {summary.test['ece']:.3f}"
+            f"{summary.test['roc_auc']:.3f} ({baselines}), ECE {summary.test['ece']:.3f} "
+            f"(uncalibrated {summary.test['ece_uncalibrated']:.3f})"
         )
 
     stage(stages, "serving: the champions on Ray Serve (live Feast features, MLflow by alias)")

@@ -1,10 +1,11 @@
 """What the workers of a training run say, shown by the process that started it.
 
 Epoch lines, where each rank runs and from which epoch it resumes, the tracking server going away and
-coming back, whatever a task's worker prints: the workers put these lines on a Ray queue, and a thread of
-the driver prints them on stderr under a per-epoch progress bar with its ETA. They reach whoever started the run, a terminal or a Ray job's
-log, whether Ray forwards the workers' own output or not. It does not, unless ``-v``: everything else a
-worker prints is the engines' (Ray Train's controller, the process group), which Ray keeps in its logs.
+coming back, whatever a task's worker prints: the workers put these lines on a Ray queue, and a thread
+of the driver prints them on stderr under a per-epoch progress bar with its ETA. They reach whoever
+started the run, a terminal or a Ray job's log, whether Ray forwards the workers' own output or not. It
+does not, unless ``-v``: what else a worker says is the engines' (Ray Train's controller, the process
+group, library warnings on stderr), which Ray keeps in its logs.
 """
 
 from __future__ import annotations
