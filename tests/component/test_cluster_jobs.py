@@ -97,9 +97,13 @@ class _Cluster:
             stop_worker_node(node)  # (a no-op for nodes already gone but for their temp dir)
 
 
-def _job_id(output: str) -> str:
-    match = re.search(r"shopsight-\w+-\d{8}-\d{6}-[0-9a-f]{6}", output)
-    assert match, output
+def _job_id(output: str | subprocess.CompletedProcess) -> str:
+    """The job id `jobs submit` printed (given its result: its stderr says why where there is none)."""
+    said = output if isinstance(output, str) else output.stdout
+    match = re.search(r"shopsight-\w+-\d{8}-\d{6}-[0-9a-f]{6}", said)
+    assert match, (
+        said if isinstance(output, str) else f"exit {output.returncode}: {output.stdout}{output.stderr}"
+    )
     return match.group(0)
 
 
@@ -213,7 +217,7 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
     # a job that fails on the cluster: status FAILED (stdout), the tail of its log (stderr), exit 1
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    job = _job_id(submit("train", "--data", str(empty)).stdout)
+    job = _job_id(submit("train", "--data", str(empty)))
     status = _shopsight("jobs", "status", job, "--wait", "--timeout", "300", config=cluster.config)
     assert status.returncode == 1 and "FAILED" in status.stdout, status.stdout
     assert "last lines of its log" in status.stderr and "empty.txt" in status.stderr
@@ -223,7 +227,7 @@ def test_bad_submissions_fail_at_submit_time_and_a_failed_job_says_why(cluster, 
     # a running job stopped: STOPPED, and `jobs status` exits 1 for it too
     long_run = tmp_path / "long.txt"
     long_run.write_text("".join(f"{u} {i}\n" for u in range(1, 200) for i in range(1, 30)))
-    job = _job_id(submit("train", "--data", str(long_run), "--epochs", "500").stdout)
+    job = _job_id(submit("train", "--data", str(long_run), "--epochs", "500"))
     _wait_for(
         lambda: "RUNNING" in _shopsight("jobs", "status", job, config=cluster.config).stdout, 120, "RUNNING"
     )

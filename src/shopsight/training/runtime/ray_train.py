@@ -58,7 +58,8 @@ class Reporter:
 
         node = ray.get_runtime_context().get_node_id()
         now = datetime.now().isoformat(sep=" ", timespec="milliseconds")
-        self.say(f"worker rank {self.rank} of {world_size} on node {node}, starting {now}")
+        if world_size > 1:  # where the ranks landed matters once there are several
+            self.say(f"worker rank {self.rank} of {world_size} on node {node}, starting {now}")
         if checkpoint:
             self.say(f"worker rank {self.rank} resumes after epoch {start_epoch} ({checkpoint.path})")
 
