@@ -1,8 +1,9 @@
 """The Feast feature store of a profile: apply, materialise, catalog, training sets, lookups, pushes.
 
-The store is configured in code from the settings (no feature_store.yaml to keep in sync):
-``local``: registry file, file offline store, SQLite online store, all under ``<data_dir>/feast``;
-``cluster``: SQL registry (PostgreSQL), Spark offline store, Redis online store.
+The store is configured in code from the settings: ``local``: registry file, file offline store, SQLite
+online store, all under ``<data_dir>/feast``; ``cluster``: SQL registry (PostgreSQL), Spark offline store,
+Redis online store. ``feature_store.yaml`` is written from the same settings (:func:`repo_yaml`), for
+Feast's own CLI, UI and clients, never read back: there is nothing to keep in sync by hand.
 """
 
 from __future__ import annotations
