@@ -26,7 +26,7 @@ import csv
 import io
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,7 +165,7 @@ def _asha():
     return RecordingASHA
 
 
-def release_orphaned_placement_groups() -> int:
+def release_orphaned_placement_groups(wait_s: float = 0.0) -> int:
     """Remove the worker placement groups of Ray Train runs whose controller died; returns how many.
 
     When ASHA stops a trial, Tune ends the trial's actor and with it the Train controller it owns, before
@@ -174,30 +174,46 @@ def release_orphaned_placement_groups() -> int:
     dashboard: without it (``ray.init(include_dashboard=False)``) the group is never removed and the next
     trial's Train run waits forever for the CPUs it holds. The GCS tables say the same without the
     dashboard: a group of this job, not detached, whose creator (a ``TrainController``) is dead.
+
+    ``wait_s``: once the sweep is over every Train run's group is an orphan, but the last stopped trial's
+    controller may still be dying; wait up to this long for it to die, so that its group goes too.
     """
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    deadline = time.monotonic() + wait_s
+    removed = 0
+    while True:
+        dying = 0
+        for group_id, creator_dead in _train_groups():
+            if not creator_dead:
+                dying += 1
+                continue
+            try:
+                remove_placement_group(PlacementGroup(group_id))
+                removed += 1
+            except Exception:  # noqa: BLE001 - removed meanwhile (by Train's own cleaner): nothing to do
+                pass
+        if not dying or time.monotonic() >= deadline:
+            return removed
+        time.sleep(0.5)
+
+
+def _train_groups() -> Iterator[tuple[Any, bool]]:
+    """The placement groups of this job's Ray Train runs not yet removed: (id, whether the controller that
+    created it is dead)."""
     import ray
     from ray._private import state as ray_state  # the GCS tables; the public State API needs the dashboard
     from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     table = gcs_pb2.PlacementGroupTableData
     job = ray.get_runtime_context().get_job_id()
-    removed = 0
     for raw in ray_state.state._connect_and_get_accessor().get_placement_group_table():
         group = table.FromString(raw)
-        if group.state == table.REMOVED or group.is_detached or not group.creator_actor_dead:
-            continue
-        if group.creator_job_id.hex() != job:
+        if group.state == table.REMOVED or group.is_detached or group.creator_job_id.hex() != job:
             continue
         creator = ray_state.actors(actor_id=group.creator_actor_id.hex()) or {}
-        if creator.get("ActorClassName") != "TrainController":
-            continue
-        try:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
-            removed += 1
-        except Exception:  # noqa: BLE001 - removed meanwhile (by Train's own cleaner): nothing to do
-            pass
-    return removed
+        if creator.get("ActorClassName") == "TrainController":
+            yield ray.PlacementGroupID(group.placement_group_id), group.creator_actor_dead
 
 
 def _tracker(base):
@@ -469,7 +485,7 @@ def tune_model(
             task_id = bar.add_task("trial epochs", total=trials * epochs)
             tracker.show = lambda done: bar.update(task_id, completed=done)
             grid = tuner.fit()
-        release_orphaned_placement_groups()
+        release_orphaned_placement_groups(wait_s=60)  # the sweep is over: no Train run of it holds CPUs
         rows = _rows(tracker)
         done = [row for row in rows if row.status != "failed"]
         if not done:
