@@ -6,12 +6,15 @@
    user-activity features (counts per behaviour, distinct items and categories, active days, hours since
    the last event of each behaviour, for every window and snapshot day). The DuckDB result is compared
    with Spark's, so the ratio is between equal answers.
-2. Materialisation rows/s into SQLite and into Redis (a redis-server started here on loopback).
+2. The online store in each layout, Feast's own (one value per feature) and the platform's packed plugin
+   (one per entity and view, ``shopsight.features.packed``), on SQLite and on Redis (a redis-server
+   started here on loopback), side by side over the same features: materialisation rows/s and peak
+   memory, bytes stored per user.
 3. Online lookup latency, p50/p99 over repeated calls, for 1 and 100 users: the Feast SDK
-   (``get_online_features``), Feast's HTTP feature server,
-   the serving path (``shopsight.features.online.OnlineFeatureReader``), and a raw read of the same rows
-   from the store (the floor), on SQLite and Redis, for next_item_v1 (5 fields) and
-   purchase_propensity_v1 (50 fields).
+   (``get_online_features``), the feature server over HTTP (with a team's key),
+   the serving path (``shopsight.features.online.OnlineFeatureReader``), and a raw read of the same rows'
+   bytes from the store (the floor), for next_item_v1 (5 fields) and purchase_propensity_v1 (50 fields);
+   for purchase_propensity_v1 each p99 beside its target and its ratio to the floor.
 
     python -m benchmarks.bench_features [--sizes 1000000 10000000] [--lookups 300]
 """
@@ -209,7 +212,8 @@ def _percentiles(samples) -> dict:
 
 
 def _store_benchmarks(data_dir: Path, lookups: int, tmp: Path) -> dict:
-    """Materialisation and lookup latency on SQLite and on a real Redis, over the same built features."""
+    """Materialisation, size and lookup latency of each online layout (Feast's own, and the platform's
+    packed plugin) on SQLite and on a real Redis, over the same built features, side by side."""
     from shopsight.platform import load_settings
 
     port = _free_port()
@@ -218,18 +222,25 @@ def _store_benchmarks(data_dir: Path, lookups: int, tmp: Path) -> dict:
         stdout=subprocess.DEVNULL,
     )
     time.sleep(0.5)
-    redis_url = f"redis://127.0.0.1:{port}/0"
     results = {}
     try:
-        for backend in ("sqlite", "redis"):
-            base = tmp / f"store_{backend}"
+        for db, (layout, backend) in enumerate(
+            (layout, backend) for backend in ("sqlite", "redis") for layout in ("feast", "packed")
+        ):
+            base = tmp / f"store_{layout}_{backend}"
             base.mkdir()
             (base / "features").symlink_to(data_dir / "features")
-            overrides = {"data_dir": str(base)}
-            if backend == "redis":
-                overrides |= {"feast.online_store": "redis", "feast.redis_url": redis_url}
+            overrides = {"data_dir": str(base), "feast.online_layout": layout}
+            if backend == "redis":  # each layout in its own Redis database, so that sizes are its own
+                overrides |= {
+                    "feast.online_store": "redis",
+                    "feast.redis_url": f"redis://127.0.0.1:{port}/{db}",
+                }
             settings = load_settings(overrides=overrides, environ={}).settings
-            results[backend] = _bench_backend(settings, data_dir, lookups, port)
+            results[f"{layout}/{backend}"] = _bench_backend(settings, data_dir, lookups, port, db)
+            print(
+                json.dumps({f"{layout}/{backend}": results[f"{layout}/{backend}"]}, default=str), flush=True
+            )
     finally:
         redis_proc.terminate()
         redis_proc.wait()
@@ -240,30 +251,58 @@ SERVICES = {
     "next_item_v1": ("user_sequence",),
     "purchase_propensity_v1": ("user_activity", "user_sequence", "user_segment"),
 }
+PATHS = ("sdk", "http", "serving_path", "raw_floor")
+# the lookups with a p99 target: (label, path, users, target)
+TARGETS = (
+    ("100 users, in process (serving path)", "serving_path", 100, "3 ms"),
+    ("1 user, in process (serving path)", "serving_path", 1, "0.3 ms"),
+    ("1 user over HTTP", "http", 1, "3 ms"),
+    ("100 users over HTTP", "http", 100, "10 ms"),
+    ("100 users, Feast SDK", "sdk", 100, "-"),
+)
+BENCH_KEY = "bench-key"
 
 
-def _bench_backend(settings, data_dir: Path, lookups: int, redis_port: int) -> dict:
+def _bench_backend(settings, data_dir: Path, lookups: int, redis_port: int, redis_db: int) -> dict:
     import gc
 
     import pandas as pd
+    import redis
 
     from shopsight.features import store
     from shopsight.features.online import OnlineFeatureReader
 
     store.apply(settings)
     started = time.perf_counter()
-    views = store.materialize(settings)
+    with PeakMemory() as memory:
+        views = store.materialize(settings)
     seconds = time.perf_counter() - started
     rows = sum(len(pd.read_parquet(data_dir / "features" / v, columns=["snapshot_day"])) for v in views)
-    entry = {"materialized_rows": rows, "materialize_seconds": seconds, "rows_per_second": rows / seconds}
-
     users = pd.read_parquet(data_dir / "features" / "user_sequence", columns=["user_id"]).user_id.unique()
+    entities = len(users)
+    if settings.feast.online_store == "sqlite":
+        stored_bytes = (settings.data_dir / "feast" / "online.db").stat().st_size
+    else:
+        client = redis.Redis(host="127.0.0.1", port=redis_port, db=redis_db)
+        keys = list(client.scan_iter(count=10_000))
+        stored_bytes = sum(client.memory_usage(k) or 0 for k in keys)
+    entry = {
+        "materialized_rows": rows,
+        "materialize_seconds": seconds,
+        "rows_per_second": rows / seconds,
+        "materialize_peak_rss_mb": memory.mb,
+        "entities": entities,
+        "stored_bytes": stored_bytes,
+        "bytes_per_entity": stored_bytes / entities,
+    }
+
     rng = np.random.default_rng(0)
+    packed = settings.feast.online_layout == "packed"
     for service, service_views in SERVICES.items():
         if settings.feast.online_store == "sqlite":
-            raw = _sqlite_reader(settings.data_dir / "feast" / "online.db", service_views)
+            raw = _sqlite_reader(settings.data_dir / "feast" / "online.db", service_views, packed)
         else:
-            raw = _redis_reader(redis_port, settings.feast.project)
+            raw = _redis_reader(redis_port, redis_db, settings.feast.project, service_views, packed)
         assert all(raw(users[:5])), "the raw read missed rows: wrong key layout"
         server, http = _feature_server(settings, service)
         reader = OnlineFeatureReader(settings, service)
@@ -308,37 +347,43 @@ def _sdk_reader(settings, name: str):
     ).to_dict()
 
 
-def _sqlite_reader(db: Path, views):
-    """The floor on SQLite: the stored rows of the service's views, not deserialised."""
+def _sqlite_reader(db: Path, views, packed: bool):
+    """The floor on SQLite: the stored bytes of the service's views for the users, not decoded."""
     import sqlite3
 
     con = sqlite3.connect(str(db))
     names = [name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-    tables = [next(t for t in names if t.endswith(view)) for view in views]
+    suffix = "_packed" if packed else ""
+    tables = [next(t for t in names if t.endswith(view + suffix)) for view in views]
+    key, value = ("k", "v") if packed else ("entity_key", "value")
 
     def read(batch):
         keys = [_sqlite_key(int(u)) for u in batch]
         marks = ",".join("?" * len(keys))
         found = set()
         for table in tables:
-            query = f"SELECT entity_key FROM {table} WHERE entity_key IN ({marks})"
+            query = f'SELECT {key}, {value} FROM "{table}" WHERE {key} IN ({marks})'
             found |= {row[0] for row in con.execute(query, keys).fetchall()}
-        return [key in found for key in keys]
+        return [k in found for k in keys]
 
     return read
 
 
-def _redis_reader(port: int, project: str):
-    """The floor on Redis: one HGETALL per user (Feast keeps one hash per entity), pipelined."""
+def _redis_reader(port: int, db: int, project: str, views, packed: bool):
+    """The floor on Redis, pipelined: per user, its views' fields (packed) or its whole hash (Feast's
+    layout keeps one field per feature, under hashed names)."""
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port)
+    client = redis.Redis(host="127.0.0.1", port=port, db=db)
 
     def read(batch):
         pipe = client.pipeline(transaction=False)
         for user in batch:
-            pipe.hgetall(_redis_key(int(user), project))
-        return [bool(h) for h in pipe.execute()]
+            if packed:
+                pipe.hmget(_redis_key(int(user), project), list(views))
+            else:
+                pipe.hgetall(_redis_key(int(user), project))
+        return [bool(h) and (not packed or all(h)) for h in pipe.execute()]
 
     return read
 
@@ -346,19 +391,26 @@ def _redis_reader(port: int, project: str):
 def _feature_server(settings, service: str):
     import requests
 
+    from shopsight.platform.api_keys import hash_key
+
     port = _free_port()
-    extra = []
+    extra = ["--set", f"feast.online_layout={settings.feast.online_layout}"]
     if settings.feast.online_store == "redis":
-        extra = ["--set", "feast.online_store=redis", "--set", f"feast.redis_url={settings.feast.redis_url}"]
+        extra += ["--set", "feast.online_store=redis", "--set", f"feast.redis_url={settings.feast.redis_url}"]
     command = [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), *extra]
     server = subprocess.Popen(
         [*command, "features", "serve", "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env={**os.environ, "XDG_RUNTIME_DIR": str(settings.data_dir)},
+        env={
+            **os.environ,
+            "XDG_RUNTIME_DIR": str(settings.data_dir),
+            "SHOPSIGHT_SERVING__API_KEYS__SHOPSIGHT_FEATURES": hash_key(BENCH_KEY),
+        },
     )
     session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {BENCH_KEY}"  # the services' owner: it needs no grant
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -429,19 +481,35 @@ def main() -> None:
             f"{r['user_activity_spark_seconds']:.1f} | {r['user_activity_duckdb_seconds']:.1f} | {r['spark_over_duckdb']:.1f}x | "
             f"{r['duckdb_added_rss_mb']:,.0f} | {r['compared_rows'] * r['compared_columns']:,} | {r['mismatched_values']} |"
         )
-    for backend, entry in stores.items():
+    for name, entry in stores.items():
         lines.append(
-            f"\n{backend}: materialised {entry['materialized_rows']:,} rows in {entry['materialize_seconds']:.1f} s "
-            f"({entry['rows_per_second']:,.0f} rows/s). Online lookup latency, p50 / p99 ms:\n"
+            f"\n{name}: materialised {entry['materialized_rows']:,} rows in {entry['materialize_seconds']:.1f} s "
+            f"({entry['rows_per_second']:,.0f} rows/s, peak RSS {entry['materialize_peak_rss_mb']:,.0f} MB); "
+            f"{entry['stored_bytes'] / 1e6:,.1f} MB stored for {entry['entities']:,} users "
+            f"({entry['bytes_per_entity']:,.0f} bytes a user). Lookup latency, p50 / p99 ms:\n"
         )
         lines.append("| service | path | 1 user | 100 users |")
         lines.append("| --- | --- | ---: | ---: |")
         for service in SERVICES:
-            for name in ("sdk", "http", "serving_path", "raw_floor"):
-                one, hundred = entry[f"{service}:{name}_1_rows"], entry[f"{service}:{name}_100_rows"]
+            for path in PATHS:
+                one, hundred = entry[f"{service}:{path}_1_rows"], entry[f"{service}:{path}_100_rows"]
                 lines.append(
-                    f"| {service} | {name} | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {hundred['p50_ms']:.2f} / {hundred['p99_ms']:.2f} |"
+                    f"| {service} | {path} | {one['p50_ms']:.2f} / {one['p99_ms']:.2f} | {hundred['p50_ms']:.2f} / {hundred['p99_ms']:.2f} |"
                 )
+    if stores:
+        lines += [
+            "\npurchase_propensity_v1 (50 features), p99 ms, and its ratio to the same layout's raw read (the floor), "
+            "Feast's own layout beside the packed one, measured in this run:\n",
+            "| lookup | target | " + " | ".join(stores) + " |",
+            "| --- | ---: | " + " | ".join("---:" for _ in stores) + " |",
+        ]
+        for label, path, n, target in TARGETS:
+            cells = []
+            for entry in stores.values():
+                p99 = entry[f"purchase_propensity_v1:{path}_{n}_rows"]["p99_ms"]
+                floor = entry[f"purchase_propensity_v1:raw_floor_{n}_rows"]["p99_ms"]
+                cells.append(f"{p99:.2f} ({p99 / floor:.1f}x)")
+            lines.append(f"| {label} | {target} | " + " | ".join(cells) + " |")
     append_report(RESULTS / "features.md", "Feature benchmarks", "python -m benchmarks.bench_features", lines)
 
 

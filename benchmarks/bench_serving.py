@@ -296,8 +296,8 @@ def main() -> None:
     from shopsight.features import store
     from shopsight.features.build import build_features
     from shopsight.platform import load_settings
+    from shopsight.platform.api_keys import hash_key
     from shopsight.platform.mlflow_server import stop_local_server
-    from shopsight.serving.app import hash_key
     from shopsight.serving.deploy import deploy
 
     machine = describe_machine()

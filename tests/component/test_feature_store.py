@@ -195,18 +195,60 @@ def test_unknown_feature_service_is_a_clear_error(sqlite_store, tmp_path):
     with pytest.raises(ShopsightError, match="no feature view or service named 'nope'"):
         store.describe(sqlite_store, "nope")
     described = store.describe(sqlite_store, "user_activity")
-    assert described.owner == "shopsight-features"
+    assert described.owner == "shopsight_features"
     assert all(f.description and f.owner for f in described.fields)
     assert {"n_pv_7d", "hours_since_buy", "top_categories"} <= {f.name for f in described.fields}
 
 
+# teams and their API keys; the settings hold only the digests
+KEYS = {"shopsight_features": "owner-key", "team_a": "key-a", "team_b": "key-b"}
+OWNER = KEYS["shopsight_features"]  # the key of the services' owner
+
+
+def _team_env(key: str | None = None, **extra) -> dict[str, str]:
+    """The environment of a command or server that knows the teams; ``key``: whose key it acts with."""
+    from shopsight.platform.api_keys import hash_key
+
+    env = {k: v for k, v in os.environ.items() if k != "SHOPSIGHT_API_KEY"} | extra
+    env |= {f"SHOPSIGHT_SERVING__API_KEYS__{team.upper()}": hash_key(k) for team, k in KEYS.items()}
+    if key:
+        env["SHOPSIGHT_API_KEY"] = key
+    return env
+
+
+def _shopsight(settings, *args, key=None):
+    return subprocess.run(
+        [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), *args],
+        capture_output=True, text=True, timeout=120, env=_team_env(key, COLUMNS="200"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def granted(sqlite_store):
+    """team_a may read user_profile_v1; team_b that and purchase_propensity_v1; granted by the owner."""
+    refused = _shopsight(sqlite_store, "features", "grant", "team_a", "user_profile_v1", key=KEYS["team_b"])
+    assert refused.returncode == 1
+    assert (
+        "only the owner of 'user_profile_v1' (shopsight_features) may change who reads it" in refused.stderr
+    )
+    nobody = _shopsight(sqlite_store, "features", "grant", "team_z", "user_profile_v1", key=OWNER)
+    assert nobody.returncode == 1 and "no team 'team_z'" in nobody.stderr, nobody.stderr
+    for team, service in [("team_a", "user_profile_v1"), ("team_b", "user_profile_v1"),
+                          ("team_b", "purchase_propensity_v1")]:  # fmt: skip
+        done = _shopsight(sqlite_store, "features", "grant", team, service, key=OWNER)
+        assert done.returncode == 0 and f"{team} may read {service}" in done.stdout, done.stderr
+    return sqlite_store
+
+
 @contextmanager
 def _feature_server(settings, port: int, env: dict | None = None):
-    """`shopsight features serve` on ``port``, answering: yields its process, stopped at the end."""
+    """`shopsight features serve` on ``port``, knowing the teams of KEYS, answering: yields its process,
+    stopped at the end."""
     server = subprocess.Popen(
         [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), "features", "serve",
          "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_team_env(**(env or {})),
+        start_new_session=True,
     )  # fmt: skip
     try:
         client = FeatureClient(f"http://127.0.0.1:{port}")
@@ -221,27 +263,28 @@ def _feature_server(settings, port: int, env: dict | None = None):
         server.wait(timeout=30)
 
 
-def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tmp_path):
+def test_http_feature_server_returns_the_same_values(granted, free_port, tmp_path):
     port = free_port()
     # gunicorn's default control socket, ~/.gunicorn/gunicorn.ctl (or under $XDG_RUNTIME_DIR), is one per
     # user: the server must open its data directory's own instead (checked below)
-    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"HOME": str(tmp_path / "home")}
-    with _feature_server(sqlite_store, port, env):
-        client = FeatureClient(f"http://127.0.0.1:{port}")
+    env = {"HOME": str(tmp_path / "home"), "XDG_RUNTIME_DIR": ""}
+    with _feature_server(granted, port, env):
+        client = FeatureClient(f"http://127.0.0.1:{port}", api_key=KEYS["team_b"])
         deadline = time.time() + 90
-        users = _users(sqlite_store, 5)
+        users = _users(granted, 5)
         over_http = client.get("user_profile_v1", users)
-        in_process = store.online_features(sqlite_store, "user_profile_v1", [{"user_id": u} for u in users])
+        in_process = store.online_features(granted, "user_profile_v1", [{"user_id": u} for u in users])
         assert set(over_http) == set(in_process)
         for name in in_process:
             assert all(_same(a, b) for a, b in zip(over_http[name], in_process[name], strict=True)), name
-        with pytest.raises(ShopsightError, match="unknown feature service"):
+        readable = "team_b may read: purchase_propensity_v1, user_profile_v1"
+        with pytest.raises(ShopsightError, match=f"answered 404: no feature service 'nope_v1'; {readable}"):
             client.get("nope_v1", users)
 
         from gunicorn.ctl.client import ControlClient
 
-        control = store.control_socket(sqlite_store, port)
-        assert control == sqlite_store.data_dir.absolute() / "feast" / f"feature-server-{port}.ctl"
+        control = store.control_socket(granted, port)
+        assert control == granted.data_dir.absolute() / "feast" / f"feature-server-{port}.ctl"
         while not control.is_socket():
             assert time.time() < deadline, "no control socket under the data directory"
             time.sleep(0.2)
@@ -249,6 +292,120 @@ def test_http_feature_server_returns_the_same_values(sqlite_store, free_port, tm
         with ControlClient(str(control), timeout=10) as gunicornc:  # and it is this server's
             listeners = gunicornc.send_command("show listeners")["listeners"]
         assert [listener["address"] for listener in listeners] == [f"http://127.0.0.1:{port}"]
+
+
+def _lookup(port, body, key=None, **kwargs):
+    import requests
+
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    kwargs.setdefault("json", body)
+    return requests.post(
+        f"http://127.0.0.1:{port}/get-online-features", headers=headers, timeout=30, **kwargs
+    )
+
+
+def test_the_feature_server_knows_teams_grants_and_bad_input(granted, free_port):
+    """Keys (401), grants per service (403 naming it), bad input (4xx naming the field and row, never a
+    500), a read log and per-team metrics; a revocation takes effect on the running server; grants survive
+    a restart."""
+    import requests
+
+    port = free_port()
+    users = _users(granted, 3)
+    profile = {"feature_service": "user_profile_v1", "entities": {"user_id": users}}
+    propensity = {"feature_service": "purchase_propensity_v1", "entities": {"user_id": users}}
+    log_path = granted.data_dir.absolute() / "feast" / "reads" / "reads.jsonl"
+    before = len(log_path.read_text().splitlines()) if log_path.exists() else 0
+    with _feature_server(granted, port):
+        assert _lookup(port, profile).status_code == 401
+        wrong = _lookup(port, profile, key="not-a-key")
+        assert wrong.status_code == 401 and wrong.json()["error"].startswith("wrong API key")
+        denied = _lookup(port, propensity, key=KEYS["team_a"])
+        assert denied.status_code == 403
+        assert "team_a may not read feature service 'purchase_propensity_v1'" in denied.json()["error"]
+        # as the README shows it: curl -d sends a form's content type, and the body is JSON all the same
+        curl = subprocess.run(
+            ["curl", "-s", "-H", f"Authorization: Bearer {KEYS['team_a']}", "-d", json.dumps(profile),
+             f"http://127.0.0.1:{port}/get-online-features"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        body = json.loads(curl.stdout)
+        names = body["metadata"]["feature_names"]
+        assert "user_id" in names and "n_buy_7d" in names
+        # every feature carries its timestamp: the snapshot it comes from
+        column = body["results"][names.index("n_buy_7d")]
+        assert len(column["event_timestamps"]) == 3
+        assert {t[:10] for t in column["event_timestamps"]} == {"2017-12-02"}
+        owner = _lookup(port, propensity, key=OWNER)  # the owner reads its own
+        assert owner.status_code == 200
+
+        def refused(status, body, key=KEYS["team_a"], **kwargs):
+            response = _lookup(port, body, key, **kwargs)
+            assert response.status_code == status, response.text
+            return response.json()["error"]
+
+        text_id = {"feature_service": "user_profile_v1", "entities": {"user_id": [users[0], "738"]}}
+        assert refused(422, text_id) == 'entities.user_id[1] is "738": user_id takes whole numbers'
+        assert "unknown join key 'customer'" in refused(422, {**profile, "entities": {"customer": [1]}})
+        assert "exactly one of" in refused(422, {"entities": {"user_id": [1]}})
+        assert refused(400, None, data=b"{not json").startswith("the body is not JSON")
+        assert "at most 1,000" in refused(422, {**profile, "entities": {"user_id": list(range(1001))}})
+        assert "body over" in refused(413, None, data=b"[" + b"1," * 40_000 + b"1]")
+        features = refused(403, {"features": ["user_sequence:seq_item_ids"], "entities": {"user_id": [1]}})
+        assert features.startswith("team_a may not read user_sequence:seq_item_ids")
+        assert "they are in churn_risk_v1, next_item_v1, purchase_propensity_v1" in features
+        assert _lookup(port, {"features": ["user_segment:segment_id"], "entities": {"user_id": users}},
+                       KEYS["team_a"]).status_code == 200  # fmt: skip
+        assert requests.post(f"http://127.0.0.1:{port}/push", json={}, timeout=10).status_code == 404
+
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert metrics.status_code == 401
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", headers={"X-API-Key": KEYS["team_b"]},
+                               timeout=10).text  # fmt: skip
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = [sample for family in text_string_to_metric_families(metrics) for sample in family.samples]
+
+        def count(name, **labels):
+            return sum(s.value for s in samples if s.name == name and s.labels == labels)
+
+        def served(status, service="-", team="team_a"):
+            return count("shopsight_feature_requests_total", team=team, service=service, status=status)
+
+        assert served("200", "user_profile_v1") == 1 and served("200", "features") == 1
+        assert served("403", "purchase_propensity_v1") == 1 and served("403", "features") == 1
+        assert served("422") == 4 and served("400") == 1 and served("413") == 1
+        assert served("401", team="-") == 2
+        assert served("200", "purchase_propensity_v1", team="shopsight_features") == 1
+        assert count("shopsight_feature_entities_total", team="team_a", service="user_profile_v1") == 3
+        assert count("shopsight_feature_request_seconds_count", team="team_a") == 10
+
+        revoked = _shopsight(granted, "features", "revoke", "team_a", "user_profile_v1", key=OWNER)
+        assert revoked.returncode == 0, revoked.stderr
+        deadline = time.time() + 30  # the server reads the registry again every 5 s
+        while _lookup(port, profile, key=KEYS["team_a"]).status_code == 200:
+            assert time.time() < deadline, "the revocation never reached the server"
+            time.sleep(0.5)
+        assert _lookup(port, profile, key=KEYS["team_a"]).status_code == 403
+
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()[before:]]
+    assert len(lines) >= 15 and all(
+        set(line) == {"time", "team", "service", "entities", "status", "ms"} for line in lines
+    )
+    assert {"team": "team_a", "service": "user_profile_v1", "entities": 3, "status": 200} in [
+        {k: line[k] for k in ("team", "service", "entities", "status")} for line in lines
+    ]
+
+    listed = json.loads(_shopsight(granted, "features", "grants", "-o", "json").stdout)
+    assert {r["service"]: r["teams"] for r in listed}["user_profile_v1"] == ["team_b"]
+    permissions = _feast("-c", str(store.feast_dir(granted)), "permissions", "list")
+    assert "read-user_profile_v1" in permissions.stdout, permissions.stderr
+    with _feature_server(granted, port):  # restarted: the grants are the registry's
+        assert _lookup(port, propensity, key=KEYS["team_b"]).status_code == 200
+        assert _lookup(port, profile, key=KEYS["team_a"]).status_code == 403
+    again = _shopsight(granted, "features", "grant", "team_a", "user_profile_v1", key=OWNER)
+    assert again.returncode == 0, again.stderr
 
 
 CLIENT = """
@@ -262,10 +419,11 @@ print(json.dumps(values.to_dict()))
 """
 
 
-def test_another_team_reads_with_feast_alone(sqlite_store, free_port, tmp_path, model_venv):
+def test_another_team_reads_with_feast_alone(granted, free_port, tmp_path, model_venv):
     """A process with only feast installed (no Shopsight, torch, pyspark or ray) reads, through the
-    platform's feature server and Feast's `remote` online store, what the platform reads in process. Its
-    feature_store.yaml is what `shopsight features repo-yaml --server URL` prints."""
+    platform's feature server and Feast's `remote` online store, what the platform reads in process, with
+    its team's key in SHOPSIGHT_API_KEY. Its feature_store.yaml is what `shopsight features repo-yaml
+    --server URL` prints."""
     python = model_venv(["feast==0.67.0"])
     absent = subprocess.run(
         [str(python), "-c", "import importlib.util as u; print([m for m in ('shopsight', 'torch', 'pyspark', "
@@ -277,26 +435,30 @@ def test_another_team_reads_with_feast_alone(sqlite_store, free_port, tmp_path, 
     url = f"http://127.0.0.1:{port}"
     client = tmp_path / "team-b"
     client.mkdir()
-    printed = subprocess.run(
-        [sys.executable, "-m", "shopsight", "--data-dir", str(sqlite_store.data_dir), "features", "repo-yaml",
-         "--server", url],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    printed = _shopsight(granted, "features", "repo-yaml", "--server", url)
     assert printed.returncode == 0, printed.stderr
     (client / store.REPO_FILE).write_text(printed.stdout)
-    users = _users(sqlite_store, 5)
-    with _feature_server(sqlite_store, port):
+    users = _users(granted, 5)
+
+    def read(service, key):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSIGHT_")}
+        return subprocess.run(
+            [str(python), "-c", CLIENT, str(client), service, *map(str, users)],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env | {"SHOPSIGHT_API_KEY": key},
+        )  # fmt: skip
+
+    with _feature_server(granted, port):
         for service in ("user_profile_v1", "purchase_propensity_v1"):
-            read = subprocess.run(
-                [str(python), "-c", CLIENT, str(client), service, *map(str, users)],
-                capture_output=True, text=True, timeout=300, cwd=tmp_path,
-            )  # fmt: skip
-            assert read.returncode == 0, read.stderr[-3000:]
-            remote = json.loads(read.stdout.strip().splitlines()[-1])
-            local = store.online_features(sqlite_store, service, [{"user_id": u} for u in users])
+            done = read(service, KEYS["team_b"])
+            assert done.returncode == 0, done.stderr[-3000:]
+            remote = json.loads(done.stdout.strip().splitlines()[-1])
+            local = store.online_features(granted, service, [{"user_id": u} for u in users])
             assert set(remote) == set(local) and len(local) > 10, service
             for name in local:
                 assert all(_same(a, b) for a, b in zip(remote[name], local[name], strict=True)), name
+        denied = read("purchase_propensity_v1", KEYS["team_a"])
+        assert denied.returncode != 0
+        assert "team_a may not read feature service 'purchase_propensity_v1'" in denied.stderr
 
 
 @pytest.mark.parametrize("backend", ["sqlite_store", "redis_store"])
@@ -458,3 +620,221 @@ def test_feast_ui_shows_the_catalog_in_a_browser(sqlite_store, tmp_path, free_po
     shown = set(re.findall(r"\b([a-z_]+) ↦ \d+ ↦", text))
     assert shown == views, (shown, views)
     assert shot.returncode == 0 and screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
+
+
+def test_the_packed_layout_answers_as_feasts_own(
+    sqlite_store, taobao_features, make_settings, tmp_path_factory
+):
+    """The packed online store (the default layout) against Feast's own SQLite layout over the same
+    features: the SDK, the serving path and the feature server's JSON give the same values; a write of
+    some of a view's features keeps the others."""
+    from feast.feature_server_utils import convert_response_to_dict
+
+    from shopsight.features.gateway import PackedAnswers
+    from shopsight.features.online import OnlineFeatureReader
+    from shopsight.features.packed import PackedStore
+
+    base, _ = taobao_features
+    stock = _linked_settings(
+        make_settings, base, tmp_path_factory.mktemp("feast_stock"), **{"feast.online_layout": "feast"}
+    )
+    sqlite_store = _linked_settings(make_settings, base, tmp_path_factory.mktemp("feast_packed"))
+    for settings in (stock, sqlite_store):  # both fresh: the module's store has had pushes
+        store.apply(settings)
+        store.materialize(settings)
+    packed_store = store.feature_store(sqlite_store)
+    assert isinstance(packed_store._get_provider().online_store, PackedStore)
+    assert not isinstance(store.feature_store(stock)._get_provider().online_store, PackedStore)
+    users = _users(sqlite_store, 20) + [999_999_999]  # and one the store does not know
+    rows = [{"user_id": u} for u in users]
+    answers = PackedAnswers(packed_store, packed_store._get_provider().online_store)
+
+    def by_name(response: dict) -> dict:
+        return dict(zip(response["metadata"]["feature_names"], response["results"], strict=True))
+
+    for service in ("purchase_propensity_v1", "user_profile_v1", "next_item_v1"):
+        packed, feasts = (
+            store.online_features(sqlite_store, service, rows),
+            store.online_features(stock, service, rows),
+        )
+        assert set(packed) == set(feasts)
+        for name in feasts:
+            assert all(_same(a, b) for a, b in zip(packed[name], feasts[name], strict=True)), name
+        read = OnlineFeatureReader(sqlite_store, service).read(users)
+        for name in read:
+            assert all(_same(a, b) for a, b in zip(read[name], feasts[name], strict=True)), name
+        assert read["n_pv_7d" if "n_pv_7d" in read else "seq_length"][-1] is None
+        fast = json.loads(answers.answer({"feature_service": service, "entities": {"user_id": users}}))
+        proto = (
+            store.feature_store(stock)
+            .get_online_features(
+                features=store.feature_store(stock).get_feature_service(service), entity_rows=rows
+            )
+            .proto
+        )
+        assert by_name(fast) == by_name(json.loads(json.dumps(convert_response_to_dict(proto)))), service
+
+    user = users[0]
+    before = store.online_features(sqlite_store, "purchase_propensity_v1", [{"user_id": user}])
+    # Feast's own writes carry whole rows; a store's batch write may carry only some features
+    from datetime import UTC, datetime
+
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    key = EntityKey(join_keys=["user_id"], entity_values=[Value(int64_val=user)])
+    write = [(key, {"n_pv_1d": Value(int64_val=before["n_pv_1d"][0] + 1000)}, datetime.now(UTC), None)]
+    packed_store._get_provider().online_store.online_write_batch(
+        packed_store.config, packed_store.get_feature_view("user_activity"), write, None
+    )
+    after = store.online_features(sqlite_store, "purchase_propensity_v1", [{"user_id": user}])
+    assert after["n_pv_1d"][0] == before["n_pv_1d"][0] + 1000
+    assert {k: v for k, v in after.items() if k != "n_pv_1d"} == {
+        k: v for k, v in before.items() if k != "n_pv_1d"
+    }
+
+
+TEAM_DEFINITIONS = """
+from datetime import timedelta
+from feast import Entity, FeatureService, FeatureView, Field, FileSource
+from feast.types import Float32, Int64
+
+user = Entity(name="user", join_keys=["user_id"])  # the platform's entity, used, not changed
+scores_source = FileSource(name="team_a_scores_source", path={path!r}, timestamp_field="event_timestamp")
+team_a_scores = FeatureView(
+    name="team_a_scores", entities=[user], ttl=timedelta(days=2), source=scores_source,
+    schema=[Field(name="user_id", dtype=Int64), Field(name="score", dtype=Float32, description="A score.")],
+)
+team_a_scores_v1 = FeatureService(name="team_a_scores_v1", features=[team_a_scores])
+"""
+
+
+def test_only_the_owner_changes_or_deletes_its_definitions(granted, tmp_path):
+    """A team applies its own definitions and owns them; another team cannot change or delete them, nor
+    can the team change the platform's; the owner grants reads of its service; the platform's apply
+    leaves a team's objects alone."""
+    scores = tmp_path / "scores.parquet"
+    pd.DataFrame(
+        {"user_id": [1, 2], "event_timestamp": pd.to_datetime(["2017-12-02", "2017-12-02"], utc=True),
+         "score": [0.5, 0.25]}
+    ).to_parquet(scores, coerce_timestamps="us")  # fmt: skip
+    mine = tmp_path / "team_a_features.py"
+    mine.write_text(TEAM_DEFINITIONS.format(path=str(scores)))
+
+    applied = _shopsight(granted, "features", "apply", "--definitions", str(mine), key=KEYS["team_a"])
+    assert applied.returncode == 0, applied.stderr
+    assert "team_a_scores, team_a_scores_v1" in applied.stdout
+    assert "user," not in applied.stdout  # the platform's entity was referenced, not applied
+    described = json.loads(_shopsight(granted, "features", "describe", "team_a_scores", "-o", "json").stdout)
+    assert described["owner"] == "team_a"
+
+    theirs = _shopsight(granted, "features", "apply", "--definitions", str(mine), key=KEYS["team_b"])
+    assert theirs.returncode == 1
+    # the first of its objects that is not team_b's: the source, in the file's order
+    owned = "DataSource 'team_a_scores_source' belongs to team_a: only its owner may change it (team_b asked)"
+    assert owned in theirs.stderr
+    platform = tmp_path / "platform_view.py"
+    platform.write_text(
+        TEAM_DEFINITIONS.format(path=str(scores)).replace('name="team_a_scores",', 'name="user_activity",')
+    )
+    clobber = _shopsight(granted, "features", "apply", "--definitions", str(platform), key=KEYS["team_a"])
+    assert clobber.returncode == 1 and "'user_activity' belongs to shopsight_features" in clobber.stderr
+    store.apply(granted)  # the platform's own apply keeps the team's objects
+    assert store.describe(granted, "team_a_scores").owner == "team_a"
+
+    shared = _shopsight(granted, "features", "grant", "team_b", "team_a_scores_v1", key=KEYS["team_a"])
+    assert shared.returncode == 0, shared.stderr
+    refused = _shopsight(granted, "features", "delete", "team_a_scores_v1", key=KEYS["team_b"])
+    assert refused.returncode == 1
+    assert (
+        "FeatureService 'team_a_scores_v1' belongs to team_a: only its owner may delete it" in refused.stderr
+    )
+    in_use = _shopsight(granted, "features", "delete", "team_a_scores", key=KEYS["team_a"])
+    assert in_use.returncode == 1 and "is used by team_a_scores_v1" in in_use.stderr
+    for name in ("team_a_scores_v1", "team_a_scores"):
+        gone = _shopsight(granted, "features", "delete", name, key=KEYS["team_a"])
+        assert gone.returncode == 0 and f"{name} deleted" in gone.stdout, gone.stderr
+    listed = {
+        r["service"] for r in json.loads(_shopsight(granted, "features", "grants", "-o", "json").stdout)
+    }
+    assert "team_a_scores_v1" not in listed
+    no_key = _shopsight(granted, "features", "apply", "--definitions", str(mine))
+    assert no_key.returncode == 1 and "set SHOPSIGHT_API_KEY" in no_key.stderr
+
+
+def test_scheduled_materialisation_refills_a_restarted_redis(
+    redis_store, redis_server, taobao_features, make_settings, tmp_path_factory, monkeypatch
+):
+    """`features materialize --every 2s` goes on through a Redis outage (one line per failed run), and
+    when Redis comes back empty, loads everything again: serving has its features back with nobody
+    re-materialising by hand. `features list` shows the views' staleness."""
+    import threading
+
+    base, _ = taobao_features
+    db1 = redis_server.url.replace("/0", "/1")  # its own Redis database; the restart empties both
+    settings = _linked_settings(
+        make_settings,
+        base,
+        tmp_path_factory.mktemp("feast_schedule"),
+        **{"feast.online_store": "redis", "feast.redis_url": db1},
+    )
+    env = {
+        **os.environ,
+        "SHOPSIGHT_FEAST__ONLINE_STORE": "redis",
+        "SHOPSIGHT_FEAST__REDIS_URL": db1,
+        "FEAST_REDIS_PASSWORD": redis_server.password,
+    }
+    monkeypatch.setenv("FEAST_REDIS_PASSWORD", redis_server.password)  # for this process's own reads
+    try:
+        store.apply(settings)
+        store.materialize(settings)
+        users = _users(settings, 4)
+        rows = [{"user_id": u} for u in users]
+        before = store.online_features(settings, "purchase_propensity_v1", rows)
+        assert all(v is not None for v in before["n_pv_7d"])
+
+        listed = subprocess.run(
+            [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), "features", "list",
+             "-o", "json"], capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        staleness = {r["name"]: r["staleness_s"] for r in json.loads(listed.stdout)}
+        assert 0 <= staleness["user_activity"] < 300 and staleness["user_embedding"] is None
+
+        loop = subprocess.Popen(
+            [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), "features",
+             "materialize", "--every", "2s"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+        )  # fmt: skip
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(loop.stdout), daemon=True).start()
+
+        def wait_for(text: str, after: int = 0, timeout: float = 120) -> int:
+            deadline = time.time() + timeout
+            while True:
+                found = [i for i, line in enumerate(lines) if i >= after and text in line]
+                if found:
+                    return found[0]
+                assert loop.poll() is None, "".join(lines)
+                assert time.time() < deadline, f"no {text!r} line: " + "".join(lines)
+                time.sleep(0.2)
+
+        try:
+            first = wait_for(" loaded ")
+            redis_server.kill()
+            failed = wait_for(" failed: ", first)
+            redis_server.start()  # same port and password, no data
+            back = time.time()
+            lost = wait_for("online store lost its rows", failed)
+            wait_for(" loaded ", lost)
+            recovered_s = time.time() - back
+            after = store.online_features(settings, "purchase_propensity_v1", rows)
+            for name in before:
+                assert all(_same(a, b) for a, b in zip(after[name], before[name], strict=True)), name
+            assert recovered_s < 60, recovered_s
+        finally:
+            os.killpg(loop.pid, signal.SIGTERM)  # as `ray job stop` or Kubernetes stops it
+            loop.wait(timeout=120)
+        assert loop.returncode == 0
+        assert re.fullmatch(r"stopped after \d+ runs \([1-9]\d* failed\)\n", lines[-1]), lines[-3:]
+    finally:
+        store.materialize(redis_store)  # the module's own Redis store, emptied by the restart, whole again

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from shopsight.features import store
-from shopsight.serving.app import hash_key
+from shopsight.platform.api_keys import hash_key
 
 pytestmark = [
     pytest.mark.serve,

@@ -70,4 +70,4 @@ def test_the_embedding_is_served_in_user_profile_v1(embedded):
         assert np.allclose(vector, by_user.loc[user, "embedding"], atol=1e-6)
         assert source == "models:/test/1"
     described = store.describe(settings, "user_embedding")
-    assert described.owner == "shopsight-training" and {f.name for f in described.fields} >= {"embedding"}
+    assert described.owner == "shopsight_training" and {f.name for f in described.fields} >= {"embedding"}

@@ -375,9 +375,10 @@ def test_feature_catalog_as_json_and_yaml(tmp_path, monkeypatch):
         "kind": "feature view",
         "entities": ["user_id"],
         "fields": records["user_activity"]["fields"],
-        "owner": "shopsight-features",
+        "owner": "shopsight_features",
         "online": True,
         "fresh_until": None,  # not materialised yet
+        "staleness_s": None,
     }
     assert records["user_activity"]["fields"] > 10
     assert records["user_profile_v1"]["kind"] == "feature service"

@@ -37,6 +37,7 @@ OVERLAYS = ("overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod
 CRD_KINDS = {
     ("ray.io/v1", "RayCluster"),
     ("ray.io/v1", "RayJob"),
+    ("ray.io/v1", "RayCronJob"),
     ("ray.io/v1", "RayService"),
     ("sparkoperator.k8s.io/v1beta2", "SparkApplication"),
 }
@@ -244,6 +245,10 @@ def _check_crd(doc: dict) -> None:
         assert submitter["spec"].get("restartPolicy") == "Never", f"{where}: submitter restartPolicy"
         token = _env(submitter["spec"]["containers"][0]).get("RAY_AUTH_TOKEN", {})
         assert token.get("valueFrom", {}).get("secretKeyRef", {}).get("name") == RAY_AUTH_SECRET, where
+    elif kind == "RayCronJob":
+        fields = spec["schedule"].split()
+        assert len(fields) == 5 and all(re.fullmatch(r"[\d*/,-]+", f) for f in fields), f"{where}: schedule"
+        _check_crd({"kind": "RayJob", "metadata": doc["metadata"], "spec": spec["jobTemplate"]})
     elif kind == "RayService":
         config = yaml.safe_load(spec["serveConfigV2"])
         applications = config["applications"]
@@ -451,7 +456,15 @@ def test_every_manifest_validates(version):
     documents = _source_documents()
     assert len(documents) >= 20
     kinds = {doc["kind"] for _, doc in documents}
-    assert {"RayCluster", "RayJob", "RayService", "SparkApplication", "Deployment", "StatefulSet"} <= kinds
+    assert {
+        "RayCluster",
+        "RayJob",
+        "RayCronJob",
+        "RayService",
+        "SparkApplication",
+        "Deployment",
+        "StatefulSet",
+    } <= kinds
     for where, doc in documents:
         try:
             _validate(doc, version)
@@ -866,6 +879,8 @@ def _manifest_commands() -> list[tuple[str, list[str]]]:
     for where, doc in _source_documents():
         if doc["kind"] == "RayJob":
             commands.append((where, shlex.split(doc["spec"]["entrypoint"])))
+        elif doc["kind"] == "RayCronJob":
+            commands.append((where, shlex.split(doc["spec"]["jobTemplate"]["entrypoint"])))
         elif doc["kind"] == "SparkApplication":
             commands.append(
                 (

@@ -16,7 +16,8 @@ import torch
 from tests.conftest import purchase_frame
 
 from shopsight.platform import ConfigError, ShopsightError, load_settings
-from shopsight.serving.app import LocalBackend, authenticate, build_app, hash_key
+from shopsight.platform.api_keys import authenticate, hash_key
+from shopsight.serving.app import LocalBackend, build_app
 from shopsight.serving.predictor import (
     LoadedModel,
     ModelWatcher,

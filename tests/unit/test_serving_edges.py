@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shopsight.serving.app import LocalBackend, build_app, hash_key
+from shopsight.platform.api_keys import hash_key
+from shopsight.serving.app import LocalBackend, build_app
 from shopsight.serving.predictor import (
     LoadedModel,
     ModelWatcher,

@@ -118,12 +118,28 @@ def run_build(
 
 
 @app.command("apply")
-def apply_command(ctx: typer.Context) -> None:
-    """Register the feature repository (entities, views, services) with Feast."""
+def apply_command(
+    ctx: typer.Context,
+    definitions: Annotated[
+        Path | None,
+        typer.Option(
+            help="A team's own definitions (a .py file of Feast objects), applied as the team whose key is "
+            "in SHOPSIGHT_API_KEY: they are owned by it, and nothing of another team's may change.",
+            show_default="the platform's repository",
+        ),
+    ] = None,
+) -> None:
+    """Register the feature repository (entities, views, services) with Feast, or a team's definitions."""
     from shopsight.features import store
 
     settings = state(ctx).settings
     watch = Stopwatch()
+    if definitions is not None:
+        from shopsight.features.access import apply_definitions
+
+        names = apply_definitions(settings, definitions)
+        print_summary("Definitions applied", {"objects": ", ".join(names), "took": f"{watch.seconds:.1f} s"})
+        return
     names = store.apply(settings)
     folder = store.feast_dir(settings)
     print_summary(
@@ -166,14 +182,48 @@ def materialize_command(
             "--incremental/--no-incremental", help="Only what is new since the last materialisation."
         ),
     ] = False,
+    every: Annotated[
+        str | None,
+        typer.Option(
+            help="Run incrementally on a schedule, e.g. 1h, 15m, 30s, until stopped (a long-running job: "
+            "`jobs submit materialize --every 1h`).",
+            show_default="once",
+        ),
+    ] = None,
 ) -> None:
-    """Load the offline feature rows into the online store."""
+    """Load the offline feature rows into the online store.
+
+    An incremental run on an online store that lost its rows (a Redis restarted without its data) loads
+    everything again."""
     from shopsight.features import store
 
     settings = state(ctx).settings
+    if every is not None:
+        import signal
+        import threading
+
+        seconds = _duration(every)
+        stop = threading.Event()
+
+        def finish(signum, frame) -> None:  # a run under way ends whole; a second signal stops at once
+            console.print("stopping after the run under way")
+            stop.set()
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+        signal.signal(signal.SIGINT, finish)
+        signal.signal(signal.SIGTERM, finish)  # what Kubernetes and `ray job stop` send
+        console.print(
+            f"materialising every {every} into the {settings.feast.online_store} store; Ctrl-C stops"
+        )
+        runs, failed = store.materialize_every(settings, seconds, say=console.print, stop=stop)
+        console.print(f"stopped after {runs} runs ({failed} failed)")
+        return
     watch = Stopwatch()
     with steps_bar("materialising") as report:
-        views = store.materialize(settings, incremental=incremental, on_view=report)
+        views = store.materialize(
+            settings, incremental=incremental, on_view=report, on_lost=err_console.print
+        )
     print_summary(
         "Materialised",
         {
@@ -182,6 +232,21 @@ def materialize_command(
             "took": f"{watch.seconds:.1f} s",
         },
     )
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds of ``30s``, ``15m``, ``1h``, ``1d``; BadParameter otherwise."""
+    import re
+
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhd])", text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise typer.BadParameter(
+            f"{text!r} is no duration: a number and s, m, h or d, e.g. 1h", param_hint="--every"
+        )
+    return float(match.group(1)) * _UNITS[match.group(2)]
 
 
 @app.command("embed")
@@ -223,13 +288,19 @@ def embed_command(
 def list_command(ctx: typer.Context, output: OutputOption = "table") -> None:
     """The catalog: feature views and services, owners, online freshness.
 
+    Staleness is how long ago the online rows were last brought up to date (now minus the end of the
+    last materialisation; a service's is its stalest view's).
+
     With -o json or yaml: one record per view or service: name, kind ("feature view" or "feature
     service"), entities, fields (how many), owner, online, fresh_until (the end of the last
-    materialisation, ISO 8601, or null).
+    materialisation, ISO 8601, or null), staleness_s (seconds, or null).
     """
+    from datetime import UTC, datetime
+
     from shopsight.features import store
 
     entries = store.catalog(state(ctx).settings)
+    now = datetime.now(UTC)
     records = [
         {
             "name": entry.name,
@@ -239,27 +310,43 @@ def list_command(ctx: typer.Context, output: OutputOption = "table") -> None:
             "owner": entry.owner,
             "online": entry.online,
             "fresh_until": entry.fresh_until,
+            "staleness_s": round((now - entry.fresh_until).total_seconds()) if entry.fresh_until else None,
         }
         for entry in entries
     ]
-    emit(output, records, lambda: catalog_table(entries))
+    emit(output, records, lambda: catalog_table(records))
 
 
-def catalog_table(entries) -> Table:
+def catalog_table(records: list[dict]) -> Table:
     table = Table(title="Feature catalog", title_justify="left")
-    for column in ("name", "kind", "entities", "fields", "owner", "online until"):
+    for column in ("name", "kind", "entities", "fields", "owner", "online until", "staleness"):
         table.add_column(column, no_wrap=True)
-    for entry in entries:
-        fresh = entry.fresh_until.strftime("%Y-%m-%d %H:%M") if entry.fresh_until else "-"
+    for record in records:
+        fresh = record["fresh_until"].strftime("%Y-%m-%d %H:%M") if record["fresh_until"] else "-"
+        stale = _age(record["staleness_s"]) if record["staleness_s"] is not None else "never loaded"
         table.add_row(
-            entry.name,
-            entry.kind,
-            ", ".join(entry.entities),
-            str(len(entry.fields)),
-            entry.owner,
-            fresh if entry.online else "offline only",
+            record["name"],
+            record["kind"],
+            ", ".join(record["entities"]),
+            str(record["fields"]),
+            record["owner"],
+            fresh if record["online"] else "offline only",
+            stale if record["online"] else "-",
         )
     return table
+
+
+def _age(seconds: float) -> str:
+    """``45 s``, ``12 min``, ``3 h 20 min``, ``4 d 6 h``: two units at most."""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days:,} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min" if minutes else f"{secs} s"
 
 
 @app.command("describe")
@@ -353,11 +440,78 @@ def serve_command(
     port: Annotated[int, typer.Option(help="Port.")] = 6566,
     workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 1,
 ) -> None:
-    """Run Feast's HTTP feature server (POST /get-online-features); see shopsight.features.client."""
+    """Run the feature server for other teams: Feast's HTTP server (POST /get-online-features), behind
+    the teams' API keys and grants; every lookup is logged in <data_dir>/feast/reads."""
     from shopsight.features import store
 
+    settings = state(ctx).settings
+    if not settings.serving.api_keys:
+        err_console.print(
+            "[yellow]no team has an API key (serving.api_keys): every lookup will get 401; "
+            "`shopsight serve key TEAM` makes one[/]"
+        )
     err_console.print(f"feature server on http://{host}:{port} (POST /get-online-features); Ctrl-C stops it")
-    store.serve(state(ctx).settings, host=host, port=port, workers=workers)
+    store.serve(settings, host=host, port=port, workers=workers)
+
+
+@app.command("delete")
+def delete_command(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A feature view or service your team owns.")],
+) -> None:
+    """Delete a feature view or service; only its owner may (SHOPSIGHT_API_KEY), and not a view that a
+    service still uses."""
+    from shopsight.features.access import delete
+
+    kind = delete(state(ctx).settings, name)
+    console.print(f"{kind} {name} deleted")
+
+
+TeamArgument = Annotated[str, typer.Argument(help="The team (a name in serving.api_keys).")]
+ServiceArgument = Annotated[str, typer.Argument(help="A feature service, e.g. user_profile_v1.")]
+
+
+@app.command("grant")
+def grant_command(ctx: typer.Context, team: TeamArgument, service: ServiceArgument) -> None:
+    """Let a team read a feature service, through the feature server. Only the service's owner may:
+    SHOPSIGHT_API_KEY holds the owner's key. Grants live in Feast's registry (feast permissions list)."""
+    from shopsight.features.access import grant
+
+    result = grant(state(ctx).settings, team, service)
+    console.print(f"{team} may read {service} (readers: {', '.join(result.teams)}; owner {result.owner})")
+
+
+@app.command("revoke")
+def revoke_command(ctx: typer.Context, team: TeamArgument, service: ServiceArgument) -> None:
+    """Take back a team's reads of a feature service (the owner's key in SHOPSIGHT_API_KEY)."""
+    from shopsight.features.access import revoke
+
+    result = revoke(state(ctx).settings, team, service)
+    left = ", ".join(result.teams) or "none but the owner"
+    console.print(f"{team} may no longer read {service} (readers: {left}; owner {result.owner})")
+
+
+@app.command("grants")
+def grants_command(ctx: typer.Context, output: OutputOption = "table") -> None:
+    """Who may read each feature service: its owner, and the teams granted reads.
+
+    With -o json or yaml: one record per service: service, owner, teams.
+    """
+    from shopsight.features.access import grants
+    from shopsight.features.store import feature_store
+
+    rows = grants(feature_store(state(ctx).settings))
+    records = [{"service": r.service, "owner": r.owner, "teams": list(r.teams)} for r in rows]
+
+    def table() -> Table:
+        shown = Table(title="Feature service grants", title_justify="left")
+        for column in ("service", "owner", "teams"):
+            shown.add_column(column)
+        for r in rows:
+            shown.add_row(r.service, r.owner, ", ".join(r.teams) or "-")
+        return shown
+
+    emit(output, records, table)
 
 
 @app.command("push")

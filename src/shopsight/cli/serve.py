@@ -254,7 +254,7 @@ def key_command(
     only its sha256 digest."""
     import re
 
-    from shopsight.serving.app import hash_key
+    from shopsight.platform.api_keys import hash_key
 
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", team):
         raise typer.BadParameter("use lowercase letters, digits and _ (it becomes a settings key)")
@@ -312,8 +312,8 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
     import requests
     from mlflow import MlflowClient
 
+    from shopsight.platform.api_keys import hash_key
     from shopsight.platform.mlflow_server import tracking_uri
-    from shopsight.serving.app import hash_key
     from shopsight.serving.deploy import deploy
     from shopsight.training.tasks import served_tasks
 

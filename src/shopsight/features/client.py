@@ -1,8 +1,8 @@
-"""A small client for Shopsight's feature server, for other teams' services.
+"""The platform's own small client of its feature server (other teams use Feast's: see docs/features.md).
 
     from shopsight.features.client import FeatureClient
 
-    client = FeatureClient("http://127.0.0.1:6566")
+    client = FeatureClient("http://127.0.0.1:6566", api_key=KEY)
     profile = client.get("user_profile_v1", user_ids=[738, 1001])
     profile["n_buy_7d"]          # [6, 0]: one value per user, None where unknown
 
@@ -24,13 +24,16 @@ class FeatureClient:
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:6566``.
+        api_key: the team's API key (sent as ``Authorization: Bearer``).
         timeout: seconds before a request gives up.
     """
 
-    def __init__(self, url: str, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 5.0) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
         self._session = requests.Session()
+        if api_key:
+            self._session.headers["Authorization"] = f"Bearer {api_key}"
 
     def get(
         self, service: str, user_ids: Sequence[int] | None = None, *, entities: dict[str, list] | None = None
@@ -38,7 +41,8 @@ class FeatureClient:
         """Online values of a feature service.
 
         Raises:
-            ShopsightError: unknown service (the server's 404), or the server is unreachable.
+            ShopsightError: the server refused (no key, no grant, an unknown service: its message), or
+                is unreachable.
         """
         entities = entities or {"user_id": [int(u) for u in (user_ids or [])]}
         try:
@@ -49,12 +53,12 @@ class FeatureClient:
             )
         except requests.RequestException as exc:
             raise ShopsightError(f"feature server {self.url} unreachable: {exc}") from None
-        if response.status_code == 404:
-            raise ShopsightError(f"unknown feature service {service!r} on {self.url}")
         if response.status_code != 200:
-            raise ShopsightError(
-                f"feature server {self.url} answered {response.status_code}: {response.text[:200]}"
-            )
+            try:
+                reason = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                reason = response.text[:200]
+            raise ShopsightError(f"feature server {self.url} answered {response.status_code}: {reason}")
         body = response.json()
         names = body["metadata"]["feature_names"]
         return {name: result["values"] for name, result in zip(names, body["results"], strict=True)}

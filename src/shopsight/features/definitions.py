@@ -21,15 +21,29 @@ from shopsight.data.schema import BEHAVIORS
 from shopsight.features.jobs import CREATED_TS, DAY_PARTS, SNAPSHOT_TS
 from shopsight.platform import Settings
 
-OWNER = "shopsight-features"
-EMBEDDING_OWNER = "shopsight-training"  # written by the training side's embedding job
+OWNER = "shopsight_features"  # a team: the one whose key may change these definitions and grant reads
+EMBEDDING_OWNER = "shopsight_training"  # written by the training side's embedding job
+PLATFORM_OWNERS = (OWNER, EMBEDDING_OWNER)
 # A snapshot row is valid until the next day's row replaces it; two days tolerate a late build.
 SNAPSHOT_TTL = timedelta(days=2)
 
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A shopper.")
-item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.INT64, description="A catalogue item.")
+_OWNED = {"owner": OWNER}
+user = Entity(
+    name="user", join_keys=["user_id"], value_type=ValueType.INT64, description="A shopper.", tags=_OWNED
+)
+item = Entity(
+    name="item",
+    join_keys=["item_id"],
+    value_type=ValueType.INT64,
+    description="A catalogue item.",
+    tags=_OWNED,
+)
 category = Entity(
-    name="category", join_keys=["category_id"], value_type=ValueType.INT64, description="An item category."
+    name="category",
+    join_keys=["category_id"],
+    value_type=ValueType.INT64,
+    description="An item category.",
+    tags=_OWNED,
 )
 
 _BEHAVIOR_WORDS = {"pv": "page views", "cart": "add-to-carts", "fav": "add-to-favourites", "buy": "purchases"}
@@ -119,20 +133,26 @@ def _source(settings: Settings, table: str):
             file_format="parquet",
             timestamp_field=SNAPSHOT_TS,
             created_timestamp_column=CREATED_TS,
+            tags=_OWNED,
         )
     return FileSource(
         name=f"{table}_source",
         path=str(path),
         timestamp_field=SNAPSHOT_TS,
         created_timestamp_column=CREATED_TS,
+        tags=_OWNED,
     )
 
 
 def repository(settings: Settings) -> list:
     """Every Feast object of the repository, for ``FeatureStore.apply``."""
     windows = settings.features.windows
-    activity_push = PushSource(name="user_activity_push", batch_source=_source(settings, "user_activity"))
-    sequence_push = PushSource(name="user_sequence_push", batch_source=_source(settings, "user_sequence"))
+    activity_push = PushSource(
+        name="user_activity_push", batch_source=_source(settings, "user_activity"), tags=_OWNED
+    )
+    sequence_push = PushSource(
+        name="user_sequence_push", batch_source=_source(settings, "user_sequence"), tags=_OWNED
+    )
     tags = {"owner": OWNER}
 
     user_activity = FeatureView(

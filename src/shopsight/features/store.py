@@ -13,6 +13,9 @@ import json
 import logging
 import os
 import tempfile
+import threading
+import time
+import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +30,7 @@ import pandas as pd
 from shopsight.data.schema import USER_ID
 from shopsight.features.jobs import CREATED_TS, SNAPSHOT_TS
 from shopsight.platform import ConfigError, FeastSettings, Settings, ShopsightError
-from shopsight.platform._settings import mask_secrets
+from shopsight.platform._settings import API_KEY_VARIABLE, mask_secrets
 
 log = logging.getLogger("shopsight.features")
 
@@ -71,10 +74,14 @@ def repo_yaml(settings: Settings, server: str | None = None) -> str:
     if server:
         fields["online_store"] = {"type": "remote", "path": server.rstrip("/")}
         del fields["offline_store"]  # a client reads online features; training sets are the platform's
+        # Feast's clients send an OIDC token as "Authorization: Bearer": here the team's API key, from
+        # the reader's environment (shopsight.features.gateway)
+        fields["auth"] = {"type": "oidc", "token_env_var": API_KEY_VARIABLE}
         header = (
             f"# A Feast client of Shopsight's feature server at {server} (profile {settings.profile}), as\n"
             "# `shopsight features repo-yaml --server URL` prints it: pip install feast, then\n"
             "#   FeatureStore(repo_path=<this folder>).get_online_features(features=..., entity_rows=...)\n"
+            f"# with your team's API key in {API_KEY_VARIABLE}.\n"
         )
     else:
         header = (
@@ -97,20 +104,45 @@ def write_repo_yaml(settings: Settings) -> Path:
     return path
 
 
+class _QuietServeWhileMaterializing(logging.Filter):
+    """Feast 0.67 warns, each time it reads its configuration, that ``serve_features_while_materializing``
+    "typically has no effect" on a file registry. It has one: without it, a read during a materialisation
+    of the local store fails with "is in state 'MATERIALIZING' and cannot serve features" (tested by the
+    scheduled-materialisation test)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "serve_features_while_materializing" not in record.getMessage()
+
+
+logging.getLogger("feast.repo_config").addFilter(_QuietServeWhileMaterializing())
+
+# the packed online layout's Feast plugins (shopsight.features.packed), by backend
+PACKED_STORES = {
+    "sqlite": "shopsight.features.packed.PackedSqliteOnlineStore",
+    "redis": "shopsight.features.packed.PackedRedisOnlineStore",
+}
+
+
 def _repo_fields(settings: Settings, redis_password: str | None = None) -> dict[str, Any]:
     """RepoConfig's fields for the settings; ``redis_password`` in place of the real one (a placeholder
     for a file that must not hold it)."""
     folder = feast_dir(settings)
     feast = settings.feast
     if feast.registry and "://" in feast.registry:
-        registry: Any = {"registry_type": "sql", "path": feast.registry, "cache_ttl_seconds": 60}
+        registry: dict[str, Any] = {"registry_type": "sql", "path": feast.registry, "cache_ttl_seconds": 60}
     else:
-        registry = feast.registry or str(folder / "registry.db")
+        registry = {"path": feast.registry or str(folder / "registry.db")}
+    # Feast marks a view MATERIALIZING in the registry while a materialisation runs, and by default every
+    # reader of the registry then refuses to serve it: a scheduled run would take serving down each time.
+    # The rows being replaced are still there, and serving them is what an online store is for.
+    registry["serve_features_while_materializing"] = True
     if feast.online_store == "redis":
         connection = f"{redis_connection_string(feast, redis_password)},{REDIS_CLIENT_OPTIONS}"
         online: dict = {"type": "redis", "connection_string": connection}
     else:
         online = {"type": "sqlite", "path": str(folder / "online.db")}
+    if feast.online_layout == "packed":
+        online["type"] = PACKED_STORES[feast.online_store]
     offline: dict = {"type": "file"}
     if feast.offline_store == "spark":
         offline = {"type": "spark", "spark_conf": _spark_conf(settings)}
@@ -301,16 +333,7 @@ def check_redis_login(feast: FeastSettings) -> None:
     import redis
 
     target = redis_target(feast)
-    client = redis.Redis(
-        host=target.host,
-        port=target.port,
-        db=int(target.db),
-        username=target.username,
-        password=target.password,
-        ssl=target.ssl,
-        socket_connect_timeout=5,
-        socket_timeout=5,
-    )
+    client = _redis_client(target)
     where = f"Redis at {target.address}"
     try:
         client.ping()
@@ -336,11 +359,54 @@ def check_redis_login(feast: FeastSettings) -> None:
         client.close()
 
 
+def _redis_client(target: RedisTarget):
+    import redis
+
+    return redis.Redis(
+        host=target.host,
+        port=target.port,
+        db=int(target.db),
+        username=target.username,
+        password=target.password,
+        ssl=target.ssl,
+        socket_connect_timeout=5,
+        socket_timeout=5,
+    )
+
+
+def _loaded_mark(settings: Settings) -> str:
+    """The key, in the online store's Redis, that says a materialisation loaded it (and until when)."""
+    return f"shopsight:{settings.feast.project}:materialized_until"
+
+
+def online_store_lost(settings: Settings) -> bool:
+    """Whether the online store no longer holds what was materialised into it: a Redis that restarted
+    without its data (no persistence, or a new instance), or a removed SQLite file. Incremental runs load
+    only what is new, so such a store stays empty until a full run: :func:`materialize` does one."""
+    if settings.feast.online_store == "redis":
+        client = _redis_client(redis_target(settings.feast))
+        try:
+            return not client.exists(_loaded_mark(settings))
+        finally:
+            client.close()
+    return not (feast_dir(settings) / "online.db").exists()
+
+
+def _mark_loaded(settings: Settings, end: datetime) -> None:
+    if settings.feast.online_store == "redis":  # a SQLite store's file is its own mark
+        client = _redis_client(redis_target(settings.feast))
+        try:
+            client.set(_loaded_mark(settings), end.isoformat())
+        finally:
+            client.close()
+
+
 def feature_store(settings: Settings):
     """The profile's FeatureStore."""
     from feast import FeatureStore
 
     _read_sources_as_one_partition()
+    _write_registry_files_whole()
     if settings.feast.offline_store == "spark":
         # Feast's Spark store and source say on every call that they are experimental; the filter goes in
         # after their import, whose own `simplefilter("once")` would otherwise come first.
@@ -375,13 +441,41 @@ def _read_sources_as_one_partition() -> None:
     feast_dask._read_datasource = read_one_partition
 
 
+def _write_registry_files_whole() -> None:
+    """Work around Feast 0.67's file registry, which rewrites its file in place: opening it for writing
+    empties it first, so a process reading the registry meanwhile (a feature server, a scheduled
+    materialisation's neighbour) sees no views at all ("unknown feature service ...; known: none").
+    Every materialisation rewrites the file. Write a temporary file beside it and rename it over the old
+    one, which readers see whole or not at all."""
+    from feast.infra.registry.file import FileRegistryStore
+
+    if getattr(FileRegistryStore._write_registry, "_shopsight_patched", False):
+        return
+
+    def write_whole(self, registry_proto) -> None:
+        registry_proto.version_id = str(uuid.uuid4())
+        registry_proto.last_updated.FromDatetime(datetime.now(UTC))
+        self._filepath.parent.mkdir(exist_ok=True)
+        partial = self._filepath.with_name(f"{self._filepath.name}.{os.getpid()}.partial")
+        with open(partial, mode="wb", buffering=0) as f:
+            f.write(registry_proto.SerializeToString())
+            os.fsync(f.fileno())
+        os.replace(partial, self._filepath)
+
+    write_whole._shopsight_patched = True  # type: ignore[attr-defined]
+    FileRegistryStore._write_registry = write_whole
+
+
 def apply(settings: Settings) -> list[str]:
     """Register the repository's objects, and write the repository's ``feature_store.yaml`` for Feast's
     own tools (:func:`write_repo_yaml`); returns the names of the feature views and services."""
-    from shopsight.features.definitions import repository
+    from shopsight.features.access import check_owners
+    from shopsight.features.definitions import PLATFORM_OWNERS, repository
 
     store = feature_store(settings)  # first: it quiets the Spark source's warnings that repository() raises
     objects = repository(settings)
+    # a team's object of the same name is the team's: the platform's definitions do not overwrite it
+    objects = check_owners(store, objects, lambda owner: owner in ("", *PLATFORM_OWNERS), "the platform")
     store.apply(objects)
     write_repo_yaml(settings)
     return [o.name for o in objects if type(o).__name__ in ("FeatureView", "FeatureService")]
@@ -394,17 +488,27 @@ def materialize(
     *,
     incremental=False,
     on_view: Callable[[int, int, str], None] | None = None,
+    on_lost: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Load offline rows into the online store, view after view; returns the views loaded.
 
     Without ``start``, the range is everything the offline store holds (the first materialisation)
-    or, with ``incremental``, everything since the last one. ``on_view(done, total, name)`` hears each
-    view as it starts, and once more when all are loaded.
+    or, with ``incremental``, everything since the last one. An incremental run on an online store that
+    lost its rows (:func:`online_store_lost`) loads everything, and says so to ``on_lost(message)``.
+    ``on_view(done, total, name)`` hears each view as it starts, and once more when all are loaded.
     """
     store = feature_store(settings)
     end = end or datetime.now(UTC)
     views = [fv.name for fv in store.list_feature_views() if fv.online and _has_data(fv)]
     report = on_view or (lambda *_: None)
+    loaded_before = any(store.get_feature_view(view).most_recent_end_time for view in views)
+    if incremental and loaded_before and online_store_lost(settings):
+        incremental = False
+        if on_lost:
+            on_lost(
+                f"the {settings.feast.online_store} online store lost its rows (restarted without its "
+                "data?): loading everything again"
+            )
     with _offline_engine(settings):
         for done, view in enumerate(views):
             report(done, len(views), view)
@@ -415,8 +519,44 @@ def materialize(
                 store.materialize(
                     start_date=start or datetime(1970, 1, 1, tzinfo=UTC), end_date=end, feature_views=[view]
                 )
+    _mark_loaded(settings, end)
     report(len(views), len(views), "")
     return views
+
+
+def materialize_every(
+    settings: Settings,
+    every_s: float,
+    say: Callable[[str], None],
+    runs: int | None = None,
+    stop: threading.Event | None = None,
+) -> tuple[int, int]:
+    """Incremental materialisation every ``every_s`` seconds (from one start to the next), until ``stop``
+    is set (a run under way finishes first) or after ``runs`` runs; returns (runs, failed runs).
+
+    Each run says one line. A failed run (Redis or the offline store unreachable) says why, and the next
+    run tries again: an incremental run loads everything since the last one that succeeded, and a store
+    that lost its rows gets all of them (:func:`materialize`).
+    """
+    stop = stop or threading.Event()
+    done = failed = 0
+    while not stop.is_set() and (runs is None or done < runs):
+        started = time.monotonic()
+        try:
+            views = materialize(settings, incremental=True, on_lost=say)
+            say(f"{_clock()} loaded {len(views)} views in {time.monotonic() - started:.1f} s")
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the schedule goes on
+            failed += 1
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            say(f"{_clock()} failed: {reason}")
+        done += 1
+        if runs is None or done < runs:
+            stop.wait(max(0.0, every_s - (time.monotonic() - started)))
+    return done, failed
+
+
+def _clock() -> str:
+    return datetime.now(UTC).strftime("%H:%M:%S UTC")
 
 
 def _has_data(view) -> bool:
@@ -607,13 +747,14 @@ def training_set(
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 6566, workers: int = 1) -> None:
-    """Run Feast's HTTP feature server for the repository (blocks until stopped).
+    """Run the feature server (blocks until stopped): Feast's HTTP server, behind the platform's keys and
+    grants (:mod:`shopsight.features.gateway`).
 
     Its gunicorn's control socket (``gunicornc -s PATH``) is this data directory's own: see
     :func:`control_socket`.
     """
     store = feature_store(settings)
-    with _gunicorn_control_socket(control_socket(settings, port)):
+    with _feast_server_application(settings, control_socket(settings, port)):
         store.serve(
             host=host, port=port, type_="http", no_access_log=True, workers=workers, registry_ttl_sec=5
         )
@@ -643,25 +784,30 @@ def control_socket(settings: Settings, port: int) -> Path:
 
 
 @contextmanager
-def _gunicorn_control_socket(path: Path) -> Iterator[None]:
-    """Have Feast's gunicorn server, started within the block, open its control socket at ``path``.
+def _feast_server_application(settings: Settings, control: Path) -> Iterator[None]:
+    """Have ``FeatureStore.serve``, within the block, run Feast's app behind the gateway, with its
+    gunicorn's control socket at ``control``.
 
-    ``FeatureStore.serve`` passes gunicorn a fixed set of options, without this one: its application
-    class is swapped for one that adds it, for the duration of the block.
+    ``FeatureStore.serve`` builds its gunicorn application from a fixed class and options, without
+    either: the class is swapped for one that adds them, for the duration of the block.
     """
     from feast import feature_server
 
-    application = getattr(feature_server, "FeastServeApplication", None)
-    if application is None:  # Windows: Feast runs uvicorn, no gunicorn
-        yield
-        return
+    from shopsight.features.gateway import Gateway
 
-    class WithControlSocket(application):  # type: ignore[misc, valid-type]
+    application = getattr(feature_server, "FeastServeApplication", None)
+    if application is None:
+        raise ShopsightError("the feature server needs gunicorn (Linux or macOS)")
+
+    class BehindGateway(application):  # type: ignore[misc, valid-type]
         def load_config(self) -> None:
             super().load_config()
-            self.cfg.set("control_socket", str(path))
+            self.cfg.set("control_socket", str(control))
 
-    feature_server.FeastServeApplication = WithControlSocket
+        def load(self):
+            return Gateway(super().load(), self._store, settings)
+
+    feature_server.FeastServeApplication = BehindGateway
     try:
         yield
     finally:

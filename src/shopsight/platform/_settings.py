@@ -42,6 +42,8 @@ from shopsight.platform._errors import ConfigError
 ENV_PREFIX = "SHOPSIGHT_"
 PROFILE_VARIABLE = ENV_PREFIX + "PROFILE"
 CONFIG_VARIABLE = ENV_PREFIX + "CONFIG"
+# a team's API key, for commands that act for a team (shopsight.platform.api_keys): no setting
+API_KEY_VARIABLE = ENV_PREFIX + "API_KEY"
 PROFILES = ("local", "cluster")  # built in; users define more (user_profiles)
 
 
@@ -161,6 +163,11 @@ class FeastSettings(_Section):
     project: str = Field("shopsight", description="Feast project name.")
     offline_store: Literal["file", "spark"] = Field("file", description="Offline store backend.")
     online_store: Literal["sqlite", "redis"] = Field("sqlite", description="Online store backend.")
+    online_layout: Literal["packed", "feast"] = Field(
+        "packed",
+        description="How the online store keeps rows: packed = one value per entity and view (the "
+        "platform's Feast plugin, shopsight.features.packed); feast = Feast's own, one per feature.",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis of the redis online store, redis://[USER@]HOST:PORT/DB (USER: an ACL user; "
@@ -178,6 +185,9 @@ class FeastSettings(_Section):
         None,
         description="Registry: null = a file under data_dir; or a SQL URL (postgresql+psycopg://USER@HOST/"
         "feast; the password as PGPASSWORD, which libpq reads, rather than in the URL).",
+    )
+    max_entities: int = Field(
+        1000, gt=0, le=100_000, description="Most entity rows in one lookup of the feature server."
     )
 
 
@@ -715,7 +725,7 @@ def _leaves_of(path: _Path, value: Any, source: str) -> list[_Assignment]:
 def _env_assignments(environ: Mapping[str, str]) -> list[_Assignment]:
     assignments: list[_Assignment] = []
     for name, text in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in (PROFILE_VARIABLE, CONFIG_VARIABLE):
+        if not name.startswith(ENV_PREFIX) or name in (PROFILE_VARIABLE, CONFIG_VARIABLE, API_KEY_VARIABLE):
             continue
         where = f"environment variable {name}"
         path = _setting_path(name[len(ENV_PREFIX) :].lower(), "__", where)

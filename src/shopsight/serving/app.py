@@ -28,8 +28,6 @@ deployments cluster-wide).
 """
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import time
@@ -50,6 +48,7 @@ from prometheus_client import (
 )
 
 from shopsight import __version__
+from shopsight.platform.api_keys import authenticate
 from shopsight.serving.bodies import JsonBodyRoute, error_details
 from shopsight.serving.predictor import PREDICTORS, Outcome, ProbabilityPredictor
 from shopsight.serving.schemas import (
@@ -107,27 +106,6 @@ def default_body_limit(max_user_ids: int) -> int:
     ``serving.max_user_ids`` at its bound (10,000) gives 320 KiB.
     """
     return max(64 * 1024, 32 * max_user_ids)
-
-
-def hash_key(key: str) -> str:
-    """The digest stored in ``serving.api_keys`` for an API key."""
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def authenticate(headers: Mapping[str, str], keys: Mapping[str, str]) -> str | None:
-    """The team whose key the request carries (``X-API-Key`` or ``Authorization: Bearer``); else None."""
-    key = headers.get("x-api-key")
-    if key is None:
-        scheme, _, token = (headers.get("authorization") or "").partition(" ")
-        key = token.strip() if scheme.lower() == "bearer" else None
-    if not key:
-        return None
-    digest = hash_key(key)
-    team = None
-    for name, expected in keys.items():  # every team is compared: the time does not tell which matched
-        if hmac.compare_digest(digest, expected) and team is None:
-            team = name
-    return team
 
 
 class ServingMetrics:
