@@ -309,8 +309,8 @@ class PackedAnswers:
         epoch = ["1970-01-01T00:00:00Z"] * len(ids)
         names = [join_key]
         results = [{"values": ids, "statuses": ["PRESENT"] * len(ids), "event_timestamps": epoch}]
-        for view, features in views:
-            rows = self.online.read_values(self.store.config, view, keys)
+        read = self.online.read_views(self.store.config, [view for view, _ in views], keys)
+        for (_, features), rows in zip(views, read, strict=True):
             stamps = [epoch[0] if row is None else _timestamp(row[0]) for row in rows]
             statuses = ["NOT_FOUND" if row is None else "PRESENT" for row in rows]  # a null is PRESENT too
             for name in features:

@@ -54,8 +54,8 @@ class OnlineFeatureReader:
         out: dict[str, list] = {"user_id": [int(u) for u in user_ids]}
         if isinstance(self._online, PackedStore):  # plain values, no protobuf in between
             packed = self._online.serialized_keys(self._config, keys)
-            for view, names in self._views:
-                rows = self._online.read_values(self._config, view, packed)
+            views = self._online.read_views(self._config, [view for view, _ in self._views], packed)
+            for (_, names), rows in zip(self._views, views, strict=True):
                 for name in names:
                     out[name] = [None if row is None else row[1].get(name) for row in rows]
             return out
