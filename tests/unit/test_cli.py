@@ -224,7 +224,7 @@ def test_help_shows_every_default(path, command):
     "path,args,option,choices",
     [
         ("train", ["--data", "."], "--model", "'sasrec', 'lstm', 'gan'"),
-        ("train", ["--data", "."], "--loss", "'bce', 'sampled_softmax', 'softmax'"),
+        ("train", ["--data", "."], "--loss", "'bce', 'sampled_softmax', 'softmax', 'gbce'"),
         ("train", ["--data", "."], "--task", "'auto', 'next_item', 'purchase', 'churn', 'synthetic_users'"),
         ("train", ["--data", "."], "--calibration", "'auto', 'isotonic', 'platt', 'identity'"),
         ("tune", ["--data", "."], "--model", "'lstm', 'sasrec'"),

@@ -94,8 +94,14 @@ def test_bad_sequence_inputs():
         build_model("sasrec", n_items=3, d_model=7, n_heads=2)
 
 
-@pytest.mark.parametrize("name", ["sasrec", "lstm"])
-@pytest.mark.parametrize("loss", ["bce", "sampled_softmax", "softmax"])
+# gBCE with LSTM is left out: its hidden state is bounded by tanh, and pushing 16 shared negatives' logits
+# down while raising the positive's needs far more epochs (HR@10 0.58 after 40 epochs here, against 1.0 for
+# bce after 15); SASRec's unbounded hidden state learns it in the same budget as the other losses.
+@pytest.mark.parametrize(
+    "name,loss",
+    [(n, loss) for n in ("sasrec", "lstm") for loss in ("bce", "sampled_softmax", "softmax", "gbce")
+     if (n, loss) != ("lstm", "gbce")],
+)  # fmt: skip
 def test_models_learn_a_predictable_sequence(name, loss):
     torch.manual_seed(0)
     data = _pattern_data()
@@ -199,3 +205,30 @@ def test_swa_keeps_the_trajectory_and_returns_the_average_of_the_epochs_up_to_th
                 torch.stack([s[name] for s in snapshots[1:best]]).mean(0) if best > 1 else snapshots[0][name]
             )
             assert torch.allclose(value, expected, atol=1e-6), name
+
+
+def test_gbce_is_bce_with_the_positive_term_raised_to_beta():
+    """gBCE (Petrov & Macdonald 2023): beta = alpha * (t * (1 - 1/alpha) + 1/alpha), alpha the sampled share
+    of the other items; the positive's probability to the power beta, the negatives' BCE as is."""
+    from torch.nn import functional as F
+
+    from shopsight.training.models._next_item_loss import gbce, gbce_beta
+
+    assert gbce_beta(16, 1001, 0.0) == pytest.approx(1.0)  # t = 0: plain BCE
+    assert gbce_beta(16, 1001, 1.0) == pytest.approx(16 / 1000)  # t = 1: beta = alpha
+    assert gbce_beta(16, 1001, 0.75) == pytest.approx(0.75 * 0.016 + 0.25)
+    assert gbce_beta(5000, 1001, 0.75) == pytest.approx(1.0)  # every item sampled: nothing to correct
+    torch.manual_seed(0)
+    logits = torch.randn(6, 1 + 4)
+    labels = torch.zeros_like(logits)
+    labels[:, 0] = 1
+    plain = F.binary_cross_entropy_with_logits(logits, labels)
+    assert gbce(logits, 1.0) == pytest.approx(float(plain))
+    beta = 0.3
+    by_hand = (
+        -(torch.sigmoid(logits[:, 0]) ** beta).log().sum() - (1 - torch.sigmoid(logits[:, 1:])).log().sum()
+    )
+    assert gbce(logits, beta) == pytest.approx(float(by_hand / logits.numel()), rel=1e-5)
+    masked = logits.clone()
+    masked[0, 1] = float("-inf")  # a sampled negative that is the true item adds nothing
+    assert torch.isfinite(gbce(masked, beta))

@@ -83,7 +83,8 @@ def train_command(
     loss: Annotated[
         LossName,
         typer.Option(
-            help="Next item: bce (the SASRec paper's), sampled_softmax or softmax (full catalogue)."
+            help="Next item: bce (the SASRec paper's), sampled_softmax, gbce (calibrated BCE over many "
+            "sampled negatives) or softmax (full catalogue)."
         ),
     ] = "bce",
     eval_every: Annotated[

@@ -160,8 +160,8 @@ TASKS: dict[str, Task] = {
             experiment="next-item",
             data=Data("interactions", None, "leave-one-out: last item tests, second-to-last validates"),
             models={
-                "sasrec": "item scores = hidden state . item embedding; bce, sampled_softmax or softmax",
-                "lstm": "item scores = hidden state . item embedding; bce, sampled_softmax or softmax",
+                "sasrec": "item scores = hidden state . item embedding; bce, sampled_softmax, gbce, softmax",
+                "lstm": "item scores = hidden state . item embedding; bce, sampled_softmax, gbce, softmax",
             },
             metric=Metric("ndcg@10", "NDCG@10 (100 sampled negatives)"),
             baselines=("popularity",),

@@ -23,7 +23,7 @@ MODELS = {
 }
 # the next-item training losses (see _next_item_loss), and the models Ray Tune has a search space for
 # (shopsight.training.runtime.tune): here, where reading them imports no torch, for the CLI's choices
-LOSSES = ("bce", "sampled_softmax", "softmax")
+LOSSES = ("bce", "sampled_softmax", "softmax", "gbce")
 TUNABLE_MODELS = ("lstm", "sasrec")
 
 

@@ -5,6 +5,14 @@ alike): :class:`NextItemOutput` gives a model with ``encode`` and a shared input
 - ``"bce"``: the SASRec paper's binary cross-entropy, one sampled negative per position.
 - ``"sampled_softmax"``: every position ranks its true next item against ``n_negatives`` uniformly sampled
   items shared across the batch.
+- ``"gbce"``: generalised binary cross-entropy (Petrov & Macdonald, RecSys 2023), for many sampled
+  negatives: binary cross-entropy over the true item and ``n_negatives`` shared uniform negatives, with the
+  positive's probability raised to the power ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``, where
+  ``alpha`` is the share of the catalogue sampled (``n_negatives / (n_items - 1)``) and ``t`` (``gbce_t``)
+  the calibration. Sampling few negatives makes plain BCE overconfident in the positives: ``t = 0`` is
+  plain BCE (``beta = 1``), ``t = 1`` the full correction (``beta = alpha``); with every item sampled
+  ``beta = 1`` whatever ``t``. Since ``sigmoid(s') = sigmoid(s)^beta``, the positive's term is ``beta``
+  times its plain BCE term.
 - ``"softmax"``: cross-entropy over the whole catalogue (Klenitskiy & Vasilev, RecSys 2023, found it lifts
   SASRec well past BCE). Logits are computed only at real positions, so the cost is
   (real positions x items x d) per batch: cheap for catalogues of tens of thousands of items.
@@ -41,6 +49,7 @@ def next_item_loss(
     loss: str,
     n_negatives: int,
     teacher: TeacherBatch | None = None,
+    gbce_t: float = 0.75,
 ) -> torch.Tensor:
     """Loss of hidden states ``h`` (B, T, D) predicting next items ``pos`` (B, T; 0 = padding)."""
     mask = pos > 0
@@ -70,12 +79,32 @@ def next_item_loss(
         )
         logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
         labels = torch.zeros(len(logits), dtype=torch.long, device=h.device)
+        if loss == "gbce":
+            if teacher is not None:
+                raise ValueError("distillation needs the sampled_softmax or softmax loss, not gbce")
+            return gbce(logits, gbce_beta(n_negatives, item_emb.num_embeddings - 1, gbce_t))
     ce = F.cross_entropy(logits, labels)
     if teacher is None:
         return ce
     return (1 - teacher.weight) * ce + teacher.weight * soft_cross_entropy(
         logits, teacher.logits(targets, negatives)
     )
+
+
+def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
+    """gBCE's power on the positive's probability: ``alpha * (t * (1 - 1/alpha) + 1/alpha)`` with
+    ``alpha = n_negatives / (n_items - 1)``, the share of the other items sampled."""
+    alpha = min(1.0, n_negatives / max(1, n_items - 1))
+    return alpha * (t * (1 - 1 / alpha) + 1 / alpha)
+
+
+def gbce(logits: torch.Tensor, beta: float) -> torch.Tensor:
+    """gBCE of logits (N, 1 + S), the true item's first: the mean binary cross-entropy over every logit,
+    the positive's term ``-log(sigmoid(s)^beta) = beta * softplus(-s)``; a -inf negative (a sampled
+    item that is the true one) adds nothing."""
+    positive = beta * F.softplus(-logits[:, 0])
+    negatives = F.softplus(logits[:, 1:]).sum(1)
+    return (positive + negatives).sum() / logits.numel()
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -97,7 +126,14 @@ class NextItemOutput:
         """Training loss of a batch: inputs (B, T), next items (B, T), sampled negatives (B, T) for bce;
         ``teacher``: a :class:`~shopsight.training.next_item.distill.TeacherBatch` to distil from."""
         return next_item_loss(
-            self.encode(seq), pos, neg, self.item_emb, self.cfg.loss, self.cfg.n_negatives, teacher
+            self.encode(seq),
+            pos,
+            neg,
+            self.item_emb,
+            self.cfg.loss,
+            self.cfg.n_negatives,
+            teacher,
+            gbce_t=self.cfg.gbce_t,
         )
 
     def score(self, seq: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -28,8 +28,9 @@ class LSTMConfig:
     hidden: int = 128
     n_layers: int = 1
     dropout: float = 0.3
-    loss: Literal["bce", "sampled_softmax", "softmax"] = "bce"
+    loss: Literal["bce", "sampled_softmax", "softmax", "gbce"] = "bce"
     n_negatives: int = 256
+    gbce_t: float = 0.75  # gBCE's calibration: 0 = plain BCE, 1 = the full correction (beta = alpha)
     n_dense: int = 0  # dense features of the purchase head; 0: next-item only
     n_categories: int = 0  # category vocabulary of the purchase head's side embeddings
     head_hidden: int = 128

@@ -38,8 +38,9 @@ class SASRecConfig:
     n_blocks: int = 2
     dropout: float = 0.5
     pre_ln: bool = True
-    loss: Literal["bce", "sampled_softmax", "softmax"] = "bce"
+    loss: Literal["bce", "sampled_softmax", "softmax", "gbce"] = "bce"
     n_negatives: int = 256  # shared negatives of the sampled softmax
+    gbce_t: float = 0.75  # gBCE's calibration: 0 = plain BCE, 1 = the full correction (beta = alpha)
     n_dense: int = 0  # dense features of the purchase head; 0: next-item only
     n_categories: int = 0  # category vocabulary of the purchase head's side embeddings
     head_hidden: int = 128

@@ -150,8 +150,10 @@ def _load_teachers(
     """The teachers' networks as the Ray workers rebuild them; each must know exactly this data's items."""
     from shopsight.training.next_item.evaluate import load_recommender
 
-    if uris and model_config.get("loss", "bce") == "bce":
-        raise ShopsightError("distillation needs --loss sampled_softmax or softmax, not bce")
+    if uris and model_config.get("loss", "bce") in ("bce", "gbce"):
+        raise ShopsightError(
+            f"distillation needs --loss sampled_softmax or softmax, not {model_config.get('loss', 'bce')}"
+        )
     if uris and not 0.0 < weight <= 1.0:
         raise ShopsightError(f"the distillation weight must be in (0, 1], not {weight}")
     states = []
