@@ -468,7 +468,8 @@ def test_cluster_feast_profile_gives_the_local_profiles_values(feast_profiles, p
 
     local, cluster = feast_profiles["local"], feast_profiles["cluster"]
     config = store.repo_config(cluster)
-    assert (config.online_store.type, config.offline_store.type) == ("redis", "spark")
+    # the packed layout's Redis store (the default), a Feast plugin
+    assert (config.online_store.type, config.offline_store.type) == (store.PACKED_STORES["redis"], "spark")
     assert config.registry.registry_type == "sql"
 
     activity = pd.read_parquet(local.data_dir.absolute() / "features" / "user_activity")
