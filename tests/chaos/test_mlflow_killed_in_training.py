@@ -140,9 +140,11 @@ def test_a_server_killed_mid_training_and_restarted_loses_no_epoch_and_the_model
         steps = _loss_steps(server.uri, run_id)
         assert steps == list(range(1, EPOCHS + 1)), steps
         said = "".join(training.lines)
-        # the first epoch after the kill (the lines reach the driver a little after the epochs end)
-        missed = [int(e) for e in re.findall(r"did not take epoch (\d+)'s metrics \(no answer\)", said)]
-        assert len(missed) == 1 and 3 <= missed[0] <= 5, said[-3000:]
+        # the first epoch after the kill (the lines reach the driver a little after the epochs end), whatever
+        # the reason: no answer, or a connection reset when the kill lands in the middle of a request
+        missed = [int(e) for e in re.findall(r"did not take epoch (\d+)'s metrics \(", said)]
+        # epoch 2's own metrics may still be on their way when the kill lands; by epoch 5 the server is down
+        assert len(missed) == 1 and 2 <= missed[0] <= 5, said[-3000:]
         # sent by the worker when the server is back in time, else by the driver after the last epoch
         assert "answers again: the epochs it missed are logged" in said or "that MLflow missed" in said
         version = MlflowClient(server.uri).get_model_version_by_alias(MODEL, "challenger")
