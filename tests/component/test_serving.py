@@ -21,6 +21,7 @@ import requests
 
 from shopsight.features import store
 from shopsight.platform.api_keys import hash_key
+from shopsight.serving.prediction_log import read_predictions
 
 pytestmark = [
     pytest.mark.serve,
@@ -142,6 +143,7 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
             "serving.num_cpus": "0.5",
             "serving.api_keys.team_a": hash_key(KEY),
             "serving.max_user_ids": "20",
+            "serving.prediction_log_roll_s": "1",
         },
     )
     started_ray = False
@@ -468,6 +470,7 @@ class _Load:
     def __init__(self, world, calls: list[tuple[str, dict]]) -> None:
         self.url, self.calls = world["url"], calls
         self.seen: list[tuple[float, float, str, int, object]] = []
+        self.answered_ids: list[tuple[str, str]] = []  # (path, X-Request-Id) of every 200
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._client, args=(n,), daemon=True) for n in range(CONCURRENCY)
@@ -486,6 +489,8 @@ class _Load:
                 except ValueError:
                     answer = r.text[:200]
                 self.seen.append((sent, time.time(), path, r.status_code, answer))
+                if r.status_code == 200:
+                    self.answered_ids.append((path, r.headers["x-request-id"]))
             except requests.RequestException as exc:
                 self.seen.append((sent, time.time(), path, -1, repr(exc)))
             n += 1
@@ -608,6 +613,17 @@ def _replica_pids(app: str, deployment: str) -> list[int]:
     return sorted(pids)
 
 
+def _not_logged(settings, request_ids: set, timeout_s: float) -> set:
+    """The request ids not (yet) in the rolled prediction log, after waiting up to ``timeout_s`` for them."""
+    deadline = time.time() + timeout_s
+    while True:
+        logged = read_predictions(settings.data_dir / "predictions").column("request_id").to_pylist()
+        missing = request_ids - set(logged)
+        if not missing or time.time() > deadline:
+            return missing
+        time.sleep(0.5)
+
+
 def _serving(settings, **values):
     return settings.model_copy(update={"serving": settings.serving.model_copy(update=values)})
 
@@ -655,8 +671,12 @@ def test_a_model_replica_killed_under_load_loses_nothing_with_two_replicas(world
     seen = load.seen
     failed = load.failed()
     down = [s for s in seen if killed_at <= s[0] <= recovered_at]
+    # the prediction log loses no answer: the killed replica's spool is rolled by the live ones (every 1 s)
+    answered = {request_id for path, request_id in load.answered_ids}
+    missing = _not_logged(settings, answered, timeout_s=30)
     record(
-        in_flight=f"{len(seen)} requests at concurrency {CONCURRENCY}, {len(down)} while a replica was down",
+        in_flight=f"{len(seen)} requests at concurrency {CONCURRENCY}, {len(down)} while a replica was down; "
+        f"{len(answered) - len(missing)} of {len(answered)} answers in the prediction log",
         lost=len(failed),
         recovered=len(down) - len(failed),
         seconds_to_recover=round(recovered_at - killed_at, 1),
@@ -664,3 +684,4 @@ def test_a_model_replica_killed_under_load_loses_nothing_with_two_replicas(world
     assert not failed, failed[:5]
     assert len(down) >= 10
     assert all(body["model"]["version"] == world["purchase"] for *_, body in seen)
+    assert not missing, f"{len(missing)} of {len(answered)} answers are not in the prediction log"

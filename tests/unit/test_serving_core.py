@@ -687,3 +687,52 @@ def test_routes_come_from_the_task_table(recommenders, purchase):
     assert models["churn"]["champion"]["version"] == "7"
     _, _, spec = call(app, "GET", "/openapi.json")
     assert {"/v1/recommendations", "/v1/purchase-propensity", "/v1/churn-risk"} <= set(spec["paths"])
+
+
+def test_every_answer_is_logged_with_its_request_id_team_and_features(recommenders, purchase, tmp_path):
+    """Each user answered is a record: the request id the client got back (or sent), the team of its key,
+    the model version and alias, the features used and the answer; a shadow challenger's answers are
+    records of their own under the same request id."""
+    from shopsight.serving.prediction_log import PredictionLog, read_predictions
+
+    answers_log = PredictionLog(tmp_path / "spool", tmp_path / "predictions", roll_interval_s=0)
+    shadowed = _next_item_predictor(recommenders, Routing(shadow=True))
+    model, reader = purchase
+    propensity = ProbabilityPredictor(reader, PURCHASE, clock=lambda: AS_OF)
+    propensity.swap(champion=_loaded(model, "3", name=PURCHASE))
+    app = build_app(
+        LocalBackend({"next_item": shadowed, "purchase": propensity}, answers_log),
+        {"team_a": hash_key(KEY), "team_b": hash_key("team-b-secret")},
+    )
+    _, headers, recommended = call(app, "POST", "/v1/recommendations", {"user_id": 1, "k": 3}, AUTH)
+    first_id = headers["x-request-id"]
+    _, headers, propensities = call(
+        app, "POST", "/v1/purchase-propensity", {"user_ids": [1, 2]},
+        {"X-API-Key": "team-b-secret", "X-Request-Id": "retry-42"},
+    )  # fmt: skip
+    assert "x-request-id" not in headers  # the client's own, kept (Ray Serve's proxy echoes it)
+    assert call(app, "POST", "/v1/recommendations", {"user_id": 1}, {"X-API-Key": "wrong"})[0] == 401
+    assert answers_log.roll() == 2 + 2  # champion and shadow for the recommendation, two users
+    rows = read_predictions(tmp_path / "predictions").to_pylist()
+    by_alias = {(r["task"], r["alias"], r["user_id"]): r for r in rows}
+    champion = by_alias[("next_item", "champion", 1)]
+    assert champion["request_id"] == first_id and champion["team"] == "team_a"
+    assert (champion["model"], champion["version"]) == (NEXT, "1")
+    assert champion["items"] == [i["item_id"] for i in recommended["items"]]
+    assert json.loads(champion["features"]) == {"seq_item_ids": HISTORIES[1]}
+    shadow = by_alias[("next_item", "shadow", 1)]
+    assert shadow["request_id"] == first_id and shadow["version"] == "2" and len(shadow["items"]) == 3
+    for p in propensities["predictions"]:
+        row = by_alias[("purchase", "champion", p["user_id"])]
+        assert row["request_id"] == "retry-42" and row["team"] == "team_b"
+        assert row["probability"] == pytest.approx(p["probability"])
+        assert row["as_of"] == AS_OF
+        logged = json.loads(row["features"])
+        seen = reader.read([p["user_id"]])  # the values the model saw
+        assert logged == {name: values[0] for name, values in seen.items() if name != "user_id"}
+    # turned off (serving.prediction_log: false), nothing more is written
+    for predictor in (shadowed, propensity):
+        predictor.log_answers = False
+    call(app, "POST", "/v1/recommendations", {"user_id": 2}, AUTH)
+    assert answers_log.roll() == 0
+    answers_log.close()

@@ -48,7 +48,7 @@ class StubPredictors(LocalBackend):
                 predictor.swap(champion=_loaded(predictor.registered_name, "1"))
         super().__init__(predictors)
 
-    async def answer(self, task: str, request) -> Outcome:
+    async def answer(self, task: str, request, context=None) -> Outcome:
         predictor = self.predictors[task]
         if predictor.served.champion is None:
             return Outcome.unavailable(predictor._no_champion(), 1)

@@ -351,6 +351,19 @@ class ServingSettings(_Section):
         description="Team -> sha256 hex of its API key (`shopsight serve key TEAM` makes one); "
         "empty: every /v1 request is refused.",
     )
+    prediction_log: bool = Field(
+        True,
+        description="Log every served answer with the features it used (for `shopsight monitor`); "
+        "turned off or on without restarting replicas.",
+    )
+    prediction_log_path: str | None = Field(
+        None,
+        description="Where the prediction log's parquet files go: a folder or s3://bucket/prefix "
+        "(default: <data_dir>/predictions).",
+    )
+    prediction_log_roll_s: float = Field(
+        60.0, gt=0, description="How often replicas turn their spooled records into parquet files."
+    )
     metrics_open: bool = Field(
         False,
         description="Serve /metrics without an API key. It names the teams and their traffic, so by "

@@ -30,11 +30,12 @@ deployments cluster-wide).
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Protocol
 
-from fastapi import FastAPI, Security
+from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
@@ -50,6 +51,7 @@ from prometheus_client import (
 from shopsight import __version__
 from shopsight.platform.api_keys import authenticate
 from shopsight.serving.bodies import JsonBodyRoute, error_details
+from shopsight.serving.prediction_log import PredictionLog, RequestContext, answer_logged, new_request_id
 from shopsight.serving.predictor import PREDICTORS, Outcome, ProbabilityPredictor
 from shopsight.serving.schemas import (
     ErrorResponse,
@@ -69,6 +71,7 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024
 _RETRYABLE = frozenset(
     ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError", "ActorUnavailableError")
 )
+_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -77,20 +80,24 @@ class Backend(Protocol):
 
     tasks: tuple[str, ...]
 
-    async def answer(self, task: str, request) -> Outcome: ...
+    async def answer(self, task: str, request, context: RequestContext | None = None) -> Outcome: ...
 
     async def models(self) -> dict[str, ServedModel]: ...
 
 
 class LocalBackend:
-    """Predictors in this process (task name -> predictor), one request at a time (tests; no Ray)."""
+    """Predictors in this process (task name -> predictor), one request at a time (tests; no Ray), with
+    their answers logged to ``answers_log`` when one is given."""
 
-    def __init__(self, predictors: Mapping) -> None:
+    def __init__(self, predictors: Mapping, answers_log: PredictionLog | None = None) -> None:
         self.predictors = dict(predictors)
         self.tasks = tuple(self.predictors)
+        self.answers_log = answers_log
+        for predictor in self.predictors.values():
+            predictor.log_answers = answers_log is not None
 
-    async def answer(self, task: str, request) -> Outcome:
-        return self.predictors[task].answer([request])[0]
+    async def answer(self, task: str, request, context: RequestContext | None = None) -> Outcome:
+        return answer_logged(self.predictors[task], task, self.answers_log, [request], [context])[0]
 
     async def models(self) -> dict[str, ServedModel]:
         return {task: predictor.describe() for task, predictor in self.predictors.items()}
@@ -265,9 +272,14 @@ class _Gate:
                 self._record(endpoint, 401, "-", started)
                 return
 
+        request_id, sent_one = _request_id(scope)
+        scope.setdefault("state", {}).update(team=team, request_id=request_id)
+
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if not sent_one:  # else it is the client's own, or Ray Serve's proxy's, which echoes it
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:
@@ -278,6 +290,16 @@ class _Gate:
     def _record(self, endpoint: str, status: int, team: str, started: float) -> None:
         self.metrics.requests.labels(endpoint, str(status), team).inc()
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+
+def _request_id(scope) -> tuple[str, bool]:
+    """The request's id and whether it came with the request: the client's ``X-Request-Id`` when it is a
+    plain token (a retry keeps its id, so the monitor counts the request once) or the one Ray Serve's proxy
+    gives every request, else a new one."""
+    for name, value in scope["headers"]:
+        if name.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return value.decode(), True
+    return new_request_id(), False
 
 
 def _content_length(scope) -> int:
@@ -457,10 +479,11 @@ def _add_route(
         else predictor.request_model
     )
 
-    async def route(body) -> Response:
-        return await call(task.route.path, backend.answer(task.name, body))
+    async def route(body, request: Request) -> Response:
+        context = RequestContext(request.state.request_id, request.state.team)
+        return await call(task.route.path, backend.answer(task.name, body, context))
 
-    route.__annotations__ = {"body": request_model, "return": Response}
+    route.__annotations__ = {"body": request_model, "request": Request, "return": Response}
     route.__name__ = task.name
     app.router.add_api_route(
         task.route.path,

@@ -40,6 +40,7 @@ from pydantic import ValidationError
 from shopsight import __version__
 from shopsight.platform import Settings, ShopsightError
 from shopsight.platform._settings import ServingSettings
+from shopsight.serving.prediction_log import PredictionLog, answer_logged, prediction_log_destination
 from shopsight.serving.predictor import PREDICTORS, ModelWatcher, Routing
 from shopsight.training.tasks import get_task, served_tasks
 
@@ -50,6 +51,7 @@ warnings.filterwarnings(
 from ray import serve  # noqa: E402
 
 USER_CONFIG_KEYS = (
+    "prediction_log",
     "canary_share",
     "shadow",
     "routing_seed",
@@ -69,9 +71,10 @@ def _replica_setup(settings: Settings) -> None:
 
 
 class ModelHost:
-    """One task's model in a replica: feature reader, predictor, alias watcher (started, champion loaded)."""
+    """One task's model in a replica: feature reader, predictor, alias watcher (started, champion loaded),
+    and the replica's prediction log."""
 
-    def __init__(self, settings: Settings, task_name: str) -> None:
+    def __init__(self, settings: Settings, task_name: str, answers_log: PredictionLog | None = None) -> None:
         from shopsight.features.online import OnlineFeatureReader
         from shopsight.serving.models import MlflowModelSource, item_popularity
 
@@ -85,6 +88,9 @@ class ModelHost:
         source = MlflowModelSource(
             settings.mlflow.tracking_uri, task.registered_model, task.pyfunc.load_class(), popularity
         )
+        self.task = task.name
+        self.answers_log = answers_log
+        self.predictor.log_answers = answers_log is not None and settings.serving.prediction_log
         self.watcher = ModelWatcher(self.predictor, source, settings.serving.poll_interval_s)
         self.watcher.poll_once()  # the replica is ready once the champion (if any) is loaded
         self.watcher.start()
@@ -98,6 +104,8 @@ class ModelHost:
         )
         needs_load = routing.needs_challenger != self.predictor.routing.needs_challenger
         self.predictor.set_routing(routing)
+        if "prediction_log" in config:
+            self.predictor.log_answers = self.answers_log is not None and bool(config["prediction_log"])
         if "max_batch_size" in config:
             batch.set_max_batch_size(int(config["max_batch_size"]))
         if "batch_wait_timeout_s" in config:
@@ -107,8 +115,22 @@ class ModelHost:
         if needs_load:  # load or drop the challenger now rather than at the next poll
             threading.Thread(target=self.watcher.poll_once, daemon=True).start()
 
+    def answer(self, requests: list, contexts: list) -> list:
+        return answer_logged(self.predictor, self.task, self.answers_log, requests, contexts)
+
     def stop(self) -> None:
         self.watcher.stop()
+
+
+def open_prediction_log(settings: Settings) -> PredictionLog:
+    """The replica's prediction log: spooled under the data directory, rolled to the configured place."""
+    destination, filesystem = prediction_log_destination(settings)
+    return PredictionLog(
+        Path(settings.data_dir) / "prediction-spool",
+        destination,
+        settings.serving.prediction_log_roll_s,
+        filesystem,
+    )
 
 
 def _steady() -> None:
@@ -117,12 +139,13 @@ def _steady() -> None:
 
 
 async def _answer_grouped(hosts: dict[str, ModelHost], items: list) -> list:
-    """A batch of (task, request) pairs answered task by task, in the order they came."""
+    """A batch of (task, request, context) answered task by task, in the order they came."""
     out: list[Any] = [None] * len(items)
     for name, host in hosts.items():
-        rows = [i for i, (task, _) in enumerate(items) if task == name]
+        rows = [i for i, (task, _, _) in enumerate(items) if task == name]
         if rows:
-            for i, outcome in zip(rows, host.predictor.answer([items[i][1] for i in rows]), strict=True):
+            answers = host.answer([items[i][1] for i in rows], [items[i][2] for i in rows])
+            for i, outcome in zip(rows, answers, strict=True):
                 out[i] = outcome
     return out
 
@@ -135,7 +158,8 @@ class Combined:
     def __init__(self, settings: Settings) -> None:
         _replica_setup(settings)
         self.serving = settings.serving
-        self.hosts = {task.name: ModelHost(settings, task.name) for task in served_tasks()}
+        self.answers_log = open_prediction_log(settings)
+        self.hosts = {task.name: ModelHost(settings, task.name, self.answers_log) for task in served_tasks()}
         _steady()
 
     def reconfigure(self, config: dict) -> None:
@@ -155,6 +179,8 @@ class Combined:
     def __del__(self) -> None:
         for host in getattr(self, "hosts", {}).values():
             host.stop()
+        if getattr(self, "answers_log", None) is not None:
+            self.answers_log.close()
 
 
 class _ReplicaBackend:
@@ -164,8 +190,8 @@ class _ReplicaBackend:
         self.replica = replica
         self.tasks = tuple(replica.hosts)
 
-    async def answer(self, task: str, request):
-        return await self.replica.score((task, request))
+    async def answer(self, task: str, request, context=None):
+        return await self.replica.score((task, request, context))
 
     async def models(self):
         return {task: self.replica.describe(task) for task in self.tasks}
@@ -177,18 +203,19 @@ class ModelDeployment:
 
     def __init__(self, settings: Settings, task: str) -> None:
         _replica_setup(settings)
-        self.host = ModelHost(settings, task)
+        self.answers_log = open_prediction_log(settings)
+        self.host = ModelHost(settings, task, self.answers_log)
         _steady()
 
     def reconfigure(self, config: dict) -> None:
         self.host.configure(config, self.score)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def score(self, requests: list) -> list:
-        return self.host.predictor.answer(requests)
+    async def score(self, items: list) -> list:
+        return self.host.answer([request for request, _ in items], [context for _, context in items])
 
-    async def answer(self, request):
-        return await self.score(request)
+    async def answer(self, request, context=None):
+        return await self.score((request, context))
 
     def describe(self, task: str | None = None):
         return self.host.predictor.describe()
@@ -197,6 +224,8 @@ class ModelDeployment:
         host = getattr(self, "host", None)
         if host is not None:
             host.stop()
+        if getattr(self, "answers_log", None) is not None:
+            self.answers_log.close()
 
 
 class ServeBackend:
@@ -206,16 +235,16 @@ class ServeBackend:
         self.handles = handles
         self.tasks = tuple(handles)
 
-    async def answer(self, task: str, request):
+    async def answer(self, task: str, request, context=None):
         from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
 
         try:
-            return await self.handles[task].answer.remote(request)
+            return await self.handles[task].answer.remote(request, context)
         except RayActorError:
             # the model replica died with the request (killed, out of memory, its node lost): a prediction
             # only reads, so it is sent once more, to another replica (the handle's router has dropped the
             # dead one), rather than lost; Serve starts a replacement meanwhile
-            return await self.handles[task].answer.remote(request)
+            return await self.handles[task].answer.remote(request, context)
 
     async def models(self):
         import asyncio

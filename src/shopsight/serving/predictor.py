@@ -48,6 +48,7 @@ log = logging.getLogger("shopsight.serving")
 shadow_log = logging.getLogger("shopsight.serving.shadow")
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+CANARY, SHADOW = "canary", "shadow"  # how the prediction log names a challenger's answers
 SNAPSHOT = "event_timestamp"  # the column a user-snapshot pyfunc reads "now" from
 _LIST_FEATURES = {"top_categories", "seq_item_ids", "seq_category_ids", "seq_behaviors", "seq_ts"}
 
@@ -115,6 +116,20 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class Answered:
+    """One user's answer as the prediction log keeps it: who answered, from what, and what."""
+
+    alias: str  # champion | canary | shadow
+    version: str
+    user_id: int
+    features: dict[str, Any]
+    items: list[int] | None = None
+    scores: list[float] | None = None
+    probability: float | None = None
+    source: str = "model"
+
+
+@dataclass(frozen=True)
 class ShadowResult:
     """Champion vs challenger on the same request: whether they agree, and by how much they differ."""
 
@@ -135,6 +150,10 @@ class Outcome:
     fallbacks: int = 0
     features_unavailable: bool = False  # answered without features: the online store could not be read
     shadow: ShadowResult | None = None
+    # what the prediction log keeps: filled only while the predictor's ``log_answers`` is on, and dropped
+    # by the replica once logged (it holds the features: not worth shipping back to the ingress)
+    answered: list[Answered] | None = None
+    as_of: datetime | None = None
 
     @classmethod
     def unavailable(cls, message: str, batch_size: int) -> Outcome:
@@ -170,6 +189,7 @@ class _Predictor:
         self.last_error: str | None = None
         self.champion_error: str | None = None  # why the champion alias's version is not the one served
         self._store_down = False  # the last read of the online store failed (logged once per outage)
+        self.log_answers = False  # fill ``Outcome.answered`` (the prediction log is on)
 
     @property
     def served(self) -> Served:
@@ -262,6 +282,7 @@ class RecommendationPredictor(_Predictor):
             return [Outcome.unavailable(self._no_champion(), n) for _ in requests]
         started = time.perf_counter()
         features, read = self._read([r.user_id for r in requests])
+        as_of = _utcnow()
         histories = features.get("seq_item_ids") or [None] * n
         looked_up = time.perf_counter()
         variants = self._variants(n, served)
@@ -288,14 +309,20 @@ class RecommendationPredictor(_Predictor):
                 source=source,
                 features_unavailable=not read,
             )
-            outcomes.append(
-                Outcome(
-                    response=response,
-                    batch_size=n,
-                    fallbacks=int(source != "model"),
-                    features_unavailable=not read,
-                )
+            outcome = Outcome(
+                response=response,
+                batch_size=n,
+                fallbacks=int(source != "model"),
+                features_unavailable=not read,
+                as_of=as_of,
             )
+            if self.log_answers:
+                alias = CHAMPION if loaded is served.champion else CANARY
+                used = {"seq_item_ids": histories[len(outcomes)]}
+                outcome.answered = [
+                    Answered(alias, loaded.version, request.user_id, used, items, scores, source=source)
+                ]
+            outcomes.append(outcome)
         timings = {"features": looked_up - started, "model": scored - looked_up}
         if self.routing.shadow and served.challenger is not None:
             self._shadow(served.challenger, requests, histories, variants, outcomes)
@@ -314,7 +341,14 @@ class RecommendationPredictor(_Predictor):
             [requests[i].k for i in rows],
             [requests[i].exclude_seen for i in rows],
         )
-        for i, (items, _, source) in zip(rows, results, strict=True):
+        for i, (items, scores, source) in zip(rows, results, strict=True):
+            if outcomes[i].answered is not None:
+                outcomes[i].answered.append(
+                    Answered(
+                        SHADOW, challenger.version, requests[i].user_id, outcomes[i].answered[0].features,
+                        items, scores, source=source,
+                    )
+                )  # fmt: skip
             served = outcomes[i].response
             mine = [item.item_id for item in served.items]
             overlap = len(set(mine) & set(items)) / max(len(mine), len(items), 1)
@@ -439,9 +473,23 @@ class ProbabilityPredictor(_Predictor):
                 predictions=predictions, model=loaded.ref(), as_of=as_of, features_unavailable=not read
             )
             fallbacks = sum(not has_history[r] for r in range(lo, hi))
-            outcomes.append(
-                Outcome(response=response, batch_size=n, fallbacks=fallbacks, features_unavailable=not read)
+            outcome = Outcome(
+                response=response,
+                batch_size=n,
+                fallbacks=fallbacks,
+                features_unavailable=not read,
+                as_of=as_of,
             )
+            if self.log_answers:
+                alias = CHAMPION if variant == CHAMPION else CANARY
+                outcome.answered = [
+                    Answered(
+                        alias, loaded.version, ids[r], _row(features, r), probability=float(probabilities[r]),
+                        source="model" if has_history[r] else "no_history",
+                    )
+                    for r in range(lo, hi)
+                ]  # fmt: skip
+            outcomes.append(outcome)
         timings = {"features": looked_up - started, "model": scored - looked_up}
         if self.routing.shadow and served.challenger is not None:
             rows = [r for i, v in enumerate(variants) if v == CHAMPION for r in range(*spans[i])]
@@ -452,6 +500,16 @@ class ProbabilityPredictor(_Predictor):
                     if variant != CHAMPION:
                         continue
                     mine, other = probabilities[lo:hi], theirs[lo:hi]
+                    if outcomes[i].answered is not None:
+                        used = [a.features for a in outcomes[i].answered]
+                        outcomes[i].answered += [
+                            Answered(
+                                SHADOW, served.challenger.version, ids[r], used[r - lo],
+                                probability=float(theirs[r]),
+                                source="model" if has_history[r] else "no_history",
+                            )
+                            for r in range(lo, hi)
+                        ]  # fmt: skip
                     agree = bool(np.all((mine >= 0.5) == (other >= 0.5)))
                     outcomes[i].shadow = ShadowResult(
                         agree, float(np.mean(np.abs(mine - other))), served.challenger.version
@@ -488,6 +546,10 @@ def feature_frame(features: dict[str, list], as_of: datetime) -> pd.DataFrame:
             frame[name] = np.nan  # a number nobody has: float NaN, as when some users have it
     frame[SNAPSHOT] = pd.Timestamp(as_of).tz_convert("UTC") if as_of.tzinfo else pd.Timestamp(as_of, tz="UTC")
     return frame
+
+
+def _row(features: dict[str, list], r: int) -> dict[str, Any]:
+    return {name: values[r] for name, values in features.items() if name != "user_id"}
 
 
 def _has_history(features: dict[str, list], n: int) -> list[bool]:

@@ -1,0 +1,138 @@
+"""The prediction log's spool: a killed writer loses no record it wrote, a cut record is dropped, a live
+writer's segment is left alone, a roll repeated after a crash counts nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+
+from shopsight.serving.prediction_log import (
+    FIELDS,
+    PredictionLog,
+    _write_parquet,
+    collect,
+    micros,
+    read_predictions,
+    read_segment,
+)
+
+T0 = datetime(2026, 11, 30, 23, 59, 58, tzinfo=UTC)
+
+
+def _record(n: int, task: str = "purchase", at: datetime = T0) -> tuple:
+    values = {
+        "request_id": f"r{n}",
+        "time": micros(at),
+        "team": "team_a",
+        "task": task,
+        "model": "shopsight-purchase",
+        "version": "3",
+        "alias": "champion",
+        "user_id": n,
+        "as_of": micros(at),
+        "features": {"n_pv_1d": n, "top_categories": [1, 2]},
+        "items": None,
+        "scores": None,
+        "probability": 0.25,
+        "source": "model",
+        "features_unavailable": False,
+        "latency_ms": 1.5,
+    }
+    return tuple(values[name] for name in FIELDS)
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from tests.unit.test_prediction_log import _record
+    from shopsight.serving.prediction_log import PredictionLog
+
+    log = PredictionLog(sys.argv[1], sys.argv[2], roll_interval_s=0)
+    n = 0
+    while True:
+        log.write([_record(n + i) for i in range(7)])
+        n += 7
+        print(n, flush=True)  # acknowledged: as an answer leaves the replica after its write
+    """
+)
+
+
+def test_a_killed_writer_loses_no_record_it_acknowledged(tmp_path):
+    spool, destination = tmp_path / "spool", tmp_path / "predictions"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(spool), str(destination)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.getcwd(),
+    )
+    acknowledged = 0
+    for line in writer.stdout:
+        acknowledged = int(line)
+        if acknowledged >= 7 * 300:
+            break
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=30)
+    converted = collect(spool, str(destination))
+    # every acknowledged record, and at most the batches written after the last line was read
+    assert converted >= acknowledged
+    table = read_predictions(destination)
+    assert table.num_rows == converted
+    ids = table.column("request_id").to_pylist()
+    assert len(set(ids)) == len(ids) and {f"r{n}" for n in range(acknowledged)} <= set(ids)
+    assert not list(spool.glob("*.msgpack"))  # converted and removed
+
+
+def test_a_record_cut_by_a_kill_is_dropped_and_the_others_kept(tmp_path):
+    log = PredictionLog(tmp_path / "spool", tmp_path / "out", roll_interval_s=0)
+    log.write([_record(1), _record(2)])
+    with open(log._path, "ab") as segment:  # a third record, cut in the middle of its write
+        import msgpack
+
+        segment.write(msgpack.packb(_record(3))[:40])
+    records = read_segment(log._path.read_bytes())
+    assert [r[FIELDS.index("user_id")] for r in records] == [1, 2]
+    log.close()
+    assert read_predictions(tmp_path / "out").column("user_id").to_pylist() == [1, 2]
+
+
+def test_a_live_writers_segment_is_left_to_it_and_a_repeated_roll_counts_nothing_twice(tmp_path):
+    spool, out = tmp_path / "spool", tmp_path / "out"
+    live = PredictionLog(spool, out, roll_interval_s=0)
+    live.write([_record(1)])
+    assert collect(spool, str(out)) == 0  # another replica's roll: the segment is held, so not touched
+    assert live.roll() == 1
+    # a roll killed after writing a segment's parquet file and before deleting the segment: the next roll
+    # converts it again, to the same file name
+    dead = PredictionLog(spool, out, roll_interval_s=0)
+    dead.write([_record(2), _record(3)])
+    os.close(dead._fd)  # its writer is gone: the segment is closed
+    dead._fd = None
+    _write_parquet(dead._path.stem, read_segment(dead._path.read_bytes()), str(out), None)
+    assert read_predictions(out).num_rows == 3
+    assert collect(spool, str(out)) == 2
+    assert read_predictions(out).num_rows == 3 and len(list(out.rglob("*.parquet"))) == 2
+    live.close()
+
+
+def test_records_are_rolled_by_task_and_day_and_read_back_by_window(tmp_path):
+    log = PredictionLog(tmp_path / "spool", tmp_path / "out", roll_interval_s=0)
+    after_midnight = T0 + timedelta(seconds=5)
+    log.write([_record(1), _record(2, "churn"), _record(3, at=after_midnight)])
+    log.close()
+    folders = sorted(
+        p.parent.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*.parquet")
+    )
+    assert folders == [
+        "task=churn/date=2026-11-30",
+        "task=purchase/date=2026-11-30",
+        "task=purchase/date=2026-12-01",
+    ]
+    assert read_predictions(tmp_path / "out").num_rows == 3
+    window = read_predictions(tmp_path / "out", start=T0 + timedelta(seconds=1), tasks=["purchase"])
+    assert window.column("user_id").to_pylist() == [3]
+    assert read_predictions(tmp_path / "out", tasks=["next_item"]).num_rows == 0
+    assert read_predictions(tmp_path / "nothing-here").num_rows == 0
