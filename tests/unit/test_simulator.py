@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from dataclasses import replace
 from datetime import timedelta
@@ -15,7 +16,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
+from shopsight.cli import app
 from shopsight.data import (
     EventReader,
     SimulatorConfig,
@@ -567,3 +570,33 @@ def test_an_interrupted_continuation_leaves_the_simulation_as_it_was(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
     continue_simulation(out, 2)  # and it can still go on
     assert json.loads((out / "manifest.json").read_text())["config"]["days"] == 8
+
+
+runner = CliRunner()
+
+
+def test_the_command_goes_on_and_refuses_what_the_saved_simulation_decides(tmp_path):
+    command = ["--data-dir", str(tmp_path / "dd"), "data", "simulate"]
+    first = runner.invoke(app, [*command, "--users", "300", "--days", "3"])
+    assert first.exit_code == 0, first.output
+    went_on = runner.invoke(app, [*command, "--continue", "2", "--shift", "p_cart=0.1"])
+    assert went_on.exit_code == 0, went_on.output
+    summary = _normalised(went_on.output)
+    assert "Continued" in summary and "days added 2 (2017-11-28 .. 2017-11-29)" in summary
+    assert "shift p_cart=0.1" in summary and "events/s" in summary
+    events = tmp_path / "dd" / "simulated" / "events"
+    assert sorted(p.name for p in events.iterdir())[-2:] == ["day=2017-11-28", "day=2017-11-29"]
+
+    refused = runner.invoke(app, [*command, "--continue", "1", "--users", "5"])
+    assert refused.exit_code == 2
+    assert "Invalid value for --users: cannot be given with --continue" in _normalised(refused.output)
+    alone = runner.invoke(app, [*command, "--shift", "p_cart=0.1"])
+    assert alone.exit_code == 2 and "only with --continue" in _normalised(alone.output)
+    bad = runner.invoke(app, [*command, "--continue", "1", "--shift", "seed=4"])
+    assert bad.exit_code == 2 and "shift seed: fixed for the whole simulation" in _normalised(bad.output)
+    assert len(list(events.iterdir())) == 5  # the refusals wrote nothing
+
+
+def _normalised(text):
+    """Rich's boxes and wrapping as one line of single spaces."""
+    return " ".join(re.sub(r"[│╭╮╰╯─┌┐└┘├┤┬┴┼]", " ", text).split())
