@@ -1,9 +1,12 @@
 """The behaviour simulator: Taobao's marginals, determinism, signal for every later model, its oracles,
-atomic output."""
+atomic output, and going on from a saved simulation (--continue, --shift)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import shutil
 from dataclasses import replace
 from datetime import timedelta
 
@@ -13,8 +16,17 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
 
-from shopsight.data import EventReader, SimulatorConfig, TimeWindow, simulate
+from shopsight.cli import app
+from shopsight.data import (
+    EventReader,
+    SimulatorConfig,
+    TimeWindow,
+    continue_simulation,
+    parse_shift,
+    simulate,
+)
 from shopsight.data.schema import EVENT_SCHEMA, TAOBAO_BEHAVIOR_MIX
 from shopsight.platform import ShopsightError
 
@@ -282,3 +294,309 @@ def test_events_table_schema_of_a_block():
     assert truth.num_rows == 50
     assert churn.num_rows == 0 and churn.schema.names == ["user_id", "day", "p_churn_3d"]  # no D+3 in 2 days
     assert pa.compute.all(pa.compute.greater_equal(truth.column("p_buy_next_day"), 0)).as_py()
+
+
+# -- going on: --continue and --shift -------------------------------------------------------------------
+
+SMALL = SimulatorConfig(users=600, days=6, seed=3)  # two blocks of users
+
+
+def _digest(out):
+    """A digest of the events (in a fixed order) and of both oracles."""
+    table = _sorted(out)
+    digest = hashlib.sha256()
+    for name in ("user_id", "item_id", "category_id"):
+        digest.update(table.column(name).to_numpy().astype("<i8").tobytes())
+    digest.update("\n".join(table.column("behavior").to_pylist()).encode())
+    digest.update(table.column("ts").cast(pa.int64()).to_numpy().astype("<i8").tobytes())
+    for name in ("next_day_buy", "churn_3d"):
+        truth = pd.read_parquet(out / "truth" / f"{name}.parquet").sort_values(["day", "user_id"])
+        digest.update(truth.to_csv(index=False, float_format="%.12g").encode())
+    return digest.hexdigest()
+
+
+def test_a_fresh_run_draws_as_it_always_did(tmp_path):
+    """Saving the state for a continuation must not move a single draw of a fresh run: recorded numbers
+    elsewhere depend on them. The digest was computed with this function on the simulator as it was before
+    it saved any state (users=600, days=6, seed=3)."""
+    simulate(SMALL, tmp_path / "out")
+    assert _digest(tmp_path / "out") == "13ccfff85bf00046f2bf4bc40c2532f485375fba44b8b938416cd23f5f26ab8e"
+    assert sorted(p.name for p in (tmp_path / "out" / "state").iterdir()) == [
+        "block-00000.npz",
+        "block-00001.npz",
+    ]
+
+
+def _files(folder):
+    return {
+        str(path.relative_to(folder)): (path.read_bytes(), path.stat().st_ino)
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _day_files(out, days):
+    return {k: v for k, v in _files(out / "events").items() if k.split("/")[0] in {f"day={d}" for d in days}}
+
+
+def _events_of(out, day):
+    return ds.dataset(out / "events" / f"day={day}").to_table().to_pandas()
+
+
+def _sorted_events(out, day):
+    return _events_of(out, day).sort_values(["user_id", "ts", "item_id", "behavior"]).reset_index(drop=True)
+
+
+def _names(cfg, first, last):
+    return [(cfg.start + timedelta(days=d)).isoformat() for d in range(first, last)]
+
+
+@pytest.fixture(scope="module")
+def continued(tmp_path_factory):
+    """SMALL simulated, its files noted, then continued by 2 days."""
+    out = tmp_path_factory.mktemp("continued") / "out"
+    simulate(SMALL, out)
+    before = {
+        "events": _files(out / "events"),
+        "truth": pd.read_parquet(out / "truth" / "next_day_buy.parquet"),
+        "churn": pd.read_parquet(out / "truth" / "churn_3d.parquet"),
+    }
+    result = continue_simulation(out, 2)
+    return out, before, result
+
+
+def test_continuing_keeps_the_old_days_and_adds_new_ones_of_the_same_world(continued):
+    from shopsight.data._simulator import _World
+
+    out, before, result = continued
+    old, new = _names(SMALL, 0, 6), _names(SMALL, 6, 8)
+    assert result.days == new and result.users == SMALL.users and result.events > 0
+    # the old days' files are the same files: hard links, byte for byte
+    assert _day_files(out, old) == before["events"]
+    assert all((out / "events" / f"day={day}").is_dir() for day in new)
+    events = ds.dataset(out / "events", partitioning="hive").to_table().to_pandas()
+    fresh = events[events["day"].isin(new)]
+    assert len(fresh) == result.events
+    assert set(fresh["user_id"]) <= set(range(1, SMALL.users + 1))
+    assert set(fresh["item_id"]) <= set(_World(SMALL).item_ids.tolist())
+    # an item keeps its category
+    categories = events.groupby("item_id")["category_id"].nunique()
+    assert (categories == 1).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["days"] == old + new and manifest["config"]["days"] == 8
+    assert manifest["events"] == len(events)
+    assert sum(manifest["behavior_counts"].values()) == len(events)
+    (continuation,) = manifest["continuations"]
+    assert (
+        continuation["days"] == new
+        and continuation["shift"] == {}
+        and continuation["events"] == result.events
+    )
+
+
+def test_continuing_adds_the_oracle_rows_that_the_new_days_complete(continued):
+    out, before, _ = continued
+    truth = pd.read_parquet(out / "truth" / "next_day_buy.parquet")
+    churn = pd.read_parquet(out / "truth" / "churn_3d.parquet")
+    # next day: the previously last day (day 5) and the first new day (day 6) gain rows; day 7 has no next
+    assert sorted(truth["day"].unique()) == _names(SMALL, 0, 7)
+    assert truth.groupby("day").size().eq(SMALL.users).all()
+    # churn: days 3 and 4 now have their 3 next days simulated
+    assert sorted(churn["day"].unique()) == _names(SMALL, 0, 5)
+    assert churn.groupby("day").size().eq(SMALL.users).all()
+    # the old rows stay as they were
+    old_truth = truth[truth["day"] < "2017-11-30"].sort_values(["day", "user_id"]).reset_index(drop=True)
+    assert old_truth.equals(before["truth"].sort_values(["day", "user_id"]).reset_index(drop=True))
+    old_churn = churn[churn["day"] < "2017-11-28"].sort_values(["day", "user_id"]).reset_index(drop=True)
+    assert old_churn.equals(before["churn"].sort_values(["day", "user_id"]).reset_index(drop=True))
+    # the labels of the new rows agree with the new events
+    new = truth[truth["day"] >= "2017-11-30"]
+    buys = ds.dataset(out / "events", partitioning="hive").to_table().to_pandas().query("behavior == 'buy'")
+    bought = set(zip(buys["user_id"], buys["day"].astype(str), strict=True))
+    next_day = (pd.to_datetime(new["day"]) + pd.Timedelta(days=1)).dt.strftime("%Y-%m-%d")
+    observed = [(u, d) in bought for u, d in zip(new["user_id"], next_day, strict=True)]
+    assert observed == new["bought_next_day"].tolist()
+
+
+def test_continuing_is_deterministic_and_does_not_depend_on_how_it_is_split(continued, tmp_path):
+    """The continuation goes on day by day from the saved state, so 2 days at once and 1 day twice are the
+    same draws."""
+    out, _, _ = continued
+    new = _names(SMALL, 6, 8)
+    for name, steps in (("again", [2]), ("split", [1, 1])):
+        simulate(SMALL, tmp_path / name)
+        for days in steps:
+            continue_simulation(tmp_path / name, days)
+        for day in new:
+            assert _sorted_events(tmp_path / name, day).equals(_sorted_events(out, day))
+        assert _digest(tmp_path / name) == _digest(out)
+    assert len(json.loads((tmp_path / "split" / "manifest.json").read_text())["continuations"]) == 2
+
+
+@pytest.fixture(scope="module")
+def went_on(tmp_path_factory):
+    """4,000 users over 6 days, each user's hidden state at the end noted, then 2 days more; and the same
+    simulation continued with a shift of the funnel and of dormancy."""
+    cfg = SimulatorConfig(users=4000, days=6, seed=11)
+    out, shifted = (tmp_path_factory.mktemp(name) / "out" for name in ("went_on", "shifted"))
+    simulate(cfg, out)
+    shutil.copytree(out, shifted)
+    dormant = {}
+    for path in sorted((out / "state").glob("block-*.npz")):
+        with np.load(path) as saved:
+            dormant.update(zip(saved["user_ids"].tolist(), saved["dormant"][:, -1].tolist(), strict=True))
+    continue_simulation(out, 2)
+    continue_simulation(shifted, 2, {"intent_bias": -0.6, "p_return": 0.5, "dormant_activity": 0.2})
+    return cfg, out, shifted, pd.Series(dormant)
+
+
+def test_the_new_days_go_on_from_the_hidden_state_of_the_last_one(went_on):
+    """Users dormant at the end of the saved days are far less often seen on the first new day than active
+    ones; a continuation started afresh from the chain's stationary law would see both groups alike."""
+    _, out, _, dormant = went_on
+    seen = dormant.index.isin(_events_of(out, "2017-12-01")["user_id"].unique())
+    asleep, awake = seen[dormant.to_numpy()].mean(), seen[~dormant.to_numpy()].mean()
+    assert dormant.sum() > 400  # enough dormant users for the comparison (measured: 828)
+    assert asleep < 0.4 * awake, (asleep, awake)  # measured: 0.15 vs 0.57
+
+
+def _calibration(out, days):
+    """(mean p, observed rate, standard error) of the next-day oracle over snapshot ``days``. A user's rows
+    on consecutive days do not correlate their residuals (each p is the expectation given everything up to
+    its day, the earlier outcome included), so the Poisson-binomial error is the right one."""
+    truth = pd.read_parquet(out / "truth" / "next_day_buy.parquet")
+    rows = truth[truth["day"].isin(days)]
+    p = rows["p_buy_next_day"]
+    return p.mean(), rows["bought_next_day"].mean(), np.sqrt((p * (1 - p)).sum()) / len(rows)
+
+
+def test_the_oracle_is_calibrated_on_the_new_days_shifted_or_not(went_on):
+    cfg, out, shifted, _ = went_on
+    snapshots = _names(cfg, 5, 7)  # whose next day is a new day
+    mean_p, observed, sigma = _calibration(out, snapshots)
+    assert abs(observed - mean_p) <= 3 * sigma, (mean_p, observed, sigma)  # measured: 0.5 sigma
+    shifted_p, shifted_observed, shifted_sigma = _calibration(shifted, snapshots)
+    assert abs(shifted_observed - shifted_p) <= 3 * shifted_sigma, (
+        shifted_p,
+        shifted_observed,
+        shifted_sigma,
+    )
+    # the shift moves behaviour far beyond the error, so an oracle that ignored it would fail above
+    assert shifted_observed - mean_p > 10 * shifted_sigma, (shifted_observed, mean_p)
+    manifest = json.loads((shifted / "manifest.json").read_text())
+    assert manifest["shifts"] == {
+        day: {"intent_bias": -0.6, "p_return": 0.5, "dormant_activity": 0.2} for day in _names(cfg, 6, 8)
+    }
+
+
+def _cart_share(out, day):
+    behavior = _events_of(out, day)["behavior"]
+    return (behavior == "cart").sum() / (behavior == "pv").sum()
+
+
+def test_a_shift_changes_the_shifted_days_only(tmp_path):
+    plain, shifted = tmp_path / "plain", tmp_path / "shifted"
+    simulate(SMALL, plain)
+    continue_simulation(plain, 1)
+    continue_simulation(plain, 1)
+    simulate(SMALL, shifted)
+    continue_simulation(shifted, 1)
+    continue_simulation(shifted, 1, parse_shift([f"p_cart={3 * SMALL.p_cart}"]))
+    days = _names(SMALL, 0, 8)
+    # before the shift, the same draws (the continuation's days included)
+    assert _day_files(shifted, days[:7]).keys() == _day_files(plain, days[:7]).keys()
+    for day in days[:7]:
+        assert _events_of(shifted, day).equals(_events_of(plain, day))
+        assert _cart_share(shifted, day) < 0.09
+    assert 2.5 < _cart_share(shifted, days[7]) / _cart_share(plain, days[7]) < 3.5
+    manifest = json.loads((shifted / "manifest.json").read_text())
+    assert manifest["shifts"] == {days[7]: {"p_cart": 3 * SMALL.p_cart}}
+    assert [c["shift"] for c in manifest["continuations"]] == [{}, {"p_cart": 3 * SMALL.p_cart}]
+
+
+@pytest.mark.parametrize(
+    "items,message",
+    [
+        (["p_kart=0.1"], "shift p_kart: no such constant; these can be shifted: mean_session_views"),
+        (["activity_sigma=2"], "shift activity_sigma: fixed for the whole simulation"),
+        (["users=5"], "shift users: fixed"),
+        (["p_cart=1.5"], r"shift p_cart: 1.5 is out of range \[0, 1\]"),
+        (["p_cart=lots"], "shift p_cart: 'lots' is not a number"),
+        (["mean_session_views=nan"], "shift mean_session_views: nan is out of range"),
+        (["open_item_days=2.5"], "shift open_item_days: 2.5 is not a whole number"),
+        (["p_cart"], "expected KEY=VALUE"),
+        (["p_cart=0.1", "p_cart=0.2"], "given twice"),
+    ],
+)
+def test_a_bad_shift_is_refused_naming_the_key(items, message):
+    with pytest.raises(ShopsightError, match=message):
+        parse_shift(items)
+
+
+def test_shifted_constants_must_fit_together_and_nothing_is_written_otherwise(tmp_path):
+    out = tmp_path / "out"
+    simulate(SimulatorConfig(users=50, days=2, seed=1), out)
+    before = _files(out)
+    with pytest.raises(ShopsightError, match="p_related \\+ p_repeat \\+ p_same_category would be 1.3"):
+        continue_simulation(out, 1, {"p_related": 0.98})
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_folder_without_saved_state_or_no_simulation_is_refused(tmp_path):
+    out = tmp_path / "out"
+    simulate(SimulatorConfig(users=50, days=2, seed=1), out)
+    shutil.rmtree(out / "state")  # as written before simulations saved their state
+    with pytest.raises(ShopsightError, match="has no saved state to go on from .* simulate it again"):
+        continue_simulation(out, 1)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ShopsightError, match="notes is not a simulation"):
+        continue_simulation(tmp_path / "notes", 1)
+    with pytest.raises(ShopsightError, match="missing is not a simulation"):
+        continue_simulation(tmp_path / "missing", 1)
+
+
+def test_an_interrupted_continuation_leaves_the_simulation_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    simulate(SMALL, out)
+    before = _files(out)
+
+    def killed(done, total):
+        if done < total:
+            raise RuntimeError("killed half-way")
+
+    with pytest.raises(RuntimeError):
+        continue_simulation(out, 2, on_progress=killed)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    continue_simulation(out, 2)  # and it can still go on
+    assert json.loads((out / "manifest.json").read_text())["config"]["days"] == 8
+
+
+runner = CliRunner()
+
+
+def test_the_command_goes_on_and_refuses_what_the_saved_simulation_decides(tmp_path):
+    command = ["--data-dir", str(tmp_path / "dd"), "data", "simulate"]
+    first = runner.invoke(app, [*command, "--users", "300", "--days", "3"])
+    assert first.exit_code == 0, first.output
+    went_on = runner.invoke(app, [*command, "--continue", "2", "--shift", "p_cart=0.1"])
+    assert went_on.exit_code == 0, went_on.output
+    summary = _normalised(went_on.output)
+    assert "Continued" in summary and "days added 2 (2017-11-28 .. 2017-11-29)" in summary
+    assert "shift p_cart=0.1" in summary and "events/s" in summary
+    events = tmp_path / "dd" / "simulated" / "events"
+    assert sorted(p.name for p in events.iterdir())[-2:] == ["day=2017-11-28", "day=2017-11-29"]
+
+    refused = runner.invoke(app, [*command, "--continue", "1", "--users", "5"])
+    assert refused.exit_code == 2
+    assert "Invalid value for --users: cannot be given with --continue" in _normalised(refused.output)
+    alone = runner.invoke(app, [*command, "--shift", "p_cart=0.1"])
+    assert alone.exit_code == 2 and "only with --continue" in _normalised(alone.output)
+    bad = runner.invoke(app, [*command, "--continue", "1", "--shift", "seed=4"])
+    assert bad.exit_code == 2 and "shift seed: fixed for the whole simulation" in _normalised(bad.output)
+    assert len(list(events.iterdir())) == 5  # the refusals wrote nothing
+
+
+def _normalised(text):
+    """Rich's boxes and wrapping as one line of single spaces."""
+    return " ".join(re.sub(r"[│╭╮╰╯─┌┐└┘├┤┬┴┼]", " ", text).split())

@@ -17,11 +17,13 @@ from shopsight.data import (
     SimulationResult,
     SimulatorConfig,
     TimeWindow,
+    continue_simulation,
+    parse_shift,
     quarantine_file,
     simulate,
 )
 from shopsight.data.schema import BEHAVIORS, TAOBAO_BEHAVIOR_MIX
-from shopsight.platform import Settings, Stopwatch, console, print_summary, progress_bar
+from shopsight.platform import Settings, ShopsightError, Stopwatch, console, print_summary, progress_bar
 
 app = typer.Typer(help="Event data: simulate Taobao-like events, validate event files.", no_args_is_help=True)
 
@@ -42,10 +44,47 @@ def simulate_command(
     items: Annotated[
         int | None, typer.Option(min=1, help="Number of items.", show_default="4 per user")
     ] = None,
+    continue_days: Annotated[
+        int | None,
+        typer.Option(
+            "--continue",
+            min=1,
+            metavar="DAYS",
+            help="Go on: add DAYS days to the simulation in --out, for the same users and items, from where "
+            "it stopped (its users, seed and days come from it).",
+        ),
+    ] = None,
+    shift: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="KEY=VALUE",
+            help="With --continue: change a behavioural constant on the new days only, as injected drift "
+            "(repeatable), e.g. p_cart=0.15, intent_bias=-0.8, mean_session_views=12.",
+        ),
+    ] = None,
 ) -> None:
-    """Simulate Taobao-like behaviour events as day-partitioned parquet, with the next-day buy oracle."""
+    """Simulate Taobao-like behaviour events as day-partitioned parquet, with the next-day buy oracle;
+    --continue extends an earlier simulation by more days."""
     settings = state(ctx).settings
     out = out or settings.data_dir / "simulated"
+    if continue_days is not None:
+        given = [name for name in ("users", "days", "seed", "start", "items") if _given(ctx, name)]
+        if given:
+            raise typer.BadParameter(
+                "cannot be given with --continue: the saved simulation decides it", param_hint=f"--{given[0]}"
+            )
+        try:
+            shifted = parse_shift(shift or [])
+        except ShopsightError as exc:  # a bad value on the command line is a usage error
+            raise typer.BadParameter(str(exc), param_hint="--shift") from None
+        result = run_continuation(out, continue_days, shifted)
+        print_mix("Behaviour mix (new days)", result.behavior_mix)
+        print_continuation_summary(result, shifted)
+        return
+    if shift:
+        raise typer.BadParameter(
+            "only with --continue: a shift acts on the days a continuation adds", param_hint="--shift"
+        )
     cfg = SimulatorConfig(
         users=users,
         days=days,
@@ -132,6 +171,21 @@ def run_simulation(cfg: SimulatorConfig, out: Path, transient: bool = False) -> 
         return simulate(cfg, out, on_progress=lambda done, _total: bar.update(task, completed=done))
 
 
+def run_continuation(out: Path, days: int, shift: dict[str, float]) -> SimulationResult:
+    with progress_bar() as bar:
+        task = bar.add_task(f"continuing {out} by {days} day{'s' if days > 1 else ''}", total=None)
+        return continue_simulation(
+            out, days, shift, on_progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the option was given (command line or environment), not left at its default. By name: typer
+    may carry its own click, whose ParameterSource is another enum."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def print_mix(title: str, mix: dict[str, float], extra: dict[str, dict[str, float]] | None = None) -> None:
     """The behaviour mix beside the real Taobao dataset's."""
     columns = {title: mix, **(extra or {}), "Taobao (100M events)": TAOBAO_BEHAVIOR_MIX}
@@ -151,6 +205,21 @@ def print_simulation_summary(result: SimulationResult) -> None:
             "events": f"{result.events:,} ({result.events / max(result.seconds, 1e-9):,.0f} events/s)",
             "users x days": f"{result.users:,} x {len(result.days)} ({result.days[0]} .. {result.days[-1]})",
             "written to": f"{result.out}/events ({result.files} parquet files, by day)",
+            "oracle": f"{result.out}/truth/next_day_buy.parquet",
+            "took": f"{result.seconds:.1f} s",
+        },
+    )
+
+
+def print_continuation_summary(result: SimulationResult, shift: dict[str, float]) -> None:
+    print_summary(
+        "Continued",
+        {
+            "days added": f"{len(result.days)} ({result.days[0]} .. {result.days[-1]})",
+            "users": f"{result.users:,}",
+            "events": f"{result.events:,} ({result.events / max(result.seconds, 1e-9):,.0f} events/s)",
+            "shift": ", ".join(f"{k}={v:g}" for k, v in shift.items()) or "none",
+            "written to": f"{result.out}/events ({result.files} new parquet files, by day)",
             "oracle": f"{result.out}/truth/next_day_buy.parquet",
             "took": f"{result.seconds:.1f} s",
         },

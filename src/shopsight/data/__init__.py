@@ -8,12 +8,20 @@ from shopsight.data._readers import (
     detect_format,
     quarantine_file,
 )
-from shopsight.data._simulator import SimulationResult, SimulatorConfig, simulate
+from shopsight.data._simulator import (
+    SHIFTABLE,
+    SimulationResult,
+    SimulatorConfig,
+    continue_simulation,
+    parse_shift,
+    simulate,
+)
 from shopsight.data._stats import EventStats
 from shopsight.data._writer import DayPartitionedWriter, publish_dir
 
 __all__ = [
     "FORMATS",
+    "SHIFTABLE",
     "DayPartitionedWriter",
     "EventReader",
     "EventStats",
@@ -21,7 +29,9 @@ __all__ = [
     "SimulationResult",
     "SimulatorConfig",
     "TimeWindow",
+    "continue_simulation",
     "detect_format",
+    "parse_shift",
     "publish_dir",
     "quarantine_file",
     "simulate",
