@@ -685,6 +685,14 @@ def historical_features(
     return result.sort_values("__row").drop(columns="__row").reset_index(drop=True)
 
 
+def features_as_of(settings: Settings, service: str, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """The service's features for ``entity_df``'s rows (``user_id``, ``event_timestamp``) as the offline
+    store had them at each row's time: what a training set of those rows would hold."""
+    store = feature_store(settings)
+    with _offline_engine(settings):
+        return historical_features(store, entity_df, service)
+
+
 def training_set(
     settings: Settings,
     service: str,

@@ -29,7 +29,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from importlib import resources
 from pathlib import Path, PurePath
 from typing import Any, Literal, get_args, get_origin
@@ -283,6 +283,36 @@ class PromotionSettings(_Section):
     )
 
 
+class MonitoringSettings(_Section):
+    """`shopsight monitor`: the online metrics' cut-off, and the thresholds that make alerts."""
+
+    k: int = Field(10, gt=0, description="The k of the online HR@k and NDCG@k (a served top k is judged).")
+    max_psi: float = Field(
+        0.25, gt=0, description="A feature whose PSI (served vs training set) is over this is an alert."
+    )
+    max_skew: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="A feature whose served value differs from the offline store's for a larger share of "
+        "answers is an alert.",
+    )
+    skew_sample: int = Field(
+        200, ge=0, description="Logged answers per task whose features are recomputed offline (0: no check)."
+    )
+    min_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Online metric -> the least a served version may reach (e.g. roc_auc: 0.6); below "
+        "it is an alert.",
+    )
+    max_metrics: dict[str, float] = Field(
+        default_factory=dict,
+        description="Online metric -> the most a served version may reach (e.g. ece: 0.05); above it is "
+        "an alert.",
+    )
+    experiment: str = Field("monitoring", description="The MLflow experiment of the monitoring runs.")
+
+
 class ObjectStoreSettings(_Section):
     """S3-compatible storage shared by the cluster (checkpoints, artifacts, offline store)."""
 
@@ -351,6 +381,11 @@ class ServingSettings(_Section):
         description="Team -> sha256 hex of its API key (`shopsight serve key TEAM` makes one); "
         "empty: every /v1 request is refused.",
     )
+    as_of: datetime | None = Field(
+        None,
+        description="The time answers describe, for a replay of past or simulated days (UTC, ISO 8601); "
+        "default: the moment of the request.",
+    )
     prediction_log: bool = Field(
         True,
         description="Log every served answer with the features it used (for `shopsight monitor`); "
@@ -369,6 +404,11 @@ class ServingSettings(_Section):
         description="Serve /metrics without an API key. It names the teams and their traffic, so by "
         "default a scraper sends a key too (Prometheus: `authorization: {credentials: KEY}`).",
     )
+
+    @field_validator("as_of")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
 
     @field_validator("api_keys")
     @classmethod
@@ -397,6 +437,7 @@ class Settings(_Section):
     mlflow: MlflowSettings = Field(default_factory=MlflowSettings)
     promotion: PromotionSettings = Field(default_factory=PromotionSettings)
     object_store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
 
 

@@ -81,8 +81,10 @@ class ModelHost:
         task = get_task(task_name)
         kind = PREDICTORS[task.route.predictor]
         reader = OnlineFeatureReader(settings, task.route.service, kind.features)
+        as_of = settings.serving.as_of
+        replay = {"clock": lambda: as_of} if as_of is not None else {}
         self.predictor: Any = kind(
-            reader, task.registered_model, _routing(settings.serving), endpoint=task.route.path
+            reader, task.registered_model, _routing(settings.serving), endpoint=task.route.path, **replay
         )
         popularity = item_popularity(settings) if kind.kind == "ranking" else None
         source = MlflowModelSource(

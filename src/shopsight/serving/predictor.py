@@ -177,8 +177,10 @@ class _Predictor:
         registered_name: str,
         routing: Routing | None = None,
         endpoint: str = "",
+        clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.reader = reader
+        self.clock = clock  # the time an answer describes (a replay of past or simulated days sets it)
         self.registered_name = registered_name
         self.endpoint = endpoint or registered_name  # how shadow logs name the route
         self._served = Served()
@@ -282,7 +284,7 @@ class RecommendationPredictor(_Predictor):
             return [Outcome.unavailable(self._no_champion(), n) for _ in requests]
         started = time.perf_counter()
         features, read = self._read([r.user_id for r in requests])
-        as_of = _utcnow()
+        as_of = self.clock()
         histories = features.get("seq_item_ids") or [None] * n
         looked_up = time.perf_counter()
         variants = self._variants(n, served)
@@ -427,17 +429,6 @@ class ProbabilityPredictor(_Predictor):
     request_model = PropensityRequest
     response_model = PropensityResponse
     features = None  # every feature of the task's service
-
-    def __init__(
-        self,
-        reader: FeatureReader,
-        registered_name: str,
-        routing: Routing | None = None,
-        endpoint: str = "",
-        clock: Callable[[], datetime] = _utcnow,
-    ) -> None:
-        super().__init__(reader, registered_name, routing, endpoint)
-        self.clock = clock
 
     def answer(self, requests: Sequence[PropensityRequest]) -> list[Outcome]:
         n, served = len(requests), self._served

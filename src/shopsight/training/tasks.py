@@ -65,6 +65,25 @@ class Route:
 
 
 @dataclass(frozen=True)
+class FollowUp:
+    """What follows a served prediction in the events, and so labels it for the monitor.
+
+    ``kind``: ``next_item`` (the first item the user touches after the prediction), ``happens`` (whether
+    the user has an event of ``behaviors`` within ``horizon_days``: any behaviour when empty) or ``absent``
+    (whether the user has none). The window starts at the time the answer's features describe (its
+    ``as_of``) and lasts ``horizon_days``; a prediction whose window is not over in the events yet is
+    pending, not a negative.
+    """
+
+    kind: str
+    horizon_days: int
+    behaviors: tuple[str, ...] = ()
+    # on simulated data: the oracle's file under truth/ and its column of true outcome probabilities, so
+    # that the monitor's own numbers can be checked against the truth
+    truth: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Task:
     """One prediction task of the platform."""
 
@@ -84,6 +103,7 @@ class Task:
     default_model: str = "sasrec"  # what the demo trains
     curves: tuple[str, ...] = ()  # per-epoch metrics plotted for each run (default: loss, the metric)
     guard: Metric | None = None  # a second metric the gate holds a candidate to (calibration)
+    follow_up: FollowUp | None = None  # how the monitor labels the served answers
 
     @property
     def learning_curves(self) -> tuple[str, ...]:
@@ -106,7 +126,13 @@ _SEQUENCE_HEAD = "the user's last hidden state -> a binary tower beside dense fe
 
 
 def user_snapshot_task(
-    name: str, description: str, service: str, label: str, horizon_days: int, route: Route | None
+    name: str,
+    description: str,
+    service: str,
+    label: str,
+    horizon_days: int,
+    route: Route | None,
+    follow_up: FollowUp | None = None,
 ) -> Task:
     """A binary task on user snapshots (one label per user and snapshot day, a point-in-time training
     set of ``service``), trained, calibrated, evaluated and served by :mod:`shopsight.training.binary`:
@@ -142,6 +168,7 @@ def user_snapshot_task(
         unit=Metric("n", "rows"),
         guard=Metric("ece", "ECE (calibration error)", higher_is_better=False),
         route=route,
+        follow_up=follow_up,
         # on the simulator's benchmark (benchmarks/results/purchase.md, churn.md, 20,000 users) the LSTM
         # ranks as well as SASRec or better, and its calibrated probabilities are within 0.02 of the
         # observed rate in every decile, SASRec's within 0.03
@@ -179,6 +206,7 @@ TASKS: dict[str, Task] = {
             ),
             unit=Metric("users", "users"),
             route=Route("/v1/recommendations", "ranking", "next_item_v1", "Top-k next items of a user"),
+            follow_up=FollowUp("next_item", horizon_days=1),
         ),
         user_snapshot_task(
             name="purchase",
@@ -191,6 +219,12 @@ TASKS: dict[str, Task] = {
                 "probability",
                 "purchase_propensity_v1",
                 "Probability that each user buys tomorrow",
+            ),
+            follow_up=FollowUp(
+                "happens",
+                horizon_days=1,
+                behaviors=("buy",),
+                truth=("next_day_buy.parquet", "p_buy_next_day"),
             ),
         ),
         user_snapshot_task(
@@ -205,6 +239,7 @@ TASKS: dict[str, Task] = {
                 "churn_risk_v1",
                 "Probability that each user has no event in the next 3 days",
             ),
+            follow_up=FollowUp("absent", horizon_days=3, truth=("churn_3d.parquet", "p_churn_3d")),
         ),
         Task(
             name="synthetic_users",
@@ -288,6 +323,7 @@ def served_tasks() -> list[Task]:
 __all__ = [
     "TASKS",
     "Data",
+    "FollowUp",
     "Metric",
     "Pyfunc",
     "Route",
