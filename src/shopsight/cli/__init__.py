@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from shopsight import __version__
-from shopsight.cli import cluster, config, data, features, jobs, mlflow, models, serve, train, tune
+from shopsight.cli import cluster, config, data, features, jobs, mlflow, models, monitor, serve, train, tune
 from shopsight.cli._context import CliState, parse_overrides
 from shopsight.cli.demo import demo
 from shopsight.platform import ShopsightError, console, err_console
@@ -96,6 +96,7 @@ app.command("demo")(demo)
 app.command("train")(train.train_command)
 app.command("evaluate")(train.evaluate_command)
 app.command("tune")(tune.tune_command)
+app.command("monitor")(monitor.monitor_command)
 
 
 def main() -> None:

@@ -150,7 +150,7 @@ def run(
 ) -> MonitorReport:
     """Monitor the answers whose ``as_of`` is in ``[start, end)`` (all when unbounded)."""
     destination, filesystem = prediction_log_destination(settings)
-    until = observed_until or outcomes.observed_end(events)
+    until = observed_until or outcomes.observed_end(events, settings.data.timezone)
     reports = []
     for task in monitored_tasks(tasks):
         say(f"{task.name}: reading the prediction log ...")

@@ -17,12 +17,13 @@ request id, user and alias.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from shopsight.platform import ShopsightError
@@ -59,14 +60,23 @@ def read_events(path: Path | str, start: datetime, end: datetime, users) -> pd.D
     return table.to_pandas().sort_values(["user_id", "ts"], kind="stable").reset_index(drop=True)
 
 
-def observed_end(path: Path | str) -> datetime:
-    """The end of what the events have observed: the latest event time (the next event, if any, comes
-    after it)."""
+def observed_end(path: Path | str, timezone: str) -> datetime:
+    """The end of what the events have observed: the end of a simulation's last day (its manifest lists
+    its days), else the latest event's time (the next event, if any, comes after it)."""
+    import json
+    from zoneinfo import ZoneInfo
+
     path = Path(path)
+    folder = path.parent if path.name == "events" else path
+    manifest = folder / "manifest.json"
+    if manifest.exists():
+        last = max(json.loads(manifest.read_text())["days"])
+        start = datetime.fromisoformat(last).replace(tzinfo=ZoneInfo(timezone))
+        return (start + timedelta(days=1)).astimezone(UTC)
     if (path / "events").is_dir():
         path = path / "events"
     dataset = ds.dataset(path, format="parquet", partitioning="hive", exclude_invalid_files=True)
-    latest = pa.compute.max(dataset.to_table(columns=["ts"]).column("ts")).as_py()
+    latest = pc.max(dataset.to_table(columns=["ts"]).column("ts")).as_py()
     if latest is None:
         raise ShopsightError(f"no events at {path}")
     return latest

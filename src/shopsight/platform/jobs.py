@@ -38,6 +38,7 @@ KINDS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     # the gate reads the frozen evaluation set from data_dir, which on a cluster is the cluster's volume
     "promote": ("models", "promote"),
+    "monitor": ("monitor",),
 }
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
