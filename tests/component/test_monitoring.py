@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 from datetime import date, datetime
 
 import pytest
@@ -117,7 +120,8 @@ def world(spark, make_settings, free_port, tmp_path_factory):
         for name, copies in (("purchase", 2), ("churn", 1)):
             task = get_task(name)
             for copy in range(copies):
-                version = _register_snapshot_model(settings, tmp / f"{name}-{copy}", name)
+                # the purchase challenger learns from shuffled labels: worse than the champion
+                version = _register_snapshot_model(settings, tmp / f"{name}-{copy}", name, shuffled=copy == 1)
                 run_id = client.get_model_version(task.registered_model, version).run_id
                 client.set_tag(
                     run_id, "dataset.path", str(tmp / f"{name}-{copy}" / f"training_set_{name}.parquet")
@@ -202,3 +206,59 @@ def test_drift_injected_on_a_day_is_flagged_on_that_day_and_not_before(world):
     # the tenth day's purchase answers have their next day simulated: labelled too
     assert on_the_day.tasks[0].versions[0].labelled == USERS
     assert json.loads(json.dumps(on_the_day.as_dict()))["tasks"][0]["task"] == "purchase"
+
+
+def _shopsight(settings, *args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it, on the world's settings."""
+    overrides = ["--set", f"mlflow.port={settings.mlflow.port}", "--set", "promotion.bootstrap_samples=400",
+                 "--set", "monitoring.skew_sample=60", "--set", f"data.timezone={TIMEZONE}"]  # fmt: skip
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SHOPSIGHT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), *overrides, *args],
+        capture_output=True, text=True, timeout=600, env=environ,
+    )  # fmt: skip
+
+
+def test_the_command_prints_one_line_per_breach_and_exits_3(world):
+    day, events = LAST.isoformat(), str(world["events"])
+    done = _shopsight(world["settings"], "monitor", "--day", day, "--events", events, "--task", "churn",
+                      "--no-track", "-o", "json")  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert [t["task"] for t in report["tasks"]] == ["churn"]
+    breaches = [line for line in done.stderr.splitlines() if line.startswith("alert: ")]
+    assert breaches == [f"alert: {line}" for line in report["alerts"]] and breaches
+    assert any(f"feature {BROKEN} is served unlike the offline store" in line for line in breaches)
+
+
+def test_online_promotion_refuses_a_worse_challenger_and_records_why(world):
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+
+    settings, versions = world["settings"], world["versions"]
+    client = MlflowClient(tracking_uri(settings))
+    name = "shopsight-purchase"
+    events = ["--events", str(world["events"])]
+    # a day with no answers: nothing to judge the challenger on
+    empty = _shopsight(settings, "models", "promote", name, "--online", "--day", "2017-11-30", *events)
+    assert empty.returncode == 3 and "no labelled answers" in empty.stderr, empty.stderr[-2000:]
+    refused = _shopsight(settings, "models", "promote", name, "--online", "--day", LAST.isoformat(), *events,
+                         "-o", "json")  # fmt: skip
+    assert refused.returncode == 3, refused.stderr[-2000:]
+    record = json.loads(refused.stdout)
+    assert record["evaluation_set"]["path"].startswith("online: answers as of")
+    assert record["difference"]["mean"] < -settings.promotion.tolerance and not record["promoted"]
+    assert "online roc_auc" in refused.stderr and "is worse than the champion's" in refused.stderr
+    challenger = versions[("purchase", 1)]
+    assert client.get_model_version(name, challenger).tags["gate.status"] == "refused"
+    assert client.get_registered_model(name).aliases["champion"] == versions[("purchase", 0)]
+    runs = client.search_runs(
+        [client.get_experiment_by_name("promotions").experiment_id], "tags.decision = 'refused'"
+    )
+    assert any(r.data.params.get("eval.path", "").startswith("online:") for r in runs)
+    # no challenger beside the churn champion: a clear error, not a decision
+    churn = _shopsight(
+        settings, "models", "promote", "shopsight-churn", "--online", "--day", LAST.isoformat(), *events
+    )
+    assert churn.returncode == 1 and "needs a champion and a challenger" in churn.stderr, churn.stderr[-2000:]

@@ -68,8 +68,9 @@ def _register_next_item(settings, sequences, split, tmp, seed, epochs) -> str:
     return str(info.registered_model_version)
 
 
-def _register_snapshot_model(settings, tmp, task_name: str) -> str:
-    """A model of a task on user snapshots (purchase, churn), calibrated on its rows, registered."""
+def _register_snapshot_model(settings, tmp, task_name: str, shuffled: bool = False) -> str:
+    """A model of a task on user snapshots (purchase, churn), calibrated on its rows, registered;
+    ``shuffled``: trained on labels shuffled across rows, so that it learns nothing (a bad challenger)."""
     import mlflow
     import torch
 
@@ -91,6 +92,8 @@ def _register_snapshot_model(settings, tmp, task_name: str) -> str:
         label=task.data.label,
     )
     frame = pd.read_parquet(path)
+    if shuffled:
+        frame[task.data.label] = frame[task.data.label].sample(frac=1, random_state=1).to_numpy()
     features = SnapshotFeatures.fit(frame)
     torch.manual_seed(0)
     model = build_model(

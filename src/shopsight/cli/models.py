@@ -288,6 +288,26 @@ def promote_command(
             callback=input_path,
         ),
     ] = None,
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online/--offline",
+            help="Judge the challenger on outcomes: its online primary metric against the champion's over "
+            "the same window of served answers (as `shopsight monitor` measures it), instead of the frozen "
+            "evaluation set.",
+        ),
+    ] = False,
+    day: Annotated[
+        str | None, typer.Option(help="--online: the answers made on this shop-local day (YYYY-MM-DD).")
+    ] = None,
+    start: Annotated[str | None, typer.Option(help="--online: answers as of this time or later.")] = None,
+    end: Annotated[str | None, typer.Option(help="--online: answers as of before this time.")] = None,
+    events: Annotated[
+        Path | None,
+        typer.Option(
+            help="--online: the events that followed the answers.", show_default="<data_dir>/simulated"
+        ),
+    ] = None,
     output: OutputOption = "table",
 ) -> None:
     """Move `champion` to the candidate only if it passes the quality gate.
@@ -307,9 +327,12 @@ def promote_command(
         raise typer.BadParameter("--force needs --reason TEXT (it is recorded)", param_hint="--reason")
     settings = state(ctx).settings
     watch = Stopwatch()
-    result = promote(
-        settings, name, version, force=force, reason=reason, eval_data=eval_data, log=err_console.print
-    )
+    if online:
+        result = _promote_online(settings, name, version, force, reason, day, start, end, events)
+    else:
+        result = promote(
+            settings, name, version, force=force, reason=reason, eval_data=eval_data, log=err_console.print
+        )
     seconds = watch.seconds
     data = _promotion_record(result, settings.promotion.bootstrap_samples, seconds)
     emit(output, data, lambda: _promotion_view(result, settings.promotion.bootstrap_samples, seconds))
@@ -317,6 +340,25 @@ def promote_command(
         raise PromotionRefused(
             f"promotion of {name} version {result.candidate} refused: " + "; ".join(result.reasons)
         )
+
+
+def _promote_online(settings, name, version, force, reason, day, start, end, events):
+    from shopsight.cli.monitor import window
+    from shopsight.lifecycle.promotion import promote_online
+    from shopsight.monitoring.monitor import online_evidence
+
+    first, last = window(settings, day, start, end)
+    say = err_console.print
+    evidence = online_evidence(
+        settings, name, events=events or settings.data_dir / "simulated", start=first, end=last, say=say
+    )
+    if version is not None and version != evidence.candidate:
+        raise typer.BadParameter(
+            f"--online judges the challenger that answered beside the champion (version "
+            f"{evidence.candidate}), not version {version}",
+            param_hint="--version",
+        )
+    return promote_online(settings, name, evidence, force=force, reason=reason, log=say)
 
 
 def _evaluation_record(evaluation) -> dict | None:

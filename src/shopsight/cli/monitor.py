@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from shopsight.cli._context import state
 from shopsight.cli._output import OutputOption, emit
@@ -57,15 +58,10 @@ def monitor_command(
     """Join the logged answers of a window with the events that followed, and report per task and model
     version: online metrics with 95% intervals, challenger against champion, feature drift and
     training-serving skew. Exits 3 when a threshold (`monitoring.*`) is breached, one line per breach."""
-    from shopsight.monitoring.monitor import day_window, run
+    from shopsight.monitoring.monitor import run
 
     settings = state(ctx).settings
-    if day and (start or end):
-        raise typer.BadParameter("give --day, or --start/--end, not both", param_hint="--day")
-    if day:
-        window_start, window_end = day_window(day, settings.data.timezone)
-    else:
-        window_start, window_end = _time(start, "--start"), _time(end, "--end")
+    window_start, window_end = window(settings, day, start, end)
     events = events or settings.data_dir / "simulated"
     say = (lambda line: err_console.print(f"[dim]{line}[/dim]")) if output == "table" else (lambda _: None)
     report = run(
@@ -82,12 +78,26 @@ def monitor_command(
     emit(output, data, lambda: _people(report))
     if output == "table":
         _summary(report)
-    for line in report.alerts:
-        err_console.print(f"[red]alert:[/red] {line}")
+    for line in report.alerts:  # one line each, whatever the terminal's width: scripts grep them
+        err_console.print(Text.assemble(("alert: ", "red"), line), soft_wrap=True)
     if report.alerts and on_alert == "retrain":
         _retrain(settings, report)
     if report.alerts:
         raise typer.Exit(ALERT_EXIT)
+
+
+def window(settings, day: str | None, start: str | None, end: str | None) -> tuple:
+    """The window of answers that --day, or --start and --end, name."""
+    from shopsight.monitoring.monitor import day_window
+
+    if day and (start or end):
+        raise typer.BadParameter("give --day, or --start/--end, not both", param_hint="--day")
+    if day:
+        try:
+            return day_window(day, settings.data.timezone)
+        except ValueError:
+            raise typer.BadParameter(f"{day!r} is not a day (YYYY-MM-DD)", param_hint="--day") from None
+    return _time(start, "--start"), _time(end, "--end")
 
 
 def _time(text: str | None, option: str) -> datetime | None:

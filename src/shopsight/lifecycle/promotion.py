@@ -312,8 +312,19 @@ def _decide(settings: Settings, result: GateResult, log) -> None:
         )
         return
     log(f"paired bootstrap of the difference ({cfg.bootstrap_samples} resamples) ...")
-    diff = compare(cand, champ, result.task, cfg.bootstrap_samples, cfg.seed)
-    result.difference = diff
+    result.difference = compare(cand, champ, result.task, cfg.bootstrap_samples, cfg.seed)
+    _judge(settings, result)
+
+
+def _judge(settings: Settings, result: GateResult) -> None:
+    """The metric comparison of the gate, on evaluations offline or online: ``passed``, or the reason
+    against."""
+    cfg, cand, champ, diff = (
+        settings.promotion,
+        result.candidate_eval,
+        result.champion_eval,
+        result.difference,
+    )
     if diff["mean"] < -cfg.tolerance:
         result.reasons.append(
             f"{result.metric_label} {cand.metrics[result.metric]:.4f} is worse than the champion's "
@@ -429,6 +440,89 @@ def _metric_name(key: str) -> str:
     from shopsight.training.runtime.tracking import mlflow_name
 
     return mlflow_name(key)
+
+
+@dataclass
+class OnlineEvidence:
+    """How a challenger and the champion did on the same window of served answers (``shopsight
+    monitor``): their online metrics, and the challenger's difference on the primary metric with its
+    interval (paired for a shadow, two groups for a canary)."""
+
+    task: str
+    candidate: str
+    champion: str
+    metric: str
+    candidate_metrics: dict[str, float]
+    champion_metrics: dict[str, float]
+    difference: dict[str, float] | None  # mean, lo, hi, units; None: the candidate answered nothing
+    window: str  # which answers, and the events that labelled them
+    why_not: str = ""  # why there is no comparison
+
+
+@mlflow_access_errors
+def promote_online(
+    settings: Settings,
+    name: str,
+    evidence: OnlineEvidence,
+    *,
+    force: bool = False,
+    reason: str | None = None,
+    log: Callable[[str], None] = print,
+) -> GateResult:
+    """The gate on outcomes: move ``champion`` to the challenger that answered beside it only when its
+    online primary metric is not worse than the champion's over the same window, by the same tolerance
+    (and calibration guard), with the same records (history entry, version tags, a ``promotions`` run) as
+    :func:`promote`. ``eval.path`` of the record names the window instead of a file.
+
+    Raises:
+        ShopsightError: the champion moved since the evidence was gathered, ``force`` without ``reason``.
+        PromotionInProgress: another promotion or rollback of ``name`` holds the lock.
+    """
+    if force and not (reason or "").strip():
+        raise ShopsightError("--force needs --reason TEXT: a forced promotion is recorded with its reason")
+    cfg = settings.promotion
+    client = registry_client(settings)
+    by = alias_mover(settings, name)
+    task = get_task(evidence.task)
+    candidate_eval = Evaluation(evidence.candidate, metrics=dict(evidence.candidate_metrics))
+    answered = evidence.difference is not None and evidence.metric in evidence.candidate_metrics
+    candidate_eval.checks["online"] = (answered, evidence.why_not or "no labelled answers in the window")
+    with RegistryLock(
+        client, name, "promotion", cfg.lock_ttl_s, cfg.lock_settle_s,
+        detail=f"version {evidence.candidate} (online)", user=by,
+    ) as lock:  # fmt: skip
+        _take_over(client, name, lock, log)
+        champion = alias_version(client, name, CHAMPION)
+        if champion != evidence.champion:
+            raise ShopsightError(
+                f"the {CHAMPION} of {name} is version {champion}, not version {evidence.champion} whose "
+                "answers were compared: monitor the window again"
+            )
+        if champion == evidence.candidate:
+            raise ShopsightError(f"version {evidence.candidate} of {name} is already the {CHAMPION}")
+        result = GateResult(
+            name=name, task=task.name, candidate=evidence.candidate, champion=champion,
+            metric=evidence.metric, metric_label=f"online {evidence.metric}",
+            eval_path=f"online: {evidence.window}", eval_sha256="", tolerance=cfg.tolerance,
+            candidate_eval=candidate_eval, forced=force, by=by,
+        )  # fmt: skip
+        result.champion_eval = Evaluation(champion, metrics=dict(evidence.champion_metrics))
+        result.difference = evidence.difference
+        result.reasons = [f"the candidate fails the gate: {f}" for f in candidate_eval.failures()]
+        if candidate_eval.ok:
+            _judge(settings, result)
+        result.forced = force and not result.passed
+        if result.passed or (force and candidate_eval.ok):
+            lock.confirm()
+            _record_promotion(client, result, reason, lock.lease.token)
+        else:
+            set_version_tags(
+                client, name, evidence.candidate,
+                {"gate.status": "refused", "gate.reason": "; ".join(result.reasons)[:4000],
+                 "gate.checked_at": now_utc()},
+            )  # fmt: skip
+    _log_gate_run(client, result, reason, settings, log)
+    return result
 
 
 @mlflow_access_errors

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shopsight.lifecycle.promotion import OnlineEvidence
 from shopsight.monitoring import outcomes, skew, stats
 from shopsight.platform import Settings, ShopsightError
 from shopsight.serving.prediction_log import prediction_log_destination, read_predictions
@@ -146,9 +147,11 @@ def run(
     tasks: list[str] | None = None,
     observed_until: datetime | None = None,
     track: bool = True,
+    features: bool = True,
     say: Callable[[str], None] = lambda _: None,
 ) -> MonitorReport:
-    """Monitor the answers whose ``as_of`` is in ``[start, end)`` (all when unbounded)."""
+    """Monitor the answers whose ``as_of`` is in ``[start, end)`` (all when unbounded). ``features``:
+    also drift and skew (and the Prometheus file); without, only the outcomes and metrics."""
     destination, filesystem = prediction_log_destination(settings)
     until = observed_until or outcomes.observed_end(events, settings.data.timezone)
     reports = []
@@ -163,17 +166,18 @@ def run(
             if end is not None:
                 keep &= (as_of < pd.Timestamp(end)).to_numpy()
             logged = logged[keep]
-        reports.append(_task_report(settings, task, logged, events, until, say))
+        reports.append(_task_report(settings, task, logged, events, until, features, say))
     report = MonitorReport(start, end, until, reports)
     report.alerts = alerts(report, settings)
-    _write_prometheus(settings, report)
+    if features:
+        _write_prometheus(settings, report)
     if track:
         say("recording the monitoring run in MLflow ...")
         _track(settings, report, events)
     return report
 
 
-def _task_report(settings, task: Task, logged, events, until, say) -> TaskReport:
+def _task_report(settings, task: Task, logged, events, until, features: bool, say) -> TaskReport:
     cfg = settings.monitoring
     kind = task.route.predictor
     k = cfg.k
@@ -222,6 +226,8 @@ def _task_report(settings, task: Task, logged, events, until, say) -> TaskReport
             continue
         report.comparisons.append(stats.compare(kind, primary, champion, done, alias, k, samples, seed))
     report.daily = _daily(labelled, kind, primary, k)
+    if not features:
+        return report
     say(f"{task.name}: drift of the served features ...")
     _drift(settings, task, answers, report)
     if cfg.skew_sample > 0:
@@ -641,3 +647,56 @@ def day_window(day: str, timezone: str) -> tuple[datetime, datetime]:
     start = datetime.fromisoformat(day).replace(tzinfo=ZoneInfo(timezone))
     tick = timedelta(microseconds=1)
     return (start + tick).astimezone(UTC), (start + timedelta(days=1) + tick).astimezone(UTC)
+
+
+def online_evidence(
+    settings: Settings,
+    name: str,
+    *,
+    events: Path,
+    start: datetime | None,
+    end: datetime | None,
+    say: Callable[[str], None] = lambda _: None,
+) -> OnlineEvidence:
+    """The challenger of registered model ``name`` against its champion on the window's served answers,
+    for :func:`~shopsight.lifecycle.promotion.promote_online`."""
+    from shopsight.lifecycle.registry import alias_version, registry_client
+    from shopsight.training.tasks import task_of_model
+
+    task = task_of_model(name)
+    client = registry_client(settings)
+    candidate = alias_version(client, name, "challenger")
+    champion = alias_version(client, name, CHAMPION)
+    if candidate is None or champion is None:
+        raise ShopsightError(f"{name} needs a champion and a challenger served beside it to compare online")
+    report = run(settings, events=events, start=start, end=end, tasks=[task.name], track=False,
+                 features=False, say=say)  # fmt: skip
+    (task_report,) = report.tasks
+    window = (
+        f"answers as of {_short(start)}..{_short(end)}, outcomes from {events} observed until "
+        f"{report.observed_until.isoformat()}"
+    )
+    ours = [v for v in task_report.versions if v.version == champion and v.alias == CHAMPION]
+    theirs = [c for c in task_report.comparisons if c.version == candidate]
+    theirs.sort(key=lambda c: not c.paired)  # a shadow's paired comparison before a canary's
+    metrics = lambda version: {n: e.value for n, e in version.metrics.items()}  # noqa: E731
+    candidate_metrics = {}
+    for v in task_report.versions:
+        if v.version == candidate and v.alias != CHAMPION and v.metrics:
+            candidate_metrics = metrics(v)
+            break
+    why = ""
+    if not ours or not ours[0].metrics:
+        why = f"the champion (version {champion}) has no labelled answers in the window"
+    elif not theirs:
+        why = f"version {candidate} has no labelled answers (as canary or shadow) in the window"
+    difference = None
+    if theirs and not why:
+        c = theirs[0]
+        difference = {"mean": c.difference.value, "lo": c.difference.lo, "hi": c.difference.hi,
+                      "units": float(c.units)}  # fmt: skip
+    return OnlineEvidence(
+        task=task.name, candidate=candidate, champion=champion, metric=task_report.primary,
+        candidate_metrics=candidate_metrics, champion_metrics=metrics(ours[0]) if ours else {},
+        difference=difference, window=window, why_not=why,
+    )  # fmt: skip
