@@ -21,8 +21,13 @@ Measured:
    batching. Zero errors is asserted.
 3. The floor of Ray Serve itself on this machine, same run: a FastAPI replica that echoes the request
    body, through the same proxy, at concurrency 1 and 8.
+4. The prediction log's cost: both endpoints at concurrency 8 in the first layout with batching, the log
+   off and on in alternating rounds (a user_config update of the same replicas, so nothing else changes;
+   alternating spreads the machine's drift over both), p99 of each round and the median of the rounds'.
+   Every other run above has the log on (the default).
 
     python -m benchmarks.bench_serving [--seconds 10] [--concurrency 1 8 32] [--layouts combined split]
+        [--log-rounds 3] [--only-log]
 """
 
 from __future__ import annotations
@@ -191,6 +196,40 @@ def _floors(settings, users: list[int], n: int) -> dict:
     return out
 
 
+def _log_write_floor(tmp: Path, n: int) -> dict:
+    """What the prediction log adds to a batch, in process: the records of 16 answers (a full
+    @serve.batch), packed and written to a spool file; propensity answers carry 50 features each,
+    recommendations a 50-item history and 10 items."""
+    from datetime import UTC, datetime
+
+    from shopsight.serving.prediction_log import PredictionLog, RequestContext, log_answers
+    from shopsight.serving.predictor import Answered, Outcome
+
+    log = PredictionLog(tmp / "floor-spool", tmp / "floor-predictions", roll_interval_s=0)
+    now = datetime.now(UTC)
+    contexts = [RequestContext(f"r{i}", "bench") for i in range(16)]
+    features = {f"feature_{j}": float(j) for j in range(46)} | {
+        "seq_item_ids": list(range(50)),
+        "top_categories": [1, 2, 3],
+    }
+    kinds = {
+        "propensity": lambda i: Answered("champion", "1", i, dict(features), probability=0.1),
+        "recommendation": lambda i: Answered(
+            "champion", "1", i, {"seq_item_ids": list(range(50))}, list(range(10)), [0.5] * 10
+        ),
+    }
+    out = {}
+    for kind, answer in kinds.items():
+
+        def write(answer=answer) -> None:
+            outcomes = [Outcome(answered=[answer(i)], as_of=now) for i in range(16)]
+            log_answers(log, "bench", "model", outcomes, contexts, 1.0)
+
+        out[f"prediction log: 16 {kind} answers logged (in process)"] = _time(write, n)
+    log.close()
+    return out
+
+
 def _echo_app():
     """A FastAPI replica that returns the request body: Ray Serve's own round trip, no work."""
     from fastapi import FastAPI
@@ -287,6 +326,8 @@ def main() -> None:
     parser.add_argument("--floor-calls", type=int, default=500)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 1], help="@serve.batch sizes")
     parser.add_argument("--layouts", nargs="+", default=["combined", "split"], help="serving.layout values")
+    parser.add_argument("--log-rounds", type=int, default=3, help="off/on rounds of the prediction log")
+    parser.add_argument("--only-log", action="store_true", help="only the prediction log's cost (4.)")
     args = parser.parse_args()
 
     import pandas as pd
@@ -332,14 +373,15 @@ def main() -> None:
         )
         users = [u for u, n in zip(online["user_id"], online["seq_length"], strict=True) if n == 50]
         print(f"{len(users)} users with a 50-item history")
-        floors = _floors(settings, users, args.floor_calls)
+        floors = {} if args.only_log else _floors(settings, users, args.floor_calls)
+        floors.update(_log_write_floor(tmp, args.floor_calls))
         for name, value in floors.items():
             print(f"floor {name}: p50 {value['p50_ms']:.2f} ms, p99 {value['p99_ms']:.2f} ms")
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         started_ray = True
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(_echo_app(), name="echo", route_prefix="/echo")
-        for concurrency in (1, 8):
+        for concurrency in () if args.only_log else (1, 8):
             echo = asyncio.run(
                 _closed_loop(
                     f"http://127.0.0.1:{port}/echo/", [{"user_id": users[0], "k": 10}], concurrency,
@@ -355,8 +397,8 @@ def main() -> None:
             "recommendations": ("/v1/recommendations", [{"user_id": u, "k": 10} for u in users]),
             "purchase-propensity": ("/v1/purchase-propensity", [{"user_ids": [u]} for u in users]),
         }
-        runs = []
-        for layout in args.layouts:
+        runs, logging_rounds = [], []
+        for layout in [] if args.only_log else args.layouts:
             laid_out = settings.model_copy(
                 update={"serving": settings.serving.model_copy(update={"layout": layout})}
             )
@@ -383,6 +425,25 @@ def main() -> None:
                             f"{result['features_p50_ms']:.2f} / model {result['model_p50_ms']:.2f} / rest "
                             f"{result['rest_p50_ms']:.2f} ms (p50), mean batch {result['mean_batch']:.1f}"
                         )
+        laid_out = settings.model_copy(
+            update={"serving": settings.serving.model_copy(update={"layout": args.layouts[0]})}
+        )
+        deployed = deploy(laid_out, max_batch_size=args.batch_sizes[0])
+        for round_number in range(args.log_rounds):
+            for logging in (False, True) if round_number % 2 == 0 else (True, False):
+                deploy(laid_out, max_batch_size=args.batch_sizes[0], prediction_log=logging)
+                for endpoint, (path, bodies) in endpoints.items():
+                    result = asyncio.run(
+                        _closed_loop(deployed.url + path, bodies, 8, args.seconds, args.warmup)
+                    )
+                    result.update(endpoint=endpoint, logging=logging, round=round_number)
+                    logging_rounds.append(result)
+                    print(
+                        f"prediction log {'on ' if logging else 'off'} round {round_number} {endpoint} c=8: "
+                        f"p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms, errors {result['errors']}"
+                    )
+        logged = sum(1 for _ in (settings.data_dir / "prediction-spool").glob("*.msgpack"))
+        print(f"prediction log: {logged} spool segments open at the end")
     finally:
         if started_ray:
             serve.shutdown()
@@ -398,12 +459,13 @@ def main() -> None:
         "batch_wait_timeout_s": settings.serving.batch_wait_timeout_s,
         "floors": floors,
         "runs": runs,
+        "prediction_log_rounds": logging_rounds,
         "target": {"p99_ms": TARGET_P99_MS, "endpoint": "recommendations", "concurrency": 8},
     }
     stamp = machine["date"][:10]
     (RESULTS / f"serving-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     _markdown(report)
-    total_errors = sum(r["errors"] for r in runs)
+    total_errors = sum(r["errors"] for r in runs + logging_rounds)
     if total_errors:
         raise SystemExit(f"{total_errors} requests failed")
 
@@ -424,14 +486,15 @@ def _markdown(report: dict) -> None:
         "| --- | ---: | ---: |",
     ]
     for name, value in report["floors"].items():
-        lines.append(f"| {name} | {value['p50_ms']:.2f} | {value['p99_ms']:.2f} |")
-    lines += [
-        "\nOver HTTP (closed loop, c requests in flight). Breakdown p50 from Server-Timing: features and model "
-        "are the times of the batch the request was scored in; rest = latency - both (HTTP, proxy, ingress, Ray "
-        "calls, batch wait, queueing):\n",
-        "| layout | endpoint | @serve.batch max | concurrency | requests | errors | req/s | p50 ms | p99 ms | features ms | model ms | rest ms | mean batch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+        lines.append(f"| {name} | {value['p50_ms']:.3f} | {value['p99_ms']:.3f} |")
+    if report["runs"]:
+        lines += [
+            "\nOver HTTP (closed loop, c requests in flight). Breakdown p50 from Server-Timing: features and model "
+            "are the times of the batch the request was scored in; rest = latency - both (HTTP, proxy, ingress, Ray "
+            "calls, batch wait, queueing):\n",
+            "| layout | endpoint | @serve.batch max | concurrency | requests | errors | req/s | p50 ms | p99 ms | features ms | model ms | rest ms | mean batch |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
     for r in report["runs"]:
         lines.append(
             f"| {r['layout']} | {r['endpoint']} | {r['max_batch_size']} | {r['concurrency']} | {r['requests']:,} | {r['errors']} | "
@@ -447,6 +510,27 @@ def _markdown(report: dict) -> None:
             f"{met}; best: {target['layout']} layout, @serve.batch max {target['max_batch_size']} (p99 {target['p99_ms']:.1f} ms, "
             f"{target['errors']} errors)."
         )
+    rounds = report["prediction_log_rounds"]
+    if rounds:
+        lines += [
+            "\nThe prediction log's cost (concurrency 8, @serve.batch on; off and on alternating, "
+            f"{max(r['round'] for r in rounds) + 1} rounds each; the median of the rounds' p99; target: on "
+            "<= 1.05 x off):\n",
+            "| endpoint | p99 off ms | p99 on ms | on / off | p50 off ms | p50 on ms | requests off | requests on |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for endpoint in dict.fromkeys(r["endpoint"] for r in rounds):
+            mode = {
+                on: [r for r in rounds if r["endpoint"] == endpoint and r["logging"] == on]
+                for on in (False, True)
+            }
+            p99 = {on: float(np.median([r["p99_ms"] for r in mode[on]])) for on in mode}
+            p50 = {on: float(np.median([r["p50_ms"] for r in mode[on]])) for on in mode}
+            n = {on: sum(r["requests"] for r in mode[on]) for on in mode}
+            lines.append(
+                f"| {endpoint} | {p99[False]:.1f} | {p99[True]:.1f} | {p99[True] / p99[False]:.3f} | {p50[False]:.1f} | "
+                f"{p50[True]:.1f} | {n[False]:,} | {n[True]:,} |"
+            )
     append_report(RESULTS / "serving.md", "Serving benchmarks", "python -m benchmarks.bench_serving", lines)
 
 

@@ -221,7 +221,7 @@ def _shopsight(settings, *args: str) -> subprocess.CompletedProcess:
 
 def test_the_command_prints_one_line_per_breach_and_exits_3(world):
     day, events = LAST.isoformat(), str(world["events"])
-    done = _shopsight(world["settings"], "monitor", "--day", day, "--events", events, "--task", "churn",
+    done = _shopsight(world["settings"], "monitor", "--day", day, "--data", events, "--task", "churn",
                       "--no-track", "-o", "json")  # fmt: skip
     assert done.returncode == 3, done.stderr[-2000:]
     report = json.loads(done.stdout)
@@ -239,7 +239,7 @@ def test_online_promotion_refuses_a_worse_challenger_and_records_why(world):
     settings, versions = world["settings"], world["versions"]
     client = MlflowClient(tracking_uri(settings))
     name = "shopsight-purchase"
-    events = ["--events", str(world["events"])]
+    events = ["--data", str(world["events"])]
     # a day with no answers: nothing to judge the challenger on
     empty = _shopsight(settings, "models", "promote", name, "--online", "--day", "2017-11-30", *events)
     assert empty.returncode == 3 and "no labelled answers" in empty.stderr, empty.stderr[-2000:]

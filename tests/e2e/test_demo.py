@@ -74,15 +74,16 @@ def test_demo_runs_every_stage(tmp_path):
     assert not _answers(url), f"{url} still answers 10 s after Ctrl-C"
     assert not mlflow_left, "the MLflow server the demo started is stopped with it"
     stages = (
-        "1/8 data: simulate",
-        "2/8 data: validate",
-        "3/8 features",
-        "4/8 features",
-        "5/8 training",
-        "6/8 training: LSTM purchase",
-        "7/8 training: LSTM churn (churn_3d)",
-        "8/8 serving",
+        "1/9 data: simulate",
+        "2/9 data: validate",
+        "3/9 features",
+        "4/9 features",
+        "5/9 training",
+        "6/9 training: LSTM purchase",
+        "7/9 training: LSTM churn (churn_3d)",
+        "8/9 serving",
         "POST /v1/churn-risk",
+        "9/9 monitoring",
     )
     for stage in stages:
         assert stage in out, stage
@@ -103,8 +104,8 @@ def test_demo_runs_every_stage(tmp_path):
     for behavior, real in TAOBAO_BEHAVIOR_MIX.items():
         assert taobao[behavior] == real and abs(simulated[behavior] - real) < 1.0
     events = data_dir / "demo" / "simulated" / "events"
-    assert len(list(events.glob("day=*"))) == 9
-    assert len(list((data_dir / "features" / "user_activity").glob("snapshot_day=*"))) == 8
+    assert len(list(events.glob("day=*"))) == 9 + 1  # the loop simulates the day after the answers
+    assert len(list((data_dir / "features" / "user_activity").glob("snapshot_day=*"))) == 9
     sampled, full, popular, popular_full = (
         float(v)
         for v in re.search(
@@ -128,6 +129,12 @@ def test_demo_runs_every_stage(tmp_path):
         assert 0.6 < auc <= oracle + 0.03 and trees > 0.5, task
         assert ece < before, f"{task}: calibration lowers the calibration error ({ece} vs {before})"
     assert "shopsight-churn v" in summary["served"]
+    # the loop: the champion and the canary judged on the next day's purchases, with intervals
+    online = dict(re.findall(r"purchase v\d+ (champion|canary): online roc_auc ([\d.]+) \[", out))
+    assert set(online) == {"champion", "canary"} and all(0.5 < float(v) <= 1 for v in online.values()), out
+    assert re.search(r"purchase canary - champion: [+-][\d.]+ \[[+-][\d.]+, [+-][\d.]+\]", out), out
+    assert "most drifted features (PSI)" in out
+    assert summary["monitoring run"].startswith("http") and Path(summary["monitor report"]).exists()
 
 
 def _summary(out: str) -> dict[str, str]:

@@ -42,7 +42,7 @@ def demo(
     settings = state(ctx).settings
     watch = Stopwatch()
     out = settings.data_dir / "demo" / "simulated"
-    stages = 8
+    stages = 9
 
     def stage(number: int, title: str) -> None:
         console.rule(f"[bold]{number}/{stages} {title}", align="left")
@@ -72,8 +72,9 @@ def demo(
     console.print(f"behaviour mix, % of events: {shares} (Taobao {taobao})")
 
     stage(3, "features: Spark feature jobs")
-    # every day but the last gets a snapshot; the last day provides the last snapshot's labels
-    build = run_build(settings, out / "events", cfg.start, last_day - timedelta(days=1), brief=True)
+    # every day gets a snapshot; training sets stop the day before the last, whose labels the last day
+    # gives, and the last day's features are what serving answers with (a replay of that day)
+    build = run_build(settings, out / "events", cfg.start, last_day, brief=True)
 
     stage(4, "features: register in Feast and materialise online")
     applied = store.apply(settings)
@@ -152,11 +153,22 @@ def demo(
             f"(uncalibrated {summary.test['ece_uncalibrated']:.3f})"
         )
 
-    stage(stages, "serving: the champions on Ray Serve (live Feast features, MLflow by alias)")
+    stage(stages - 1, "serving: the champions on Ray Serve (live Feast features, MLflow by alias)")
     from shopsight.cli.serve import demo_serving, stop_serving
+    from shopsight.monitoring.monitor import day_window
 
     top_users = [int(u) for u, _ in stats.events_per_user.most_common(3)]
-    serving = demo_serving(settings, top_users)
+    # a replay: the answers describe the end of the last simulated day, whose features serving reads, so
+    # that the next simulated day tells what followed them; the replicas roll their log every 2 s
+    replay = {"as_of": day_window(last_day.isoformat(), cfg.timezone)[1], "prediction_log_roll_s": 2.0}
+    serving, served = demo_serving(settings, top_users, **replay)
+
+    stage(stages, "monitoring: a canary, the next day simulated, the answers judged on what followed")
+    from shopsight.cli.demo_loop import close_the_loop
+
+    monitored = close_the_loop(
+        served, out, last_day, users=cfg.users, purchase_epochs=max(2, purchase_epochs // 2), log=_brief
+    )
     print_summary(
         "Demo finished",
         {
@@ -169,6 +181,7 @@ def demo(
             + " (evaluation reports in their MLflow runs)",
             "MLflow UI": tracking_uri(settings),
             **serving,
+            **monitored,
             "logs": str(log_file() or "on the console (-v)"),
             "took": f"{watch.seconds:.0f} s",
         },

@@ -302,10 +302,12 @@ def promote_command(
     ] = None,
     start: Annotated[str | None, typer.Option(help="--online: answers as of this time or later.")] = None,
     end: Annotated[str | None, typer.Option(help="--online: answers as of before this time.")] = None,
-    events: Annotated[
+    data: Annotated[
         Path | None,
         typer.Option(
-            help="--online: the events that followed the answers.", show_default="<data_dir>/simulated"
+            help="--online: the events that followed the answers.",
+            show_default="<data_dir>/simulated",
+            callback=input_path,
         ),
     ] = None,
     output: OutputOption = "table",
@@ -328,7 +330,7 @@ def promote_command(
     settings = state(ctx).settings
     watch = Stopwatch()
     if online:
-        result = _promote_online(settings, name, version, force, reason, day, start, end, events)
+        result = _promote_online(settings, name, version, force, reason, day, start, end, data)
     else:
         result = promote(
             settings, name, version, force=force, reason=reason, eval_data=eval_data, log=err_console.print

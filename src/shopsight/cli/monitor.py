@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from shopsight.cli._context import state
+from shopsight.cli._context import input_path, state
 from shopsight.cli._output import OutputOption, emit
 from shopsight.platform import ShopsightError, console, err_console, print_summary
 
@@ -27,11 +27,12 @@ def monitor_command(
         str | None, typer.Option(help="Answers as of this time or later (ISO 8601; UTC unless it says).")
     ] = None,
     end: Annotated[str | None, typer.Option(help="Answers as of before this time (ISO 8601).")] = None,
-    events: Annotated[
+    data: Annotated[
         Path | None,
         typer.Option(
-            help="The events that follow the answers: a folder of event parquet, or a simulation folder.",
+            help="The events that followed the answers: a folder of event parquet, or a simulation folder.",
             show_default="<data_dir>/simulated",
+            callback=input_path,
         ),
     ] = None,
     task: Annotated[
@@ -62,7 +63,7 @@ def monitor_command(
 
     settings = state(ctx).settings
     window_start, window_end = window(settings, day, start, end)
-    events = events or settings.data_dir / "simulated"
+    events = data or settings.data_dir / "simulated"
     say = (lambda line: err_console.print(f"[dim]{line}[/dim]")) if output == "table" else (lambda _: None)
     report = run(
         settings,

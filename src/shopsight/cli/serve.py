@@ -10,6 +10,7 @@ command returns; ``shutdown --stop-ray`` stops a head that ``deploy`` started, a
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass
 from typing import Annotated
 
 import typer
@@ -305,10 +306,13 @@ def _free_or(port: int) -> int:
         return s.getsockname()[1]
 
 
-def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
+def demo_serving(
+    settings: Settings, users: list[int], **serving_values
+) -> tuple[dict[str, str], DemoServing]:
     """The demo's serving stage, on the Ray this process already runs: every served task's champion
-    (promoted if needed), the application deployed with a one-off demo API key, a few requests of each
-    route and their answers printed. Returns summary rows (URLs, key, versions)."""
+    (promoted if needed), the application deployed with a one-off demo API key (and ``serving_values``
+    set), a few requests of each route and their answers printed. Returns summary rows (URLs, key,
+    versions) and what it deployed."""
     import requests
     from mlflow import MlflowClient
 
@@ -325,6 +329,7 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
         update={
             "api_keys": {**settings.serving.api_keys, "demo": hash_key(key)},
             "port": _free_or(settings.serving.port),
+            **serving_values,
         }
     )
     settings = settings.model_copy(update={"serving": serving})
@@ -355,7 +360,7 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
                 shown = ", ".join(f"{p['user_id']}: {p['probability']:.3f}" for p in data["predictions"])
             table.add_row(f"POST {path} {body}", shown, f"v{data['model']['version']}")
     console.print(table)
-    return {
+    rows = {
         "served": ", ".join(f"{name} v{version} (champion)" for name, version in versions.items()),
         "API docs": deployed.docs,
         "API key (demo)": key,
@@ -363,6 +368,16 @@ def demo_serving(settings: Settings, users: list[int]) -> dict[str, str]:
         f"{deployed.url}{first_ranking}",
         "Ray dashboard": _ray_dashboard() or "-",
     }
+    return rows, DemoServing(settings, deployed.url, key)
+
+
+@dataclass(frozen=True)
+class DemoServing:
+    """What the demo deployed: its settings, its URL and its one-off key."""
+
+    settings: Settings
+    url: str
+    key: str
 
 
 def _ray_dashboard() -> str | None:
