@@ -22,7 +22,7 @@ from tests.component.test_serving import _register_snapshot_model
 from shopsight.data import SimulatorConfig, continue_simulation, simulate
 from shopsight.features import store
 from shopsight.features.build import build_features
-from shopsight.monitoring.monitor import day_window, run
+from shopsight.monitoring.monitor import day_window, end_of_day, run
 from shopsight.serving.app import LocalBackend
 from shopsight.serving.prediction_log import PredictionLog, RequestContext, prediction_log_destination
 from shopsight.serving.predictor import ProbabilityPredictor, Routing
@@ -49,21 +49,17 @@ class Doubled:
 
 
 def _end_of(day: date) -> datetime:
-    """The first instant after a shop-local day, in UTC: the time a replay of the day serves as of."""
-    return day_window(day.isoformat(), TIMEZONE)[1].replace(microsecond=0)
+    return end_of_day(day.isoformat(), TIMEZONE)
 
 
-def _serve(settings, day: date, tasks: dict[str, object]) -> int:
-    """Every user's answers of the tasks, as of the end of ``day``, through the serving path with the
-    prediction log on (rolled when done); returns the requests sent."""
+def _predictors(settings, as_of: datetime, tasks: dict[str, object]) -> dict:
+    """The tasks' predictors as a replica builds them (the champion and challenger from MLflow, the Feast
+    online store), answering as of ``as_of``; ``tasks``: name -> a wrapper of its feature reader, or None."""
     from shopsight.features.online import OnlineFeatureReader
     from shopsight.platform.mlflow_server import tracking_uri
     from shopsight.serving.models import MlflowModelSource
     from shopsight.serving.predictor import ModelWatcher
 
-    as_of = _end_of(day)
-    destination, _ = prediction_log_destination(settings)
-    answers_log = PredictionLog(settings.data_dir / "prediction-spool", destination, roll_interval_s=0)
     predictors = {}
     for name, wrap in tasks.items():
         task = get_task(name)
@@ -76,6 +72,15 @@ def _serve(settings, day: date, tasks: dict[str, object]) -> int:
         )
         ModelWatcher(predictor, source).poll_once()
         predictors[name] = predictor
+    return predictors
+
+
+def _serve(settings, day: date, tasks: dict[str, object]) -> int:
+    """Every user's answers of the tasks, as of the end of ``day``, through the serving path with the
+    prediction log on (rolled when done); returns the requests sent."""
+    destination, _ = prediction_log_destination(settings)
+    answers_log = PredictionLog(settings.data_dir / "prediction-spool", destination, roll_interval_s=0)
+    predictors = _predictors(settings, _end_of(day), tasks)
     backend = LocalBackend(predictors, answers_log)
     sent = 0
     for name in predictors:
@@ -186,6 +191,38 @@ def test_the_monitor_joins_every_answer_and_its_numbers_hold_the_truth(world):
     assert report.html_path.exists() and "Alerts" in report.html_path.read_text()
     prometheus = (settings.data_dir.absolute() / "monitor" / "monitor.prom").read_text()
     assert f'shopsight_feature_skew{{feature="{BROKEN}",task="churn"}}' in prometheus
+    _looked_at_in_a_browser(report.html_path, report.run_id, settings)
+
+
+def _looked_at_in_a_browser(page, run_id: str, settings) -> None:
+    """The report as a person sees it, in headless Chromium: its text holds the alerts and every table,
+    its images render; the screenshot is kept beside it and in the monitoring run."""
+    import re
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        message = "Chromium is not installed (make test installs it: apt-get install chromium)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              f"--user-data-dir={page.parent / 'chromium'}", "--window-size=1200,2400"]  # fmt: skip
+    url = page.absolute().as_uri()
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    screenshot = page.with_name("report.png")
+    shot = subprocess.run([*common, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    assert dom.returncode == 0 and shot.returncode == 0, dom.stderr[-2000:]
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", dom.stdout))
+    assert "Alerts" in text and f"feature {BROKEN} is served unlike the offline store" in text
+    assert "purchase" in text and "churn" in text and "oracle ROC-AUC" in text
+    assert dom.stdout.count("<img") >= 4  # the plots, embedded
+    assert screenshot.stat().st_size > 50_000  # a rendered page with its plots, not a blank one
+    MlflowClient(tracking_uri(settings)).log_artifact(run_id, str(screenshot))
 
 
 def test_drift_injected_on_a_day_is_flagged_on_that_day_and_not_before(world):
@@ -262,3 +299,81 @@ def test_online_promotion_refuses_a_worse_challenger_and_records_why(world):
         settings, "models", "promote", "shopsight-churn", "--online", "--day", LAST.isoformat(), *events
     )
     assert churn.returncode == 1 and "needs a champion and a challenger" in churn.stderr, churn.stderr[-2000:]
+
+
+def test_prometheus_scrapes_the_serving_metrics_and_the_monitors_gauges(world, free_port, tmp_path):
+    """A real Prometheus (Debian's package) scrapes the serving API's /metrics with a team's key: the
+    requests counted by team, and the monitor's last gauges, which the same endpoint appends."""
+    import shutil
+    import threading
+    import time
+
+    import requests
+    import uvicorn
+
+    from shopsight.platform.api_keys import hash_key
+    from shopsight.serving.app import build_app, monitor_metrics_file
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        message = "Prometheus is not installed (make test installs it: apt-get install prometheus)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    settings, key = world["settings"], "team-a-key"
+    if not monitor_metrics_file(settings.data_dir).exists():  # this test alone: the monitor's gauges first
+        run(settings, events=world["events"], tasks=["churn"], track=False)
+    predictors = _predictors(settings, _end_of(LAST), {"purchase": None})
+    app = build_app(LocalBackend(predictors), {"team_a": hash_key(key)},
+                    monitor_metrics=monitor_metrics_file(settings.data_dir))  # fmt: skip
+    port, prometheus_port = free_port(), free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s}\n"
+        "scrape_configs:\n"
+        "  - job_name: shopsight-serving\n"
+        f"    authorization: {{credentials: {key}}}\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{port}']}}]\n"
+    )
+    prometheus = subprocess.Popen(
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{prometheus_port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 30
+        while not server.started:
+            assert time.time() < deadline, "the serving app did not start"
+            time.sleep(0.1)
+        for first in range(1, 6):
+            url = f"http://127.0.0.1:{port}/v1/purchase-propensity"
+            answer = requests.post(url, json={"user_ids": [first]}, headers={"X-API-Key": key}, timeout=30)
+            assert answer.status_code == 200, answer.text
+
+        def query(expression: str) -> list:
+            api = f"http://127.0.0.1:{prometheus_port}/api/v1/query"
+            try:
+                return requests.get(api, params={"query": expression}, timeout=5).json()["data"]["result"]
+            except (requests.RequestException, KeyError, ValueError):
+                return []
+
+        answered = (
+            'sum(shopsight_requests_total{endpoint="/v1/purchase-propensity",team="team_a",status="200"})'
+        )
+        deadline = time.time() + 60
+        while not query(answered) or float(query(answered)[0]["value"][1]) < 5:
+            assert prometheus.poll() is None, "prometheus exited"
+            assert time.time() < deadline, f"prometheus did not scrape the 5 answers: {query(answered)}"
+            time.sleep(0.5)
+        assert float(query(answered)[0]["value"][1]) == 5
+        (up,) = query('up{job="shopsight-serving"}')
+        assert up["value"][1] == "1"
+        (skew,) = query(f'shopsight_feature_skew{{task="churn",feature="{BROKEN}"}}')
+        assert float(skew["value"][1]) > 0.5
+        assert query('shopsight_online_metric{task="churn",alias="champion",metric="roc_auc",bound="value"}')
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+        server.should_exit = True

@@ -19,6 +19,7 @@ from shopsight.monitoring.monitor import (
     VersionReport,
     alerts,
     day_window,
+    end_of_day,
     expected_roc_auc,
 )
 from shopsight.platform import load_settings
@@ -89,6 +90,7 @@ def test_the_join_labels_within_the_window_and_leaves_late_unseen_and_pending_ap
 def test_a_day_window_holds_the_answers_made_as_of_its_end():
     start, end = day_window("2017-12-02", "Asia/Shanghai")
     assert start < AS_OF < end and end - start == timedelta(days=1)
+    assert end_of_day("2017-12-02", "Asia/Shanghai") == AS_OF  # what a replay of the day answers as of
     assert not start <= AS_OF - timedelta(days=1) < end  # the day before's replay
 
 

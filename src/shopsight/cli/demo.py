@@ -155,12 +155,12 @@ def demo(
 
     stage(stages - 1, "serving: the champions on Ray Serve (live Feast features, MLflow by alias)")
     from shopsight.cli.serve import demo_serving, stop_serving
-    from shopsight.monitoring.monitor import day_window
+    from shopsight.monitoring.monitor import end_of_day
 
     top_users = [int(u) for u, _ in stats.events_per_user.most_common(3)]
     # a replay: the answers describe the end of the last simulated day, whose features serving reads, so
     # that the next simulated day tells what followed them; the replicas roll their log every 2 s
-    replay = {"as_of": day_window(last_day.isoformat(), cfg.timezone)[1], "prediction_log_roll_s": 2.0}
+    replay = {"as_of": end_of_day(last_day.isoformat(), cfg.timezone), "prediction_log_roll_s": 2.0}
     serving, served = demo_serving(settings, top_users, **replay)
 
     stage(stages, "monitoring: a canary, the next day simulated, the answers judged on what followed")

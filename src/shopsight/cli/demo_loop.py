@@ -55,6 +55,8 @@ def close_the_loop(served, simulation: Path, day: date, *, users: int, purchase_
     with spinner("monitoring: outcomes, online metrics, drift, skew"):
         report = run(settings, events=simulation, start=start, end=end)
     for task in report.tasks:
+        if not task.versions:
+            console.print(f"{task.task}: {'; '.join(task.notes)}")
         for version in task.versions:
             metric = version.metrics.get(task.primary)
             shown = f"{metric.value:.3f} [{metric.lo:.3f}, {metric.hi:.3f}]" if metric else "-"

@@ -36,16 +36,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shopsight.lifecycle.promotion import OnlineEvidence
 from shopsight.monitoring import outcomes, skew, stats
 from shopsight.platform import Settings, ShopsightError
+from shopsight.serving.app import monitor_metrics_file
 from shopsight.serving.prediction_log import prediction_log_destination, read_predictions
 from shopsight.serving.predictor import CHAMPION
 from shopsight.training.tasks import Task, served_tasks
 
 log = logging.getLogger("shopsight.monitoring")
 
-PROMETHEUS_FILE = "monitor.prom"
 MAX_REFERENCE_ROWS = 50_000
 
 
@@ -437,7 +436,7 @@ def _write_prometheus(settings: Settings, report: MonitorReport) -> Path:
             skewed.labels(task.task, s.feature).set(s.mismatch_rate)
     alerts_gauge.set(len(report.alerts))
     last.set_to_current_time()
-    path = monitor_dir(settings) / PROMETHEUS_FILE
+    path = monitor_metrics_file(settings.data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_to_textfile(str(path), registry)  # written to a temporary file and renamed by the library
     return path
@@ -639,64 +638,17 @@ def write_html(report: MonitorReport, figures: dict, path: Path) -> Path:
     return path
 
 
-def day_window(day: str, timezone: str) -> tuple[datetime, datetime]:
-    """The window of the answers made on a shop-local day, by the time their features describe:
-    ``(start of day, end of day]`` (a replay of the day serves them as of its end), as ``[start, end)``."""
+def end_of_day(day: str, timezone: str) -> datetime:
+    """The first instant after a shop-local day, in UTC: what a replay of the day serves as of."""
     from zoneinfo import ZoneInfo
 
     start = datetime.fromisoformat(day).replace(tzinfo=ZoneInfo(timezone))
+    return (start + timedelta(days=1)).astimezone(UTC)
+
+
+def day_window(day: str, timezone: str) -> tuple[datetime, datetime]:
+    """The window of the answers made on a shop-local day, by the time their features describe:
+    ``(start of day, end of day]`` (a replay of the day serves them as of its end), as ``[start, end)``."""
+    end = end_of_day(day, timezone)
     tick = timedelta(microseconds=1)
-    return (start + tick).astimezone(UTC), (start + timedelta(days=1) + tick).astimezone(UTC)
-
-
-def online_evidence(
-    settings: Settings,
-    name: str,
-    *,
-    events: Path,
-    start: datetime | None,
-    end: datetime | None,
-    say: Callable[[str], None] = lambda _: None,
-) -> OnlineEvidence:
-    """The challenger of registered model ``name`` against its champion on the window's served answers,
-    for :func:`~shopsight.lifecycle.promotion.promote_online`."""
-    from shopsight.lifecycle.registry import alias_version, registry_client
-    from shopsight.training.tasks import task_of_model
-
-    task = task_of_model(name)
-    client = registry_client(settings)
-    candidate = alias_version(client, name, "challenger")
-    champion = alias_version(client, name, CHAMPION)
-    if candidate is None or champion is None:
-        raise ShopsightError(f"{name} needs a champion and a challenger served beside it to compare online")
-    report = run(settings, events=events, start=start, end=end, tasks=[task.name], track=False,
-                 features=False, say=say)  # fmt: skip
-    (task_report,) = report.tasks
-    window = (
-        f"answers as of {_short(start)}..{_short(end)}, outcomes from {events} observed until "
-        f"{report.observed_until.isoformat()}"
-    )
-    ours = [v for v in task_report.versions if v.version == champion and v.alias == CHAMPION]
-    theirs = [c for c in task_report.comparisons if c.version == candidate]
-    theirs.sort(key=lambda c: not c.paired)  # a shadow's paired comparison before a canary's
-    metrics = lambda version: {n: e.value for n, e in version.metrics.items()}  # noqa: E731
-    candidate_metrics = {}
-    for v in task_report.versions:
-        if v.version == candidate and v.alias != CHAMPION and v.metrics:
-            candidate_metrics = metrics(v)
-            break
-    why = ""
-    if not ours or not ours[0].metrics:
-        why = f"the champion (version {champion}) has no labelled answers in the window"
-    elif not theirs:
-        why = f"version {candidate} has no labelled answers (as canary or shadow) in the window"
-    difference = None
-    if theirs and not why:
-        c = theirs[0]
-        difference = {"mean": c.difference.value, "lo": c.difference.lo, "hi": c.difference.hi,
-                      "units": float(c.units)}  # fmt: skip
-    return OnlineEvidence(
-        task=task.name, candidate=candidate, champion=champion, metric=task_report.primary,
-        candidate_metrics=candidate_metrics, champion_metrics=metrics(ours[0]) if ours else {},
-        difference=difference, window=window, why_not=why,
-    )  # fmt: skip
+    return end - timedelta(days=1) + tick, end + tick

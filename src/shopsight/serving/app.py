@@ -33,6 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 from fastapi import FastAPI, Request, Security
@@ -292,6 +293,22 @@ class _Gate:
         self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
 
+def monitor_metrics_file(data_dir: Path) -> Path:
+    """Where ``shopsight monitor`` leaves its gauges, which ``/metrics`` appends."""
+    return Path(data_dir).absolute() / "monitor" / "monitor.prom"
+
+
+def _monitor_gauges(path: Path | None) -> bytes:
+    """The monitor's last gauges, as it wrote them (a whole file: it writes a temporary one and renames
+    it); nothing when it has not run."""
+    if path is None:
+        return b""
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def _request_id(scope) -> tuple[str, bool]:
     """The request's id and whether it came with the request: the client's ``X-Request-Id`` when it is a
     plain token (a retry keeps its id, so the monitor counts the request once) or the one Ray Serve's proxy
@@ -351,6 +368,7 @@ def build_app(
     max_user_ids: int = 100,
     metrics_open: bool = False,
     metrics: ServingMetrics | None = None,
+    monitor_metrics: Path | None = None,
     timeout_s: float = 30.0,
     max_body_bytes: int | None = None,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
@@ -361,6 +379,8 @@ def build_app(
         api_keys: team -> sha256 hex of its key (``serving.api_keys``).
         max_user_ids: most users in one propensity request (``serving.max_user_ids``).
         metrics_open: serve ``/metrics`` without an API key.
+        monitor_metrics: the monitor's gauges (``shopsight monitor`` writes them in Prometheus's text
+            format), appended to ``/metrics`` when the file exists: one scrape target has both.
         timeout_s: a backend answer slower than this is a 503.
         max_body_bytes: larger request bodies are a 413 (default: :func:`default_body_limit`).
         max_header_bytes: larger request headers (names and values, all together) are a 431.
@@ -443,7 +463,8 @@ def build_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics.registry) + _monitor_gauges(monitor_metrics),
+                        media_type=CONTENT_TYPE_LATEST)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError) -> JSONResponse:

@@ -160,6 +160,7 @@ class Combined:
     def __init__(self, settings: Settings) -> None:
         _replica_setup(settings)
         self.serving = settings.serving
+        self.data_dir = Path(settings.data_dir)
         self.answers_log = open_prediction_log(settings)
         self.hosts = {task.name: ModelHost(settings, task.name, self.answers_log) for task in served_tasks()}
         _steady()
@@ -176,7 +177,7 @@ class Combined:
         return self.hosts[task].predictor.describe()
 
     def __serve_build_asgi_app__(self):
-        return _app(self.serving, _ReplicaBackend(self))
+        return _app(self.serving, _ReplicaBackend(self), self.data_dir)
 
     def __del__(self) -> None:
         for host in getattr(self, "hosts", {}).values():
@@ -260,19 +261,24 @@ class ServeBackend:
 class Api:
     """Layout ``split``: the HTTP ingress over the model deployments (one per task, in ``tasks`` order)."""
 
-    def __init__(self, serving: ServingSettings, tasks: tuple[str, ...], *handles) -> None:
+    def __init__(self, serving: ServingSettings, data_dir: str, tasks: tuple[str, ...], *handles) -> None:
         self.serving = serving
+        self.data_dir = Path(data_dir)
         self.backend = ServeBackend(dict(zip(tasks, handles, strict=True)))
 
     def __serve_build_asgi_app__(self):
-        return _app(self.serving, self.backend)
+        return _app(self.serving, self.backend, self.data_dir)
 
 
-def _app(serving: ServingSettings, backend):
-    from shopsight.serving.app import build_app
+def _app(serving: ServingSettings, backend, data_dir: Path):
+    from shopsight.serving.app import build_app, monitor_metrics_file
 
     return build_app(
-        backend, serving.api_keys, max_user_ids=serving.max_user_ids, metrics_open=serving.metrics_open
+        backend,
+        serving.api_keys,
+        max_user_ids=serving.max_user_ids,
+        metrics_open=serving.metrics_open,
+        monitor_metrics=monitor_metrics_file(data_dir),
     )
 
 
@@ -356,7 +362,7 @@ def build_application(settings: Settings, **routing):
         num_replicas=serving.ingress_replicas,
         ray_actor_options={"num_cpus": serving.ingress_num_cpus},
         max_ongoing_requests=4 * serving.max_ongoing_requests,
-    ).bind(serving, tasks, *models)
+    ).bind(serving, str(settings.data_dir), tasks, *models)
 
 
 def _options(deployment, version: str, **options):
