@@ -46,9 +46,10 @@ java:
 		fi; \
 	fi
 
-# Servers the tests start themselves on loopback: Redis (the online store) and PostgreSQL (MLflow's and
-# Feast's SQL backends; the tests create a throwaway cluster with its initdb); and Chromium, the headless
-# browser that looks at the pages (Feast's UI).
+# Servers the tests start themselves on loopback: Redis (the online store), PostgreSQL (MLflow's and
+# Feast's SQL backends; the tests create a throwaway cluster with its initdb) and Prometheus (it scrapes the
+# serving metrics); and Chromium, the headless browser that looks at the pages (Feast's UI, the monitor's
+# report).
 services:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -65,6 +66,14 @@ services:
 			service redis-server stop >/dev/null 2>&1 || true; \
 		else \
 			echo "warning: redis-server not found; Redis tests will skip (install redis-server)" >&2; \
+		fi; }
+	@command -v prometheus >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "Prometheus not found; installing it (a test scrapes the serving metrics with it)"; \
+			apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; \
+			service prometheus stop >/dev/null 2>&1 || true; \
+		else \
+			echo "warning: Prometheus not found; its scrape test will skip (install prometheus)" >&2; \
 		fi; }
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from shopsight.lifecycle.promotion import OnlineEvidence
 from shopsight.monitoring import outcomes, skew, stats
 from shopsight.platform import Settings, ShopsightError
 from shopsight.serving.app import monitor_metrics_file
@@ -652,3 +653,56 @@ def day_window(day: str, timezone: str) -> tuple[datetime, datetime]:
     end = end_of_day(day, timezone)
     tick = timedelta(microseconds=1)
     return end - timedelta(days=1) + tick, end + tick
+
+
+def online_evidence(
+    settings: Settings,
+    name: str,
+    *,
+    events: Path,
+    start: datetime | None,
+    end: datetime | None,
+    say: Callable[[str], None] = lambda _: None,
+) -> OnlineEvidence:
+    """The challenger of registered model ``name`` against its champion on the window's served answers,
+    for :func:`~shopsight.lifecycle.promotion.promote_online`."""
+    from shopsight.lifecycle.registry import alias_version, registry_client
+    from shopsight.training.tasks import task_of_model
+
+    task = task_of_model(name)
+    client = registry_client(settings)
+    candidate = alias_version(client, name, "challenger")
+    champion = alias_version(client, name, CHAMPION)
+    if candidate is None or champion is None:
+        raise ShopsightError(f"{name} needs a champion and a challenger served beside it to compare online")
+    report = run(settings, events=events, start=start, end=end, tasks=[task.name], track=False,
+                 features=False, say=say)  # fmt: skip
+    (task_report,) = report.tasks
+    window = (
+        f"answers as of {_short(start)}..{_short(end)}, outcomes from {events} observed until "
+        f"{report.observed_until.isoformat()}"
+    )
+    ours = [v for v in task_report.versions if v.version == champion and v.alias == CHAMPION]
+    theirs = [c for c in task_report.comparisons if c.version == candidate]
+    theirs.sort(key=lambda c: not c.paired)  # a shadow's paired comparison before a canary's
+    metrics = lambda version: {n: e.value for n, e in version.metrics.items()}  # noqa: E731
+    candidate_metrics = {}
+    for v in task_report.versions:
+        if v.version == candidate and v.alias != CHAMPION and v.metrics:
+            candidate_metrics = metrics(v)
+            break
+    why = ""
+    if not ours or not ours[0].metrics:
+        why = f"the champion (version {champion}) has no labelled answers in the window"
+    elif not theirs:
+        why = f"version {candidate} has no labelled answers (as canary or shadow) in the window"
+    difference = None
+    if theirs and not why:
+        c = theirs[0]
+        difference = {"mean": c.difference.value, "lo": c.difference.lo, "hi": c.difference.hi,
+                      "units": float(c.units)}  # fmt: skip
+    return OnlineEvidence(
+        task=task.name, candidate=candidate, champion=champion, metric=task_report.primary,
+        candidate_metrics=candidate_metrics, champion_metrics=metrics(ours[0]) if ours else {},
+        difference=difference, window=window, why_not=why,
+    )  # fmt: skip
