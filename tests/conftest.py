@@ -24,6 +24,21 @@ def shared_data(relative: str) -> Path:
     return path
 
 
+def installed(*names: str, package: str, why: str = "") -> str:
+    """The path of the first of ``names`` on PATH; skips with the reason where none is (the Makefile's
+    ``services`` installs ``package`` as root on Debian), fails under CI."""
+    import shutil
+
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    message = f"{names[0]} is not installed (make test installs it: apt-get install {package}){why}"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 @pytest.fixture
 def record(request):
     """``record(in_flight=..., lost=..., recovered=..., seconds_to_recover=...)``: a chaos case's counts

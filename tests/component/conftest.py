@@ -4,6 +4,7 @@ password and a throwaway PostgreSQL cluster (both on free loopback ports, remove
 from __future__ import annotations
 
 import pytest
+from tests.conftest import installed
 
 from shopsight.platform import Settings, load_settings
 
@@ -178,16 +179,9 @@ class RedisServer:
 def redis_server(tmp_path_factory):
     """A real redis-server on a free loopback port with a password (requirepass), stopped at the end of
     the session."""
-    import os
     import secrets
-    import shutil
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not installed (make test installs it: apt-get install redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    binary = installed("redis-server", package="redis-server")
     # the prefix keeps it text for Feast, which reads connection-string values as JSON where they parse
     # (hex digits alone could read as a number)
     password = "pw-" + secrets.token_hex(16)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tests.conftest import installed
 
 from shopsight.features import store
 from shopsight.features.client import FeatureClient
@@ -560,16 +561,10 @@ def _repository_views(settings) -> set[str]:
 def test_feast_ui_shows_the_catalog_in_a_browser(sqlite_store, tmp_path, free_port):
     """`feast ui` on the repository, looked at by headless Chromium: the Feature Views page lists the
     views (the screenshot is kept under the test's folder)."""
-    import shutil
 
     import requests
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        message = "Chromium is not installed (make test installs it: apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    browser = installed("chromium", "chromium-browser", package="chromium")
     port = free_port()
     feast = Path(sys.executable).parent / "feast"
     ui = subprocess.Popen(

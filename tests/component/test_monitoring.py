@@ -18,6 +18,7 @@ from datetime import date, datetime
 
 import pytest
 from tests.component.test_serving import _register_snapshot_model
+from tests.conftest import installed
 
 from shopsight.data import SimulatorConfig, continue_simulation, simulate
 from shopsight.features import store
@@ -198,18 +199,12 @@ def _looked_at_in_a_browser(page, run_id: str, settings) -> None:
     """The report as a person sees it, in headless Chromium: its text holds the alerts and every table,
     its images render; the screenshot is kept beside it and in the monitoring run."""
     import re
-    import shutil
 
     from mlflow import MlflowClient
 
     from shopsight.platform.mlflow_server import tracking_uri
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        message = "Chromium is not installed (make test installs it: apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    browser = installed("chromium", "chromium-browser", package="chromium")
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
               f"--user-data-dir={page.parent / 'chromium'}", "--window-size=1200,2400"]  # fmt: skip
     url = page.absolute().as_uri()
@@ -304,7 +299,6 @@ def test_online_promotion_refuses_a_worse_challenger_and_records_why(world):
 def test_prometheus_scrapes_the_serving_metrics_and_the_monitors_gauges(world, free_port, tmp_path):
     """A real Prometheus (Debian's package) scrapes the serving API's /metrics with a team's key: the
     requests counted by team, and the monitor's last gauges, which the same endpoint appends."""
-    import shutil
     import threading
     import time
 
@@ -314,12 +308,7 @@ def test_prometheus_scrapes_the_serving_metrics_and_the_monitors_gauges(world, f
     from shopsight.platform.api_keys import hash_key
     from shopsight.serving.app import build_app, monitor_metrics_file
 
-    binary = shutil.which("prometheus")
-    if binary is None:
-        message = "Prometheus is not installed (make test installs it: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+    binary = installed("prometheus", package="prometheus")
     settings, key = world["settings"], "team-a-key"
     if not monitor_metrics_file(settings.data_dir).exists():  # this test alone: the monitor's gauges first
         run(settings, events=world["events"], tasks=["churn"], track=False)
