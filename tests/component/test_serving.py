@@ -12,6 +12,7 @@ import re
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 
 import numpy as np
@@ -35,6 +36,7 @@ pytestmark = [
 NEXT, PURCHASE, CHURN = "shopsight-next-item", "shopsight-purchase", "shopsight-churn"
 KEY = "component-test-key"
 AUTH = {"X-API-Key": KEY}
+METRICS_INTERVAL_MS = 1000
 SWITCH_LIMIT_S = 30
 REDIS_DB = 2  # of the session's Redis: test_feature_store uses 0, test_cluster_services 1
 
@@ -168,7 +170,9 @@ def world(taobao_features, taobao_sample, make_settings, free_port, tmp_path_fac
         client.set_registered_model_alias(CHURN, "champion", churn)
         if not ray.is_initialized():
             # logical CPUs: room for the split layout with two replicas of each model (0.5 CPU each)
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+            # Ray exports the replicas' metrics every second (10 s by default), which /metrics sums
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     _system_config={"metrics_report_interval_ms": METRICS_INTERVAL_MS})  # fmt: skip
             started_ray = True
         deployed = deploy(settings)
         yield {
@@ -218,6 +222,21 @@ def _metric(text: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def _settled_metrics(world, timeout_s=30) -> str:
+    """``/metrics`` once two reads a report interval apart agree (ignoring the reads' own counts): what the
+    replicas recorded reaches Ray's export within one interval, so a read right after requests may lag."""
+    deadline = time.time() + timeout_s
+    previous = None
+    while time.time() < deadline:
+        text = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+        counted = [line for line in text.splitlines() if 'endpoint="/metrics"' not in line]
+        if counted == previous:
+            return text
+        previous = counted
+        time.sleep(1.5 * METRICS_INTERVAL_MS / 1000)
+    raise AssertionError(f"/metrics did not settle in {timeout_s} s")
 
 
 def _wait_for(predicate, timeout_s=60, what="condition"):
@@ -335,7 +354,7 @@ def test_models_status_and_metrics_name_the_served_versions(world):
     info = status(world["settings"])
     assert info["status"] == "RUNNING" and set(info["deployments"]) == {"api"}  # the combined layout
     assert info["served"]["next_item"]["champion"]["version"] == world["v1"]
-    metrics = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+    metrics = _settled_metrics(world)
     assert (
         _metric(metrics, "shopsight_served_version", model=NEXT, alias="champion", version=world["v1"]) == 1
     )
@@ -377,7 +396,7 @@ def test_shadow_scoring_never_changes_responses(world):
               what="the shadow challenger to load")  # fmt: skip
     shadowed = [_post(world, "/v1/recommendations", {"user_id": u, "k": 10}).json() for u in users]
     assert shadowed == plain
-    metrics = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+    metrics = _settled_metrics(world)
     assert _metric(metrics, "shopsight_shadow_comparisons_total", endpoint="/v1/recommendations") >= len(
         users
     )
@@ -545,7 +564,7 @@ def test_redis_killed_under_load_answers_named_fallbacks_then_features_again(wor
     calls = [("/v1/recommendations", {"user_id": u, "k": 5}) for u in users]
     calls.insert(4, ("/v1/purchase-propensity", {"user_ids": users[:4]}))
     loaded = _served_since(world)
-    before = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+    before = _settled_metrics(world)
     restarted_at = materialised_at = None
     try:
         with _Load(world, calls) as load:
@@ -591,13 +610,65 @@ def test_redis_killed_under_load_answers_named_fallbacks_then_features_again(wor
     assert back and all(_uses_features(path, body) for path, body in back)
     assert recovered_in < 60
     # counted by the ingress: each answer without features, and its users as fallbacks
-    after = requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text
+    after = _settled_metrics(world)
     unavailable = _metric(after, "shopsight_features_unavailable_total")
     assert unavailable - _metric(before, "shopsight_features_unavailable_total") == len(fallbacks)
     assert _metric(after, "shopsight_fallbacks_total") - _metric(before, "shopsight_fallbacks_total") >= len(
         fallbacks
     )
     assert _served_since(world) == loaded  # no replica restarted
+
+
+def _ray_export_by_replica(name: str, **labels: str) -> dict[str, float]:
+    """A metric as Ray's metrics agents export it, before /metrics sums it: per recording replica."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for node in ray.nodes():
+        if node["Alive"]:
+            url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+            for family in text_string_to_metric_families(requests.get(url, timeout=10).text):
+                for sample in family.samples:
+                    if sample.name == name and labels.items() <= sample.labels.items():
+                        replica = sample.labels["replica"]
+                        counts[replica] = counts.get(replica, 0.0) + sample.value
+    return counts
+
+
+def test_every_scrape_counts_every_ingress_replica(world):
+    """Two replicas of the combined layout, each an ingress that answers its share of the requests:
+    ``/metrics``, whichever replica the proxy sends a scrape to, reports the requests of both, summed from
+    Ray's metrics export. (A registry per replica would report one replica's share, a different one from
+    scrape to scrape.)"""
+    from shopsight.serving.deploy import deploy
+
+    settings = world["settings"]
+    route = {"endpoint": "/v1/recommendations", "status": "200"}
+    deploy(_serving(settings, replicas=2))
+    try:
+        _wait_for(lambda: len(_replica_pids(settings.serving.app_name, "api")) == 2, what="a second replica")
+        before = _metric(_settled_metrics(world), "shopsight_requests_total", **route)
+        by_replica_before = _ray_export_by_replica("ray_shopsight_requests_total", **route)
+        users = _users(world, n=8)
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda u: _post(world, "/v1/recommendations", {"user_id": u, "k": 5}),
+                                    users * 8))  # fmt: skip
+        assert [a.status_code for a in answers] == [200] * 64
+        settled = _metric(_settled_metrics(world), "shopsight_requests_total", **route)
+        # 8 scrapes: all on one replica of two has a chance of 1 in 128 under even routing
+        scrapes = [
+            _metric(requests.get(world["url"] + "/metrics", headers=AUTH, timeout=10).text,
+                    "shopsight_requests_total", **route)
+            for _ in range(8)
+        ]  # fmt: skip
+        by_replica = _ray_export_by_replica("ray_shopsight_requests_total", **route)
+    finally:
+        deploy(settings)
+    assert settled - before == 64
+    assert scrapes == [settled] * 8
+    answered = {r: n - by_replica_before.get(r, 0.0) for r, n in by_replica.items()}
+    assert sum(answered.values()) == 64 and sum(1 for n in answered.values() if n > 0) == 2, answered
 
 
 def _replica_pids(app: str, deployment: str) -> list[int]:

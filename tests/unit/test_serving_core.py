@@ -533,7 +533,8 @@ def test_metrics_count_requests_fallbacks_and_served_versions(app):
     assert value('shopsight_requests_total{endpoint="/v1/recommendations",status="401",team="-"}') == 1
     assert value('shopsight_fallbacks_total{endpoint="/v1/recommendations"}') == 1
     assert value(f'shopsight_served_version{{alias="champion",model="{NEXT}",version="1"}}') == 1
-    assert value('shopsight_request_latency_seconds_count{endpoint="/v1/recommendations"}') == 3
+    assert value('shopsight_request_latency_seconds_count{endpoint="/v1/recommendations",team="team_a"}') == 2
+    assert value('shopsight_request_latency_seconds_count{endpoint="/v1/recommendations",') == 3
     assert value('shopsight_stage_seconds_count{endpoint="/v1/recommendations",stage="features"}') == 2
 
 

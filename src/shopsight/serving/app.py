@@ -21,10 +21,9 @@ whatever their Content-Type, parsed strictly (:mod:`shopsight.serving.bodies`); 
 is ``{"error": ..., "detail": ...}``, echoing at most a short preview of the input.
 
 Metrics are recorded here, in the ingress, from what the model deployments return (versions, fallbacks,
-stage timings, shadow agreement): one process sees every request, so a plain ``prometheus_client``
-registry serves them without Ray's metrics pipeline. With several ingress replicas each exposes its own
-counts (sum them in Prometheus; Ray Serve's own ``ray_serve_*`` metrics on Ray's metrics port cover the
-deployments cluster-wide).
+stage timings, shadow agreement), into :class:`~shopsight.serving.metrics.ServingMetrics`: a registry of
+this process, or under Ray Serve Ray's metrics, summed over every ingress replica when ``/metrics`` is
+read (so every scrape agrees whichever replica answers it).
 """
 
 import asyncio
@@ -40,18 +39,11 @@ from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPBearer
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
 
 from shopsight import __version__
 from shopsight.platform.api_keys import authenticate
 from shopsight.serving.bodies import JsonBodyRoute, error_details
+from shopsight.serving.metrics import CONTENT_TYPE, ServingMetrics
 from shopsight.serving.prediction_log import PredictionLog, RequestContext, answer_logged, new_request_id
 from shopsight.serving.predictor import PREDICTORS, Outcome, ProbabilityPredictor
 from shopsight.serving.schemas import (
@@ -73,7 +65,6 @@ _RETRYABLE = frozenset(
     ("BackPressureError", "DeploymentUnavailableError", "ActorDiedError", "ActorUnavailableError")
 )
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # printable ASCII, no spaces
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Backend(Protocol):
@@ -114,104 +105,6 @@ def default_body_limit(max_user_ids: int) -> int:
     ``serving.max_user_ids`` at its bound (10,000) gives 320 KiB.
     """
     return max(64 * 1024, 32 * max_user_ids)
-
-
-class ServingMetrics:
-    """The Prometheus metrics of the API, in their own registry (one per app)."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "shopsight_requests",
-            "HTTP requests by endpoint, status, team.",
-            ["endpoint", "status", "team"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "shopsight_request_latency_seconds",
-            "Time in the ingress per request.",
-            ["endpoint"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.stages = Histogram(
-            "shopsight_stage_seconds",
-            "Time of each stage of a scored batch (features, model, shadow).",
-            ["endpoint", "stage"],
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "shopsight_batch_size",
-            "Requests scored together (@serve.batch).",
-            ["endpoint"],
-            buckets=(1, 2, 4, 8, 16, 32, 64),
-            registry=r,
-        )
-        self.fallbacks = Counter(
-            "shopsight_fallbacks",
-            "Users answered without history (popularity or empty-history fallback).",
-            ["endpoint"],
-            registry=r,
-        )
-        self.features_unavailable = Counter(
-            "shopsight_features_unavailable",
-            "Requests answered without features (a fallback): the online store could not be read.",
-            ["endpoint"],
-            registry=r,
-        )
-        self.responses = Counter(
-            "shopsight_responses_by_version",
-            "Answers by the model version that produced them.",
-            ["model", "alias", "version"],
-            registry=r,
-        )
-        self.served = Gauge(
-            "shopsight_served_version",
-            "1 for the model version last seen answering under each alias.",
-            ["model", "alias", "version"],
-            registry=r,
-        )
-        self.shadow = Counter(
-            "shopsight_shadow_comparisons",
-            "Shadow challenger vs champion: agreement.",
-            ["endpoint", "agree"],
-            registry=r,
-        )
-        self.shadow_difference = Histogram(
-            "shopsight_shadow_difference",
-            "Champion vs shadow challenger: 1 - top-k overlap, or mean |dp|.",
-            ["endpoint"],
-            buckets=(0.0, 0.01, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0),
-            registry=r,
-        )
-        self._current: dict[tuple[str, str], str] = {}
-
-    def version(self, model: str, alias: str, version: str) -> None:
-        previous = self._current.get((model, alias))
-        if previous != version:
-            if previous is not None:
-                self.served.labels(model, alias, previous).set(0)
-            self.served.labels(model, alias, version).set(1)
-            self._current[(model, alias)] = version
-
-    def outcome(self, endpoint: str, outcome: Outcome) -> None:
-        if outcome.status != 200:
-            return
-        for stage, seconds in outcome.timings.items():
-            self.stages.labels(endpoint, stage).observe(seconds)
-        self.batch_size.labels(endpoint).observe(outcome.batch_size)
-        if outcome.fallbacks:
-            self.fallbacks.labels(endpoint).inc(outcome.fallbacks)
-        if outcome.features_unavailable:
-            self.features_unavailable.labels(endpoint).inc()
-        model = outcome.response.model
-        self.responses.labels(model.name, model.alias, model.version).inc()
-        self.version(model.name, model.alias, model.version)
-        if outcome.shadow is not None:
-            self.shadow.labels(endpoint, str(outcome.shadow.agree).lower()).inc()
-            self.shadow_difference.labels(endpoint).observe(outcome.shadow.difference)
 
 
 class _Gate:
@@ -290,7 +183,7 @@ class _Gate:
 
     def _record(self, endpoint: str, status: int, team: str, started: float) -> None:
         self.metrics.requests.labels(endpoint, str(status), team).inc()
-        self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        self.metrics.latency.labels(endpoint, team).observe(time.perf_counter() - started)
 
 
 def monitor_metrics_file(data_dir: Path) -> Path:
@@ -385,7 +278,7 @@ def build_app(
         max_body_bytes: larger request bodies are a 413 (default: :func:`default_body_limit`).
         max_header_bytes: larger request headers (names and values, all together) are a 431.
     """
-    metrics = metrics or ServingMetrics()
+    metrics = metrics or ServingMetrics.local()
     max_body_bytes = default_body_limit(max_user_ids) if max_body_bytes is None else max_body_bytes
     tasks = [get_task(name) for name in backend.tasks]
     models_response = models_response_model(tuple(task.name for task in tasks))
@@ -463,8 +356,8 @@ def build_app(
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry) + _monitor_gauges(monitor_metrics),
-                        media_type=CONTENT_TYPE_LATEST)  # fmt: skip
+        return Response(await metrics.exposition() + _monitor_gauges(monitor_metrics),
+                        media_type=CONTENT_TYPE)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError) -> JSONResponse:

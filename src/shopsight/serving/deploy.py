@@ -272,10 +272,12 @@ class Api:
 
 def _app(serving: ServingSettings, backend, data_dir: Path):
     from shopsight.serving.app import build_app, monitor_metrics_file
+    from shopsight.serving.metrics import ServingMetrics
 
     return build_app(
         backend,
         serving.api_keys,
+        metrics=ServingMetrics.cluster(),  # every ingress replica's counts, whichever answers /metrics
         max_user_ids=serving.max_user_ids,
         metrics_open=serving.metrics_open,
         monitor_metrics=monitor_metrics_file(data_dir),
