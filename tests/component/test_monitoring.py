@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from datetime import date, datetime
+from pathlib import Path
 
 import pytest
 from tests.component.test_serving import _register_snapshot_model
@@ -30,6 +33,7 @@ from shopsight.serving.predictor import ProbabilityPredictor, Routing
 from shopsight.serving.schemas import PropensityRequest
 from shopsight.training.tasks import get_task
 
+ROOT = Path(__file__).resolve().parents[2]
 USERS = 1500
 FIRST, LAST = date(2017, 11, 25), date(2017, 12, 3)  # nine simulated days
 TIMEZONE = "Asia/Shanghai"
@@ -296,6 +300,40 @@ def test_online_promotion_refuses_a_worse_challenger_and_records_why(world):
     assert churn.returncode == 1 and "needs a champion and a challenger" in churn.stderr, churn.stderr[-2000:]
 
 
+# The dashboard's panels that this test's Prometheus has data for (no shadow, canary or fallback here)
+PANELS_WITH_DATA = (
+    "Requests by team", "Latency by team (p50, p99)", "Version served by alias", "Answers by version",
+    "Online metrics by version", "Answers by outcome", "Monitor", "Online metric over time, by version",
+    "Drift: PSI, worst first", "Drift: KS statistic", "Training-serving skew",
+)  # fmt: skip
+
+
+def _check_the_dashboard_queries(prometheus_port: int) -> None:
+    """Every query of the Grafana dashboard (infra/k8s/monitoring) as Grafana sends it, with its variables
+    set: Prometheus accepts each, and the panels this test has data for show some."""
+    import requests
+
+    dashboard = json.loads((ROOT / "infra/k8s/monitoring/dashboards/shopsight.json").read_text())
+    values = {"$endpoint": "/v1/.*", "$task": "churn", "$__rate_interval": "1m"}
+    api = f"http://127.0.0.1:{prometheus_port}/api/v1/query"
+    deadline = time.time() + 20  # rate() needs two scrapes of a series (one a second here)
+    while True:
+        empty = []
+        for panel in (p for p in dashboard["panels"] if p["type"] != "row"):
+            for target in panel["targets"]:
+                expression = target["expr"]
+                for name, value in values.items():
+                    expression = expression.replace(name, value)
+                answer = requests.get(api, params={"query": expression}, timeout=10).json()
+                assert answer["status"] == "success", f"{panel['title']}: {expression}: {answer}"
+                if panel["title"] in PANELS_WITH_DATA and not answer["data"]["result"]:
+                    empty.append(f"{panel['title']}: {expression}")
+        if not empty or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert not empty, empty
+
+
 def test_prometheus_scrapes_the_serving_metrics_and_the_monitors_gauges(world, free_port, tmp_path):
     """A real Prometheus (Debian's package) scrapes the serving API's /metrics with a team's key: the
     requests counted by team, and the monitor's last gauges, which the same endpoint appends."""
@@ -362,7 +400,56 @@ def test_prometheus_scrapes_the_serving_metrics_and_the_monitors_gauges(world, f
         (skew,) = query(f'shopsight_feature_skew{{task="churn",feature="{BROKEN}"}}')
         assert float(skew["value"][1]) > 0.5
         assert query('shopsight_online_metric{task="churn",alias="champion",metric="roc_auc",bound="value"}')
+        _check_the_dashboard_queries(prometheus_port)
     finally:
         prometheus.terminate()
         prometheus.wait(timeout=30)
         server.should_exit = True
+
+
+def test_the_monitor_runs_as_a_job_and_an_alert_submits_the_retrain(world, free_port):
+    """On the Ray head of `shopsight cluster up`: `jobs submit monitor --follow` runs the monitor as a Ray
+    job, whose log has the alert lines and whose failure (the command's exit 3) is the submitter's; and
+    `monitor --on-alert retrain` submits a `train` job with the champion's model family and training data,
+    as its registered version records them, which the cluster runs."""
+    from mlflow import MlflowClient
+
+    from shopsight.platform.mlflow_server import tracking_uri
+    from shopsight.training.tasks import get_task
+
+    settings, events, day = world["settings"], str(world["events"]), LAST.isoformat()
+    head = ["--set", f"ray.head_port={free_port()}", "--set", f"ray.dashboard_port={free_port()}",
+            "--set", "ray.num_cpus=2"]  # fmt: skip
+    up = _shopsight(settings, *head, "cluster", "up")
+    assert up.returncode == 0, up.stderr[-2000:]
+    try:
+        job = _shopsight(settings, *head, "jobs", "submit", "monitor", "--follow", "--", "--day", day,
+                         "--data", events, "--task", "churn", "--no-track")  # fmt: skip
+        assert job.returncode == 1, job.stderr[-2000:]  # the job failed: the monitor found alerts
+        logged = job.stdout + job.stderr
+        assert f"alert: churn: feature {BROKEN} is served unlike the offline store" in logged, logged[-3000:]
+
+        # the champion as `shopsight train` registers one: its version names the model family and data
+        client = MlflowClient(tracking_uri(settings))
+        churn = get_task("churn").registered_model
+        champion = client.get_model_version_by_alias(churn, "champion").version
+        client.set_model_version_tag(churn, champion, "model", "sasrec")
+        client.set_model_version_tag(churn, champion, "dataset.path", events)
+        alerted = _shopsight(settings, *head, "monitor", "--day", day, "--data", events, "--task", "churn",
+                             "--no-track", "--on-alert", "retrain")  # fmt: skip
+        assert alerted.returncode == 3, alerted.stderr[-2000:]
+        (job_id,) = re.findall(r"churn: retrain submitted as (\S+) ", alerted.stdout)
+        entrypoint = re.search(r"\((python -m shopsight .*)\)", alerted.stdout).group(1)
+        assert entrypoint.endswith(f"train --task churn --model sasrec --data {events}"), entrypoint
+        deadline = time.time() + 180
+        while True:
+            status = _shopsight(settings, *head, "jobs", "status", job_id, "-o", "json")
+            state = json.loads(status.stdout)["status"] if status.stdout.strip() else "?"
+            if state in ("RUNNING", "SUCCEEDED"):
+                break
+            assert state in ("PENDING", "?") and time.time() < deadline, status.stdout + status.stderr[-2000:]
+            time.sleep(2)
+        _shopsight(settings, *head, "jobs", "stop", job_id)  # started is what this test asks: not its epochs
+    finally:
+        down = _shopsight(settings, *head, "cluster", "down")
+        assert down.returncode == 0, down.stderr[-2000:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -32,7 +33,9 @@ NAMESPACE = "shopsight"
 # The oldest Kubernetes still commonly run and the newest that kubernetes-validate 1.37.0 bundles.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 # Kustomizations: the services' base and overlays, the jobs and their overlays.
-KUSTOMIZATIONS = ("base", "jobs", "overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod/jobs")
+KUSTOMIZATIONS = (
+    "base", "jobs", "overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod/jobs", "monitoring"
+)  # fmt: skip
 OVERLAYS = ("overlays/dev", "overlays/dev/jobs", "overlays/prod", "overlays/prod/jobs")
 CRD_KINDS = {
     ("ray.io/v1", "RayCluster"),
@@ -40,6 +43,8 @@ CRD_KINDS = {
     ("ray.io/v1", "RayCronJob"),
     ("ray.io/v1", "RayService"),
     ("sparkoperator.k8s.io/v1beta2", "SparkApplication"),
+    ("monitoring.coreos.com/v1", "Prometheus"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
 }
 PLATFORM_IMAGES = ("shopsight", "shopsight-cuda")  # image names in the manifests, before an overlay
 SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
@@ -274,6 +279,15 @@ def _check_crd(doc: dict) -> None:
         assert isinstance(spec["executor"].get("instances"), int) and spec["executor"]["instances"] >= 1
         assert spec["driver"].get("serviceAccount"), f"{where}: the driver creates pods: serviceAccount"
         assert spec.get("restartPolicy", {}).get("type") in (None, "Never", "OnFailure", "Always"), where
+    elif kind == "Prometheus":
+        assert spec["serviceAccountName"], f"{where}: it lists pods: serviceAccountName"
+        assert spec["podMonitorSelector"]["matchLabels"], f"{where}: podMonitorSelector"
+    elif kind == "PodMonitor":
+        assert spec["selector"].get("matchLabels") or spec["selector"].get("matchExpressions"), where
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert isinstance(endpoint["port"], str), f"{where}: endpoints name their port"
+            credentials = endpoint.get("authorization", {}).get("credentials")
+            assert credentials is None or set(credentials) == {"name", "key"}, f"{where}: credentials"
     else:  # pragma: no cover - CRD_KINDS and this function go together
         raise AssertionError(f"no check for {kind}")
 
@@ -778,6 +792,8 @@ def _referenced_secrets(documents) -> set[tuple[str, str]]:
                 )
             elif key == "authOptions":
                 refs.add((value["secretName"], "auth_token"))
+            elif key == "credentials" and isinstance(value, dict):  # prometheus-operator's SecretKeySelector
+                refs.add((value["name"], value["key"]))
     return refs
 
 
@@ -1529,3 +1545,96 @@ def test_the_feast_repository_configmap_is_the_one_the_settings_give(overlay, mo
     mounts = {m["name"]: m["mountPath"] for m in server["containers"][0]["volumeMounts"]}
     assert mounts["feast-repo"] == "/etc/feast"
     assert {"name": "feast-repo", "configMap": {"name": "feast-repo"}} in server["volumes"]
+
+
+# --- monitoring ---------------------------------------------------------------------------------------------
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression  # the only operator these manifests use
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def _pod_labels_and_ports(rendered) -> list[tuple[str, dict, set[str]]]:
+    """Every pod the rendered manifests make: its template's labels (KubeRay adds ray.io/node-type) and the
+    names of its containers' ports."""
+    pods = []
+    for where, doc in rendered:
+        for template_where, template in _all_pod_templates(doc):
+            labels = dict(template.get("metadata", {}).get("labels", {}))
+            if doc["kind"] in ("RayCluster", "RayService", "RayJob"):
+                labels["ray.io/node-type"] = "head" if "headGroupSpec" in template_where else "worker"
+            containers = template["spec"]["containers"]
+            ports = {p["name"] for c in containers for p in c.get("ports", []) if "name" in p}
+            pods.append((f"{where} {_ident(doc)} {template_where}", labels, ports))
+    return pods
+
+
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_the_pod_monitors_find_the_pods_and_ports_that_serve_metrics(overlay):
+    """Each PodMonitor selects pods of the services it is for, on a port those pods name: the serving API
+    on the serving cluster's head only (one target: /metrics is already the sum over ingress replicas),
+    Ray's metrics on every Ray pod. And the Prometheus selects both monitors."""
+    monitoring = _render("monitoring")
+    pods = _pod_labels_and_ports(_render(overlay))
+    prometheus = _one(monitoring, "Prometheus")
+    for _, monitor in monitoring:
+        if monitor["kind"] != "PodMonitor":
+            continue
+        name = monitor["metadata"]["name"]
+        assert _matches(prometheus["spec"]["podMonitorSelector"], monitor["metadata"]["labels"]), name
+        selector = monitor["spec"]["selector"]
+        selected = [(where, ports) for where, labels, ports in pods if _matches(selector, labels)]
+        assert selected, f"PodMonitor {name} selects no pod of {overlay}"
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            for where, ports in selected:
+                assert endpoint["port"] in ports, f"PodMonitor {name}: {where} has no port {endpoint['port']}"
+        if name == "shopsight-serve-api":
+            assert [w for w, _ in selected] == [w for w, _ in selected if "RayService" in w and "head" in w]
+            assert len(selected) == 1, selected
+        if name == "shopsight-ray":
+            assert any("RayService" in w and "workerGroupSpecs" in w for w, _ in selected), selected
+            assert any("RayCluster" in w for w, _ in selected), selected
+
+
+def _dashboard() -> dict:
+    return json.loads((K8S / "monitoring" / "dashboards" / "shopsight.json").read_text())
+
+
+def test_the_dashboard_shows_each_thing_a_person_looks_at_from_metrics_the_platform_exports():
+    """The Grafana dashboard: every panel reads the Prometheus variable with a query, ids are unique, and
+    every metric a query names is one the serving API or the monitor exports (a renamed metric fails
+    here, not on a blank panel). The queries themselves run against a real Prometheus in
+    tests/component/test_monitoring.py."""
+    from shopsight.monitoring.monitor import GAUGES
+    from shopsight.serving.metrics import ServingMetrics
+
+    exported = set(GAUGES)
+    for family in ServingMetrics.local().registry.collect():
+        suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+        exported |= {family.name + suffix for suffix in suffixes[family.type]}
+    dashboard = _dashboard()
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    named = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            named |= set(re.findall(r"\b(shopsight_[a-z_]+)", target["expr"]))
+    assert named - exported == set()
+    titles = " / ".join(p["title"].lower() for p in panels)
+    for needed in ("requests by team", "errors by team", "latency by team", "version served by alias",
+                   "fallbacks", "shadow agreement", "online metric", "drift", "skew"):  # fmt: skip
+        assert needed in titles, needed
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "endpoint", "task"} <= variables
+    (configmap,) = [d for _, d in _render("monitoring") if d["kind"] == "ConfigMap"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["shopsight.json"]) == dashboard

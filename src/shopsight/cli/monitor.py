@@ -196,4 +196,6 @@ def _retrain(settings, report) -> None:
         except ShopsightError as exc:
             err_console.print(f"[red]{name}: the retrain job was not submitted: {exc}[/red]")
             continue
-        console.print(f"{name}: retrain submitted as {submission.job_id} ({submission.entrypoint})")
+        # one line whatever the terminal's width, like the alerts: scripts read the job id and command
+        line = f"{name}: retrain submitted as {submission.job_id} ({submission.entrypoint})"
+        console.print(line, soft_wrap=True, markup=False)

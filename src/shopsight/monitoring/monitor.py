@@ -400,27 +400,32 @@ def alerts(report: MonitorReport, settings: Settings) -> list[str]:
 # ----------------------------------------------------------------------------------- outputs
 
 
+_FEATURE = ("task", "feature")
+# The monitor's Prometheus gauges (name: help, labels), which the serving API's /metrics appends
+GAUGES = {
+    "shopsight_online_metric": (
+        "Online metric of a served version over the last monitored window.",
+        ("task", "model", "version", "alias", "metric", "bound"),
+    ),
+    "shopsight_monitored_answers": (
+        "Answers of the last monitored window, by their outcome's state.",
+        ("task", "version", "alias", "state"),
+    ),
+    "shopsight_feature_psi": ("PSI of a served feature against the training set.", _FEATURE),
+    "shopsight_feature_ks": ("KS statistic of a served feature against the training set.", _FEATURE),
+    "shopsight_feature_skew": ("Share of sampled answers whose feature differs offline.", _FEATURE),
+    "shopsight_monitor_alerts": ("Alerts of the last monitoring run.", ()),
+    "shopsight_monitor_last_run_timestamp_seconds": ("When the monitor last ran.", ()),
+}
+
+
 def _write_prometheus(settings: Settings, report: MonitorReport) -> Path:
     from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
     registry = CollectorRegistry()
-    metric = Gauge(
-        "shopsight_online_metric", "Online metric of a served version over the last monitored window.",
-        ["task", "model", "version", "alias", "metric", "bound"], registry=registry,
-    )  # fmt: skip
-    answers = Gauge(
-        "shopsight_monitored_answers", "Answers of the last monitored window, by their outcome's state.",
-        ["task", "version", "alias", "state"], registry=registry,
-    )  # fmt: skip
-    psi = Gauge("shopsight_feature_psi", "PSI of a served feature against the training set.",
-                ["task", "feature"], registry=registry)  # fmt: skip
-    ks = Gauge("shopsight_feature_ks", "KS statistic of a served feature against the training set.",
-               ["task", "feature"], registry=registry)  # fmt: skip
-    skewed = Gauge("shopsight_feature_skew", "Share of sampled answers whose feature differs offline.",
-                   ["task", "feature"], registry=registry)  # fmt: skip
-    alerts_gauge = Gauge("shopsight_monitor_alerts", "Alerts of the last monitoring run.", registry=registry)
-    last = Gauge(
-        "shopsight_monitor_last_run_timestamp_seconds", "When the monitor last ran.", registry=registry
+    metric, answers, psi, ks, skewed, alerts_gauge, last = (
+        Gauge(name, documentation, list(labels), registry=registry)
+        for name, (documentation, labels) in GAUGES.items()
     )
     for task in report.tasks:
         for v in task.versions:
