@@ -4,49 +4,18 @@ output is left byte for byte as it was. The output folder is a small tmpfs, moun
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import pytest
+from tests.chaos._disk import fill, tmpfs, used_bytes
 from tests.chaos._feature_builds import DAYS, TABLES, build, hidden, published, simulate
 
 pytestmark = [pytest.mark.chaos, pytest.mark.spark, pytest.mark.slow]
 
 
-@contextmanager
-def _tmpfs(folder: Path, size: str) -> Iterator[Path]:
-    """A tmpfs of ``size`` mounted on ``folder`` for the block (needs root); skips where it cannot be
-    mounted, fails under CI."""
-    folder.mkdir()
-    mount = shutil.which("mount")
-    done = mount and subprocess.run(
-        [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
-    )
-    if not done or done.returncode != 0:
-        reason = "cannot mount a tmpfs here (" + (done.stderr.strip() if done else "no mount command") + ")"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}; CI must run the disk-full case as root")
-        pytest.skip(f"{reason}: the disk-full case needs root")
-    try:
-        yield folder
-    finally:
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(folder)], check=True)  # still open: detach it now
-
-
-def _bytes(folder: Path) -> int:
-    """Space the files under ``folder`` take (whole blocks, as a filesystem counts them)."""
-    return sum(path.stat().st_blocks * 512 for path in folder.rglob("*") if path.is_file())
-
-
 def test_a_full_disk_mid_build_fails_in_one_line_and_keeps_the_previous_output(tmp_path, record):
     events, other = simulate(tmp_path, seed=0), simulate(tmp_path, seed=1)
-    with _tmpfs(tmp_path / "small", "4m") as small:
+    with tmpfs(tmp_path / "small", "4m") as small:
         out = small / "features"
         first = build(tmp_path, events, out)  # room enough
         assert first.returncode == 0, first.stdout + first.stderr
@@ -54,10 +23,8 @@ def test_a_full_disk_mid_build_fails_in_one_line_and_keeps_the_previous_output(t
         assert len(before) == DAYS * TABLES + 1
 
         # Room for the staged events and a quarter of the tables: the disk fills up while Spark writes.
-        room = _bytes(other) + _bytes(out) // 4
-        stat = os.statvfs(small)
-        with (small / "filler").open("wb") as filler:
-            filler.write(b"\0" * (stat.f_bavail * stat.f_frsize - room))
+        room = used_bytes(other) + used_bytes(out) // 4
+        fill(small, leave=room)
         started = time.monotonic()
         second = build(tmp_path, other, out)  # another input: a partial publish would show
         seconds = time.monotonic() - started

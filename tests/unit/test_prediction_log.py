@@ -136,3 +136,48 @@ def test_records_are_rolled_by_task_and_day_and_read_back_by_window(tmp_path):
     assert window.column("user_id").to_pylist() == [3]
     assert read_predictions(tmp_path / "out", tasks=["next_item"]).num_rows == 0
     assert read_predictions(tmp_path / "nothing-here").num_rows == 0
+
+
+def test_the_log_rolls_to_an_object_store_and_the_monitor_reads_it_back(tmp_path, monkeypatch):
+    """The cluster profile's destination, ``s3://`` on ``object_store.endpoint_url``, through pyarrow's S3
+    filesystem against an S3 server on loopback (moto's, an S3 emulator: MinIO's server does not install
+    from the package registries): the rolled files land under the bucket by task and day, and are read
+    back with the same settings."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from shopsight.platform import load_settings
+    from shopsight.serving.prediction_log import prediction_log_destination
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for name, value in {"AWS_ACCESS_KEY_ID": "shopsight", "AWS_SECRET_ACCESS_KEY": "shopsight-secret",
+                            "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+            monkeypatch.setenv(name, value)
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="shopsight")
+        settings = load_settings(
+            overrides={"object_store.endpoint_url": endpoint,
+                       "serving.prediction_log_path": "s3://shopsight/predictions"},
+            environ={},
+        ).settings  # fmt: skip
+        destination, filesystem = prediction_log_destination(settings)
+        assert destination == "s3://shopsight/predictions" and filesystem is not None
+        log = PredictionLog(tmp_path / "spool", destination, roll_interval_s=0, filesystem=filesystem)
+        log.write([_record(n) for n in range(5)])
+        log.write([_record(n, task="churn") for n in range(5, 8)])
+        log.close()
+        keys = sorted(o["Key"] for o in boto3.client("s3", endpoint_url=endpoint)
+                      .list_objects_v2(Bucket="shopsight")["Contents"])  # fmt: skip
+        assert [k.rsplit("/", 1)[0] for k in keys if k.endswith(".parquet")] == [
+            f"predictions/task=churn/date={T0.date()}",
+            f"predictions/task=purchase/date={T0.date()}",
+        ]
+        purchase = read_predictions(destination, tasks=["purchase"], filesystem=filesystem)
+        assert purchase.column("request_id").to_pylist() == [f"r{n}" for n in range(5)]
+        assert read_predictions(destination, filesystem=filesystem).num_rows == 8
+        assert not list((tmp_path / "spool").glob("*.msgpack"))  # rolled: nothing left on the replica
+    finally:
+        server.stop()

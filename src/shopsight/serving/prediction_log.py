@@ -16,6 +16,11 @@ parquet and the delete converts the segment again to the same file name: no reco
 The last record of a replica killed in the middle of its write may be cut; it is dropped (its answer
 never left the replica).
 
+A write the disk refuses (full, over quota) never fails the answer: serving goes on. The segment is cut
+back to its last whole record, and the batch waits in memory (up to ``max_waiting_bytes``, 16 MiB by
+default) to be written first by the next write or roll, once there is room again. Beyond that limit new
+batches are dropped and counted (``records_dropped``), and the log says so once per episode.
+
 The destination is a folder, or an object-store URI (``s3://bucket/prefix``) on clusters, written through
 pyarrow's filesystems. Records are one row per user answered (a propensity request for 10 users is 10
 rows); a shadow challenger's answers are rows of their own with the alias ``shadow`` and the request's id.
@@ -24,6 +29,7 @@ rows); a shadow challenger's answers are rows of their own with the alias ``shad
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -128,6 +134,7 @@ class PredictionLog:
         roll_interval_s: how often the background thread rolls (0: only :meth:`roll` and :meth:`close`).
         filesystem: the destination's filesystem, when the URI alone does not say how to reach it (an
             object store's endpoint and credentials).
+        max_waiting_bytes: how much of what the disk refused is kept in memory for the next write.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class PredictionLog:
         destination: str | Path,
         roll_interval_s: float = 60.0,
         filesystem: pafs.FileSystem | None = None,
+        max_waiting_bytes: int = 16 * 1024 * 1024,
     ) -> None:
         self.spool_dir = Path(spool_dir)
         self.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -146,6 +154,10 @@ class PredictionLog:
         self._lock = threading.Lock()  # a write and a segment switch never interleave
         self._fd = self._open_segment()
         self.records_written = 0
+        self.records_dropped = 0  # refused by the disk with the waiting room full: not in the log
+        self.max_waiting_bytes = max_waiting_bytes
+        self._waiting: list[tuple[bytes, int]] = []  # (payload, records) the disk refused, oldest first
+        self._refused: OSError | None = None  # set while the disk refuses writes
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if roll_interval_s > 0:
@@ -167,13 +179,56 @@ class PredictionLog:
             return
         payload = b"".join(msgpack.packb(record, default=_plain) for record in records)
         with self._lock:
-            os.write(self._fd, payload)
-            self.records_written += len(records)
+            if self._refused is not None and self.waiting_bytes + len(payload) > self.max_waiting_bytes:
+                self._write_waiting()  # room again, perhaps: what waits goes first
+                if self._refused is not None:
+                    self.records_dropped += len(records)
+                    return
+            self._waiting.append((payload, len(records)))
+            self._write_waiting()
+
+    @property
+    def waiting_bytes(self) -> int:
+        return sum(len(payload) for payload, _ in self._waiting)
+
+    @property
+    def records_waiting(self) -> int:
+        return sum(n for _, n in self._waiting)
+
+    def _write_waiting(self) -> None:
+        """Append what waits, in one write (under ``_lock``); on a refusal keep it waiting and cut the segment
+        back to its last whole record (a full disk may take part of a write)."""
+        if not self._waiting or self._fd is None:
+            return
+        data = b"".join(payload for payload, _ in self._waiting)
+        size = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                why = f"{os.strerror(errno.ENOSPC)}: wrote {written} of {len(data)} bytes"
+                raise OSError(errno.ENOSPC, why)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)
+            if self._refused is None:
+                log.warning(
+                    "the prediction log's spool %s refuses writes (%s): serving goes on, up to %d KiB of "
+                    "records wait in memory", self._path, exc, self.max_waiting_bytes >> 10,
+                )  # fmt: skip
+            self._refused = exc
+            return
+        self.records_written += sum(n for _, n in self._waiting)
+        if self._refused is not None:
+            log.warning("the prediction log's spool takes writes again; %d records were dropped meanwhile",
+                        self.records_dropped)  # fmt: skip
+            self._refused = None
+        self._waiting.clear()
 
     def roll(self) -> int:
         """Start a new segment and convert every closed one of the host to parquet; returns the records
         converted."""
         with self._lock:
+            self._write_waiting()
             if self._fd is not None and os.fstat(self._fd).st_size > 0:
                 old = self._fd
                 self._fd = self._open_segment()
@@ -186,6 +241,10 @@ class PredictionLog:
         if self._thread is not None:
             self._thread.join(timeout=30)
         with self._lock:
+            self._write_waiting()
+            if self._waiting:
+                log.error("the prediction log closes with %d records the disk refused: they are lost",
+                          self.records_waiting)  # fmt: skip
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
