@@ -177,7 +177,10 @@ def test_distil_a_registered_model_into_a_new_averaged_one(trained, tmp_path):
     other.write_text("".join(f"{u} {100 + (u + t) % 20}\n" for u in range(1, 51) for t in range(6)))
     refused = [
         (["--data", str(other), "--loss", "sampled_softmax", "--teacher", teacher], "another item catalogue"),
-        (["--data", str(data), "--teacher", teacher], "needs --loss sampled_softmax or softmax"),
+        (
+            ["--data", str(data), "--loss", "bce", "--teacher", teacher],
+            "needs --loss sampled_softmax or softmax",
+        ),
         (["--data", str(data), "--loss", "softmax", "--teacher", "models:/shopsight-next-item/9"], "cannot"),
     ]
     for args, message in refused:

@@ -15,6 +15,7 @@ from shopsight.platform import err_console, print_summary
 from shopsight.platform.ray_cluster import connect
 from shopsight.training.binary.calibration import METHODS
 from shopsight.training.models import LOSSES
+from shopsight.training.runtime.options import LR_SCHEDULES, SWA_AUTO
 from shopsight.training.tasks import TASKS, Task, get_task, model_families, task_for
 
 # the choices of --model, --task, --loss and --calibration, from the tables that define them: help lists
@@ -23,6 +24,16 @@ ModelName = Literal[tuple(model_families())]  # type: ignore[valid-type]
 TaskName = Literal[("auto", *TASKS)]  # type: ignore[valid-type]
 LossName = Literal[LOSSES]  # type: ignore[valid-type]
 CalibrationName = Literal[METHODS]  # type: ignore[valid-type]
+ScheduleName = Literal[LR_SCHEDULES]  # type: ignore[valid-type]
+
+
+def _swa_start(value: str) -> int | str:
+    """--swa-start: an epoch (0: off) or auto."""
+    if value == SWA_AUTO:
+        return value
+    if value.isdigit():
+        return int(value)
+    raise typer.BadParameter(f"{value!r} is neither an epoch number nor {SWA_AUTO!r}")
 
 
 def _labels(path: Path) -> list[str]:
@@ -68,7 +79,22 @@ def train_command(
         int, typer.Option(min=1, help="Ray Train workers (DDP: gloo on CPU, NCCL on GPU).")
     ] = 1,
     gpus_per_worker: Annotated[float, typer.Option(min=0, help="GPUs per worker (0: CPU).")] = 0,
-    epochs: Annotated[int, typer.Option(min=1, help="Maximum epochs (early stopping may end sooner).")] = 20,
+    epochs: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="The most epochs: training stops at its validation plateau (--patience) before that.",
+            show_default="until the plateau, at most 400 (next item) or 100 (user snapshots); gan 20",
+        ),
+    ] = None,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Stop after this many epochs without a better validation metric (whole validations).",
+            show_default="4 validations: 4 x --eval-every",
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None,
         typer.Option(
@@ -79,14 +105,54 @@ def train_command(
         float | None,
         typer.Option(help="Adam learning rate.", show_default="1e-3; gan 2e-4 for both networks"),
     ] = None,
-    max_len: Annotated[int, typer.Option(min=1, help="Longest history the model reads.")] = 50,
+    lr_schedule: Annotated[
+        ScheduleName,
+        typer.Option(
+            help="constant; cosine: linear warm-up over 5 epochs, then cosine decay to 1% at the --epochs "
+            "cap; plateau: the same warm-up, then halved at each validation without a better metric."
+        ),
+    ] = "constant",
+    max_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Longest history the model reads.",
+            show_default="from the data: the 90th percentile of history length, rounded up to 50, 50-400",
+        ),
+    ] = None,
     loss: Annotated[
-        LossName,
+        LossName | None,
         typer.Option(
             help="Next item: bce (the SASRec paper's), sampled_softmax, gbce (calibrated BCE over many "
-            "sampled negatives) or softmax (full catalogue)."
+            "sampled negatives) or softmax (full catalogue).",
+            show_default="sampled_softmax (it beat bce on games.txt)",
         ),
-    ] = "bce",
+    ] = None,
+    d_model: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Next item: the embedding width.",
+            show_default="from the data: 50 (lstm 64) for short histories or sparse items, up to 256",
+        ),
+    ] = None,
+    dropout: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            max=0.9,
+            help="Next item: dropout.",
+            show_default="from the data: 0.5 under 20 interactions per item, 0.3 under 100, else 0.2",
+        ),
+    ] = None,
+    negatives: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Next item: sampled negatives shared across a batch (sampled_softmax, gbce).",
+            show_default="from the data: 256 under 50,000 items, 512 under 500,000, else 1,024",
+        ),
+    ] = None,
     eval_every: Annotated[
         int | None,
         typer.Option(min=1, help="Validate every N epochs.", show_default="5; user snapshots 1"),
@@ -130,13 +196,14 @@ def train_command(
     ] = 0.5,
     seed: Annotated[int, typer.Option(help="Seeds the initial weights, the batches and the validation.")] = 0,
     swa_start: Annotated[
-        int,
+        str,
         typer.Option(
-            min=0,
             help="Average the weights of every epoch from this one on (stochastic weight averaging); "
-            "validation and the registered model use the average. 0: off.",
+            "validation and the registered model use the average. 0: off; auto: from the first validation "
+            "that improves on the best by less than 1% (where the curve flattens).",
+            callback=_swa_start,
         ),
-    ] = 0,
+    ] = "0",
 ) -> None:
     """Train a model of any task with Ray Train, track it in MLflow, register it as the `challenger`."""
     from shopsight.training.runtime.options import TrainOptions
@@ -146,10 +213,11 @@ def train_command(
     chosen = resolve_task(task, model, data)
     chosen.code.check_data(data)  # bad data fails before Ray and MLflow start
     options = TrainOptions(
-        workers=workers, gpus_per_worker=gpus_per_worker, epochs=epochs, batch_size=batch_size, lr=lr,
-        eval_every=eval_every, seed=seed, name=name, max_len=max_len, loss=loss, swa_start=swa_start,
-        teachers=tuple(teacher or ()), distill_weight=distill_weight, pos_weight=pos_weight,
-        pretrained=pretrained, calibration=calibration,
+        workers=workers, gpus_per_worker=gpus_per_worker, epochs=epochs, patience=patience,
+        batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, eval_every=eval_every, seed=seed, name=name,
+        max_len=max_len, loss=loss, d_model=d_model, dropout=dropout, negatives=negatives,
+        swa_start=swa_start, teachers=tuple(teacher or ()), distill_weight=distill_weight,
+        pos_weight=pos_weight, pretrained=pretrained, calibration=calibration,
     )  # fmt: skip
     connect(settings)
     summary = train_task(settings, chosen, model, data, options, log=err_console.print)
@@ -158,7 +226,7 @@ def train_command(
         {
             **summary_rows(chosen, summary),
             "MLflow run": summary.run_id,
-            "took": f"{summary.seconds:.1f} s (best epoch {summary.epochs})",
+            "took": f"{summary.seconds:.1f} s: {summary.convergence()}",
         },
     )
 

@@ -42,7 +42,15 @@ def tune_command(
     batch_size: Annotated[
         int | None, typer.Option(min=1, help="Rows per step and worker.", show_default="the task's")
     ] = None,
-    max_len: Annotated[int, typer.Option(min=1, help="Longest history the model reads.")] = 50,
+    max_len: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Longest history the model reads (fixed; without it, next-item sweeps try 50 to 400, up to "
+            "twice the length chosen from the data).",
+            show_default="from the data",
+        ),
+    ] = None,
     concurrent: Annotated[
         int | None,
         typer.Option(min=1, help="Trials at once.", show_default="as many as the cluster holds"),
@@ -63,7 +71,8 @@ def tune_command(
     )  # fmt: skip
     loop = chosen.code.loop(options)
     settings = state(ctx).settings
-    prepared = chosen.code.prepare(settings, model, data, options, loop, {"max_len": max_len})
+    fixed = {"max_len": max_len} if max_len else None
+    prepared = chosen.code.prepare(settings, model, data, options, loop, fixed)
     connect(settings)
     summary = tune_model(
         settings,

@@ -15,16 +15,22 @@ def check_data(task: str, data: Path) -> None:
     read_task_data(get_task(task), data)
 
 
+# without --epochs, training runs to its validation plateau (4 epochs without a better ROC-AUC); this many
+# epochs at most
+MAX_EPOCHS = 100
+
+
 def loop(options):
     """The fit loop's settings from ``shopsight train``'s options, with these tasks' defaults."""
     from shopsight.training.runtime.loop import LoopConfig
 
     return LoopConfig(
-        epochs=options.epochs,
+        epochs=options.epochs or MAX_EPOCHS,
         batch_size=options.batch_size or 256,
         lr=options.lr or 1e-3,
+        lr_schedule=options.lr_schedule,
         eval_every=options.eval_every or 1,
-        patience=4,
+        patience=options.patience or 4,
         weight_decay=1e-5,
         seed=options.seed,
         swa_start=options.swa_start,

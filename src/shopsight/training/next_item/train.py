@@ -41,12 +41,17 @@ def prepare(
     model_config: dict | None = None,
     loop: LoopConfig | None = None,
     teachers: list[str] | None = None,
+    from_data: bool = False,
 ) -> Prepared:
     """The interactions read and split once on the driver, the teachers loaded, for training runs.
 
     ``teachers``: registered next-item models (``models:/NAME/VERSION``) on the same item catalogue to
     distil into this one (:mod:`shopsight.training.next_item.distill`), with ``loop.distill_weight``.
+    ``from_data``: the settings ``model_config`` leaves out (max_len, d_model, dropout, negatives, loss)
+    are chosen from the data's statistics (:func:`shopsight.training.next_item.defaults.choose`); the
+    choice and its reasons become the run's console notes and MLflow parameters (``chosen.*``).
     """
+    from shopsight.training.next_item.defaults import DataStats, choose
     from shopsight.training.next_item.fit import setup
     from shopsight.training.runtime.ray_train import fit_worker
 
@@ -54,6 +59,14 @@ def prepare(
     loop = loop or LoopConfig()
     model_config = dict(model_config or {})
     sequences = SequenceData.from_file(data)
+    notes: list[str] = []
+    chosen_params: dict[str, str] = {}
+    if from_data:
+        choice = choose(DataStats.of(sequences), model_name)
+        given = {k: v for k, v in model_config.items() if k in choice.values}
+        notes = choice.lines(given)
+        chosen_params = {f"chosen.{k}": why for k, why in choice.reasons.items() if k not in given}
+        model_config = {**choice.values, **model_config}
     split = LeaveOneOut.split(sequences)
     if not (split.test_target > 0).any():
         raise ShopsightError(f"{data}: no user has 3 or more interactions; nothing to evaluate")
@@ -75,10 +88,12 @@ def prepare(
             "items": sequences.n_items,
             "interactions": sequences.n_interactions,
             **({"teachers": " ".join(teachers)} if teachers else {}),
+            **chosen_params,
         },
         finish=lambda state, config: evaluated_candidate(
             model_name, config, state, sequences, split, identity, loop.seed
         ),
+        notes=tuple(notes),
     )
 
 

@@ -4,8 +4,10 @@ Ray worker (DDP: gloo on CPUs, NCCL on GPUs). The runtime names no task: a task 
 step)`` (the one fit loop of :mod:`shopsight.training.runtime.loop`), or a function of its own (the GAN,
 which trains on one worker with its own loop) built from :class:`Reporter` and :func:`load_checkpoint`.
 
-Every epoch the workers report metrics and rank 0 a checkpoint (model, optimizer, epoch, weight average);
-``CheckpointConfig`` keeps the best ``keep_checkpoints`` by the task's validation metric. A worker that dies
+Every epoch the workers report metrics (with the CPU seconds so far and the best epoch) and rank 0 a
+checkpoint (model, optimizer, epoch, weight average, the learning-rate schedule and the loop's progress);
+``CheckpointConfig`` keeps the best ``keep_checkpoints`` validated epochs by the task's validation metric,
+and the latest. A worker that dies
 makes Ray restart the group (``FailureConfig(max_failures)``), and the loop resumes from the last
 checkpoint. Running again with the same ``name`` and ``storage_path`` resumes the run instead of starting
 over.
@@ -32,6 +34,12 @@ from shopsight.training.runtime.loop import EpochResult, LoopConfig, fit
 
 CHECKPOINT_FILE = "state.pt"
 HISTORY = "history"  # the checkpoint's key of every epoch's metrics so far
+# What Ray ranks the checkpoints by: the validation metric at a validated epoch, and below any metric at
+# the epochs between validations. Ranked by the metric carried between validations, the epochs after the
+# best one tied with it and, later ties winning, displaced it: the best checkpoint held weights trained
+# past the validated ones.
+CHECKPOINT_SCORE = "checkpoint_score"
+UNVALIDATED = -1e30
 
 
 class Reporter:
@@ -63,10 +71,15 @@ class Reporter:
         if checkpoint:
             self.say(f"worker rank {self.rank} resumes after epoch {start_epoch} ({checkpoint.path})")
 
-    def report(self, metrics: dict[str, float], state: dict[str, Any]) -> None:
+    def report(self, metrics: dict[str, float], state: dict[str, Any], validated: bool = True) -> None:
+        """Report an epoch's metrics (and rank 0's checkpoint). ``validated``: whether this epoch's weights
+        were validated; only those compete for the best checkpoint (:data:`CHECKPOINT_SCORE`)."""
         import ray.train
 
         epoch = int(metrics["epoch"])
+        valid_key = f"valid_{self.config.get('metric')}"
+        score = metrics[valid_key] if validated and valid_key in metrics else UNVALIDATED
+        metrics = {**metrics, CHECKPOINT_SCORE: score}
         self.history.append({"at_ms": int(time.time() * 1000), **{k: float(v) for k, v in metrics.items()}})
         if self.tracking:
             self.tracking.send(self.history[-1])
@@ -133,7 +146,7 @@ def epoch_metrics(row: dict[str, Any]) -> list:
     return [
         Metric(k.replace("@", "_at_"), float(v), at, epoch)
         for k, v in row.items()
-        if k not in ("epoch", "at_ms")
+        if k not in ("epoch", "at_ms", CHECKPOINT_SCORE)
     ]
 
 
@@ -195,11 +208,12 @@ def _fit(setup: Callable, config: dict[str, Any]) -> None:
     loop = LoopConfig(**config["loop"])
     torch.manual_seed(loop.seed)  # the same initial weights on every worker and every run
     model, step = setup(config, loop)
-    start_epoch, optimizer_state, average_state = 0, None, None
+    start_epoch, optimizer_state, average_state, loop_state = 0, None, None, None
     checkpoint, state = load_checkpoint()
     if state:
         model.load_state_dict(state["model"])
         optimizer_state, start_epoch, average_state = state["optimizer"], state["epoch"], state.get("average")
+        loop_state = state.get("loop")  # the schedule and the loop's progress (best metric, patience, CPU)
     context = ray.train.get_context()
     reporter = Reporter(config, context.get_world_rank(), state)
     reporter.announce(context.get_world_size(), checkpoint, start_epoch)
@@ -216,19 +230,24 @@ def _fit(setup: Callable, config: dict[str, Any]) -> None:
             "loss": result.loss,
             "samples_per_second": result.samples_per_second,
             "epoch_seconds": result.seconds,
-            key: last_metric["value"],  # carried between validations: checkpoints are ranked by it
+            "cpu_seconds": result.cpu_seconds,
+            "best_epoch": result.best_epoch,
+            "lr": result.lr,
+            key: last_metric["value"],  # carried between validations, for the curves and Tune
             **{f"valid_{k}": v for k, v in result.valid.items()},
         }
         state = {
             "model": model.state_dict(),  # the weights training continues from
             "average": average.state() if average else None,  # with swa_start: what was validated
             "optimizer": optimizer.state_dict(),
+            "loop": result.loop_state,
             "epoch": result.epoch,
+            "cpu_seconds": result.cpu_seconds,
             "metrics": {key: last_metric["value"]},
             "model_name": config["model"],
             "model_config": config["model_config"],
         }
-        reporter.report(metrics, state)
+        reporter.report(metrics, state, validated=bool(result.valid))
 
     fit(
         model,
@@ -238,6 +257,7 @@ def _fit(setup: Callable, config: dict[str, Any]) -> None:
         start_epoch=start_epoch,
         optimizer_state=optimizer_state,
         average_state=average_state,
+        loop_state=loop_state,
         on_epoch=on_epoch,
         log=reporter.say,
     )
@@ -295,6 +315,7 @@ def train_with_ray(
         "fail_after_epoch": fail_after_epoch,
         "failure_marker": f"{storage_path}/{name}/.injected_failure" if fail_after_epoch else None,
         "mlflow": mlflow,
+        "metric": metric,
     }
 
     def run(queue=None):
@@ -315,7 +336,7 @@ def train_with_ray(
                 storage_path=storage_path,
                 checkpoint_config=CheckpointConfig(
                     num_to_keep=keep_checkpoints,
-                    checkpoint_score_attribute=f"valid_{metric}",
+                    checkpoint_score_attribute=CHECKPOINT_SCORE,
                     checkpoint_score_order="max",
                 ),
                 failure_config=FailureConfig(max_failures=max_failures),

@@ -121,6 +121,7 @@ class Prepared:
     params: dict[str, Any]  # what the data and the task's options add to the run's parameters
     finish: Callable[[dict[str, Any], dict[str, Any]], Candidate]
     tags: dict[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # lines for the console as training starts (e.g. the defaults chosen)
 
 
 @dataclass
@@ -134,8 +135,20 @@ class TrainSummary:
     version: str
     test: dict[str, float]
     baselines: dict[str, dict[str, float]]
-    epochs: int
+    epochs: int  # the best epoch (the registered weights')
     seconds: float
+    stopped_epoch: int = 0  # the last epoch trained: the plateau's end, or the epochs cap
+    epochs_cap: int = 0
+    cpu_seconds_to_best: float | None = None  # process CPU seconds of the fit loop up to the best epoch
+    cpu_seconds: float | None = None  # ... and up to the last
+
+    def convergence(self) -> str:
+        """How training ended, in words: the best epoch, where it stopped and why, the CPU it took."""
+        why = "the epochs cap" if self.stopped_epoch >= self.epochs_cap else "the validation plateau"
+        text = f"best epoch {self.epochs}, stopped at epoch {self.stopped_epoch} ({why})"
+        if self.cpu_seconds_to_best is not None:
+            text += f", {self.cpu_seconds_to_best:,.0f} CPU s to the best"
+        return text
 
 
 def model_dir(settings: Settings, model_uri: str) -> Path:
@@ -157,6 +170,8 @@ class TrackedRun:
     run_id: str
     name: str
     log: Callable[[str], None] = print
+    stopped_epoch: int = 0  # after train(): the last epoch the run trained
+    cpu_seconds: float = 0.0  # after train(): the run's process CPU seconds (the fit loop's tasks)
 
     def train(
         self,
@@ -177,6 +192,7 @@ class TrackedRun:
 
         from shopsight.training.runtime.ray_train import (
             CHECKPOINT_FILE,
+            CHECKPOINT_SCORE,
             epoch_history,
             log_missing_epochs,
             train_with_ray,
@@ -208,8 +224,13 @@ class TrackedRun:
         missed = log_missing_epochs(self.uri, self.run_id, epoch_history(result))
         if missed:
             self.log(f"logged {missed} epochs' metrics that MLflow missed during training")
-        key = f"valid_{self.task.metric.key}"
-        best = max(result.best_checkpoints, key=lambda pair: pair[1].get(key, -np.inf))[0]
+        # the best validated epoch (the earliest of equals)
+        best = max(
+            result.best_checkpoints,
+            key=lambda pair: (pair[1].get(CHECKPOINT_SCORE, -np.inf), -pair[1].get("epoch", 0)),
+        )[0]
+        self.stopped_epoch = int((result.metrics or {}).get("epoch", 0))
+        self.cpu_seconds = float((result.metrics or {}).get("cpu_seconds", 0.0))
         with best.as_directory() as folder:
             return torch.load(Path(folder) / CHECKPOINT_FILE, weights_only=False)
 
@@ -263,6 +284,8 @@ def train_prepared(
     checkpoint evaluated by the task, registered as the challenger."""
     from dataclasses import asdict
 
+    import mlflow
+
     started = time.perf_counter()
     task, model_name = prepared.task, prepared.model_name
     registered_model = registered_model or task.registered_model
@@ -273,6 +296,7 @@ def train_prepared(
         **prepared.params,
         **{f"model.{k}": v for k, v in prepared.config["model_config"].items()},
         **{f"loop.{k}": v for k, v in asdict(loop).items()},
+        "loop.patience": loop.patience_epochs,  # in epochs, as the loop counts it
     }
     run_name = run_name or default_run_name(f"{task.name}-{model_name}")
     with tracked_run(
@@ -285,9 +309,18 @@ def train_prepared(
         tags=prepared.tags,
         log=log,
     ) as run:
+        for line in prepared.notes:
+            log(line)
         state = run.train(
             prepared.worker, prepared.config, loop=loop, workers=workers, gpus_per_worker=gpus_per_worker
         )
+        convergence = {
+            "best_epoch": int(state["epoch"]),
+            "stopped_epoch": max(run.stopped_epoch, int(state["epoch"])),
+            **({"cpu_seconds_to_best": float(state["cpu_seconds"])} if "cpu_seconds" in state else {}),
+            **({"cpu_seconds": run.cpu_seconds} if run.cpu_seconds else {}),
+        }
+        mlflow.log_metrics(convergence)
         candidate = prepared.finish(state, prepared.config["model_config"])
         version = register(run.uri, run.run_id, task, candidate, registered_model, prepared.identity)
         log(candidate.report)
@@ -298,8 +331,12 @@ def train_prepared(
         version=version,
         test=candidate.metrics,
         baselines=candidate.baselines,
-        epochs=int(state["epoch"]),
+        epochs=convergence["best_epoch"],
         seconds=time.perf_counter() - started,
+        stopped_epoch=convergence["stopped_epoch"],
+        epochs_cap=loop.epochs,
+        cpu_seconds_to_best=convergence.get("cpu_seconds_to_best"),
+        cpu_seconds=convergence.get("cpu_seconds"),
     )
 
 

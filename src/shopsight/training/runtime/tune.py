@@ -58,28 +58,33 @@ def check_tunable(model: str) -> None:
         raise ShopsightError(f"{known} {model!r}: choose one of {', '.join(TUNABLE_MODELS)}")
 
 
-def search_space(model: str, task: Task | None = None) -> dict[str, Any]:
+def search_space(model: str, task: Task | None = None, fixed: dict[str, Any] | None = None) -> dict[str, Any]:
     """The default Tune search space of ``model`` (``sasrec`` or ``lstm``) and what ``task``'s package
-    adds (its ``search_space(model)``); ShopsightError if the model has none."""
+    adds (its ``search_space(model, fixed)``, ``fixed`` the model config the data made: a next-item sweep
+    tries history lengths around the one chosen); ShopsightError if the model has none.
+
+    Widths up to 256 and dropout from 0.2 to 0.5 cover long, dense histories as well as short, sparse
+    ones (the data-driven defaults pick from the same ranges, :mod:`shopsight.training.next_item.defaults`).
+    """
     from ray import tune
 
     check_tunable(model)
     spaces = {
         "sasrec": lambda: {
-            "d_model": tune.choice([32, 64, 128]),
+            "d_model": tune.choice([32, 64, 128, 256]),
             "n_blocks": tune.choice([1, 2, 3]),
-            "dropout": tune.uniform(0.0, 0.5),
+            "dropout": tune.uniform(0.2, 0.5),
             "lr": tune.loguniform(1e-4, 1e-2),
         },
         "lstm": lambda: {
-            "d_model": tune.choice([32, 64, 128]),
-            "hidden": tune.choice([64, 128, 256]),
-            "dropout": tune.uniform(0.0, 0.5),
+            "d_model": tune.choice([32, 64, 128, 256]),
+            "hidden": tune.choice([64, 128, 256, 512]),
+            "dropout": tune.uniform(0.2, 0.5),
             "lr": tune.loguniform(1e-4, 1e-2),
         },
     }
     extra = getattr(task.code, "search_space", None) if task is not None else None
-    return {**spaces[model](), **(extra(model) if extra else {})}
+    return {**spaces[model](), **(extra(model, fixed or {}) if extra else {})}
 
 
 @dataclass
@@ -393,7 +398,7 @@ def tune_model(
     check_tunable(model)
     if trials < 1 or epochs < 1:
         raise ShopsightError("--trials and --epochs must be at least 1")
-    space = dict(space) if space is not None else search_space(model, task)
+    space = dict(space) if space is not None else search_space(model, task, prepared.config["model_config"])
     registered_model = registered_model or task.registered_model
     metric_key = f"valid_{task.metric.key}"
     started = time.perf_counter()
@@ -446,6 +451,8 @@ def tune_model(
             }
         )
         log(f"MLflow run {run_url}")
+        for line in prepared.notes:
+            log(line)
         log(f"{trials} trials of {model} ({task.name}), up to {epochs} epochs each, {concurrent} at a time")
         scheduler = _asha()(
             time_attr="epoch",  # metric and mode come from the TuneConfig

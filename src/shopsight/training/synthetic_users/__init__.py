@@ -14,11 +14,16 @@ def check_data(data: Path) -> None:
     GanData.read(data)
 
 
+# The GAN's own loop has no validation plateau to stop at (its best epoch by TSTR/TRTR is kept, training
+# is not stopped): without --epochs it trains this many
+EPOCHS = 20
+
+
 def loop(options):
     """The run's settings from ``shopsight train``'s options (the GAN has its own loop: epochs, seed)."""
     from shopsight.training.runtime.loop import LoopConfig
 
-    return LoopConfig(epochs=options.epochs, seed=options.seed)
+    return LoopConfig(epochs=options.epochs or EPOCHS, seed=options.seed)
 
 
 def prepare(settings, model: str, data: Path, options, loop, model_config: dict | None = None):
@@ -29,7 +34,7 @@ def prepare(settings, model: str, data: Path, options, loop, model_config: dict 
 
     if options.workers != 1:
         raise ShopsightError(f"the GAN trains on one worker: {gan_worker.single_worker}")
-    config: dict = {"epochs": options.epochs, **(model_config or {})}
+    config: dict = {"epochs": options.epochs or EPOCHS, **(model_config or {})}
     if options.batch_size:
         config["batch_size"] = options.batch_size
     if options.lr:
