@@ -106,6 +106,7 @@ bench: setup services
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_serving
 	$(BIN)/python -m benchmarks.bench_cluster
+	$(BIN)/python -m benchmarks.bench_long_history --out benchmarks/results/next_item-long.json
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

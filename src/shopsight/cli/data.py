@@ -10,6 +10,7 @@ from rich.table import Table
 
 from shopsight.cli._context import input_path, one_input, parse_day, state
 from shopsight.data import (
+    ACTIVITY_PROFILES,
     FORMATS,
     EventReader,
     EventStats,
@@ -44,6 +45,13 @@ def simulate_command(
     items: Annotated[
         int | None, typer.Option(min=1, help="Number of items.", show_default="4 per user")
     ] = None,
+    activity: Annotated[
+        Literal["taobao", "heavy"],  # the keys of ACTIVITY_PROFILES
+        typer.Option(
+            help="How active users are: taobao (Taobao's spread, a median of 62 events a user in 9 days) or "
+            "heavy (a shop's best customers: several sessions a day, a median of about 320 events).",
+        ),
+    ] = "taobao",
     continue_days: Annotated[
         int | None,
         typer.Option(
@@ -68,7 +76,8 @@ def simulate_command(
     settings = state(ctx).settings
     out = out or settings.data_dir / "simulated"
     if continue_days is not None:
-        given = [name for name in ("users", "days", "seed", "start", "items") if _given(ctx, name)]
+        decided = ("users", "days", "seed", "start", "items", "activity")
+        given = [name for name in decided if _given(ctx, name)]
         if given:
             raise typer.BadParameter(
                 "cannot be given with --continue: the saved simulation decides it", param_hint=f"--{given[0]}"
@@ -92,6 +101,7 @@ def simulate_command(
         start=parse_day(start, "--start"),
         items=items,
         timezone=settings.data.timezone,
+        **ACTIVITY_PROFILES[activity],
     )
     result = run_simulation(cfg, out)
     print_mix("Behaviour mix", result.behavior_mix)

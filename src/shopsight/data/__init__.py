@@ -9,6 +9,7 @@ from shopsight.data._readers import (
     quarantine_file,
 )
 from shopsight.data._simulator import (
+    ACTIVITY_PROFILES,
     SHIFTABLE,
     SimulationResult,
     SimulatorConfig,
@@ -20,6 +21,7 @@ from shopsight.data._stats import EventStats
 from shopsight.data._writer import DayPartitionedWriter, publish_dir
 
 __all__ = [
+    "ACTIVITY_PROFILES",
     "FORMATS",
     "SHIFTABLE",
     "DayPartitionedWriter",
