@@ -314,6 +314,40 @@ async def _closed_loop(
         "model_mean_ms": float(mod.mean() * 1000),
         "rest_mean_ms": float(rest.mean() * 1000),
         "mean_batch": float(np.mean(batches)),
+        "_latencies_ms": lat * 1000,  # for pooling rounds (not written to the JSON)
+    }
+
+
+def pooled_log_cost(latencies: dict[tuple[bool, int], np.ndarray], resamples: int = 2000) -> dict:
+    """The prediction log's cost from rounds of the same load with the log off and on: the p99 of every
+    request of each mode pooled over the rounds, their ratio, and a 95% interval of that ratio from
+    resampling whole rounds (each round's off and on together: the machine's noise varies by round)."""
+    from scipy import stats
+
+    rounds = sorted({r for _, r in latencies})
+
+    def ratio(picked) -> float:
+        picked = np.asarray(picked, dtype=int)
+        on = np.concatenate([latencies[(True, rounds[i])] for i in picked])
+        off = np.concatenate([latencies[(False, rounds[i])] for i in picked])
+        return float(np.percentile(on, 99) / np.percentile(off, 99))
+
+    interval = stats.bootstrap(
+        (np.arange(len(rounds)),), ratio, vectorized=False, n_resamples=resamples, method="percentile",
+        random_state=np.random.default_rng(0),
+    ).confidence_interval  # fmt: skip
+    pooled = {
+        on: np.concatenate([v for (mode, _), v in latencies.items() if mode == on]) for on in (False, True)
+    }
+    return {
+        "rounds": len(rounds),
+        "p99_off_ms": float(np.percentile(pooled[False], 99)),
+        "p99_on_ms": float(np.percentile(pooled[True], 99)),
+        "requests_off": int(len(pooled[False])),
+        "requests_on": int(len(pooled[True])),
+        "ratio": ratio(range(len(rounds))),
+        "ratio_lo": float(interval.low),
+        "ratio_hi": float(interval.high),
     }
 
 
@@ -388,6 +422,7 @@ def main() -> None:
                     args.seconds, args.warmup,
                 )
             )  # fmt: skip
+            echo.pop("_latencies_ms")
             floors[f"Ray Serve HTTP echo, no work (c={concurrency})"] = echo
             print(
                 f"floor Serve echo c={concurrency}: p50 {echo['p50_ms']:.2f} ms, p99 {echo['p99_ms']:.2f} ms"
@@ -411,6 +446,7 @@ def main() -> None:
                         result = asyncio.run(
                             _closed_loop(deployed.url + path, bodies, concurrency, args.seconds, args.warmup)
                         )
+                        result.pop("_latencies_ms")
                         result.update(
                             endpoint=endpoint,
                             concurrency=concurrency,
@@ -429,6 +465,7 @@ def main() -> None:
             update={"serving": settings.serving.model_copy(update={"layout": args.layouts[0]})}
         )
         deployed = deploy(laid_out, max_batch_size=args.batch_sizes[0])
+        pooled_latencies: dict[str, dict] = {}
         for round_number in range(args.log_rounds):
             for logging in (False, True) if round_number % 2 == 0 else (True, False):
                 deploy(laid_out, max_batch_size=args.batch_sizes[0], prediction_log=logging)
@@ -437,6 +474,9 @@ def main() -> None:
                         _closed_loop(deployed.url + path, bodies, 8, args.seconds, args.warmup)
                     )
                     result.update(endpoint=endpoint, logging=logging, round=round_number)
+                    pooled_latencies.setdefault(endpoint, {})[(logging, round_number)] = result.pop(
+                        "_latencies_ms"
+                    )
                     logging_rounds.append(result)
                     print(
                         f"prediction log {'on ' if logging else 'off'} round {round_number} {endpoint} c=8: "
@@ -460,6 +500,7 @@ def main() -> None:
         "floors": floors,
         "runs": runs,
         "prediction_log_rounds": logging_rounds,
+        "prediction_log_pooled": {e: pooled_log_cost(v) for e, v in pooled_latencies.items() if len(v) >= 4},
         "target": {"p99_ms": TARGET_P99_MS, "endpoint": "recommendations", "concurrency": 8},
     }
     stamp = machine["date"][:10]
@@ -530,6 +571,19 @@ def _markdown(report: dict) -> None:
             lines.append(
                 f"| {endpoint} | {p99[False]:.1f} | {p99[True]:.1f} | {p99[True] / p99[False]:.3f} | {p50[False]:.1f} | "
                 f"{p50[True]:.1f} | {n[False]:,} | {n[True]:,} |"
+            )
+    pooled = report.get("prediction_log_pooled") or {}
+    if pooled:
+        lines += [
+            "\nPooled: the p99 of every request of each mode over all rounds, and a 95% interval of on / off "
+            "from resampling whole rounds (scipy's bootstrap, 2,000 resamples):\n",
+            "| endpoint | rounds | p99 off ms | p99 on ms | on / off | 95% interval | requests off | requests on |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
+        ]
+        for endpoint, p in pooled.items():
+            lines.append(
+                f"| {endpoint} | {p['rounds']} | {p['p99_off_ms']:.1f} | {p['p99_on_ms']:.1f} | {p['ratio']:.3f} | "
+                f"{p['ratio_lo']:.3f} - {p['ratio_hi']:.3f} | {p['requests_off']:,} | {p['requests_on']:,} |"
             )
     append_report(RESULTS / "serving.md", "Serving benchmarks", "python -m benchmarks.bench_serving", lines)
 
