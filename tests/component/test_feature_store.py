@@ -242,12 +242,12 @@ def granted(sqlite_store):
 
 
 @contextmanager
-def _feature_server(settings, port: int, env: dict | None = None):
+def _feature_server(settings, port: int, env: dict | None = None, workers: int = 1):
     """`shopsight features serve` on ``port``, knowing the teams of KEYS, answering: yields its process,
     stopped at the end."""
     server = subprocess.Popen(
         [sys.executable, "-m", "shopsight", "--data-dir", str(settings.data_dir), "features", "serve",
-         "--port", str(port)],
+         "--port", str(port), "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_team_env(**(env or {})),
         start_new_session=True,
     )  # fmt: skip
@@ -307,8 +307,8 @@ def _lookup(port, body, key=None, **kwargs):
 
 def test_the_feature_server_knows_teams_grants_and_bad_input(granted, free_port):
     """Keys (401), grants per service (403 naming it), bad input (4xx naming the field and row, never a
-    500), a read log and per-team metrics; a revocation takes effect on the running server; grants survive
-    a restart."""
+    500), a read log and per-team metrics, counted over both of the server's worker processes whichever
+    answers the scrape; a revocation takes effect on the running server; grants survive a restart."""
     import requests
 
     port = free_port()
@@ -317,7 +317,7 @@ def test_the_feature_server_knows_teams_grants_and_bad_input(granted, free_port)
     propensity = {"feature_service": "purchase_propensity_v1", "entities": {"user_id": users}}
     log_path = granted.data_dir.absolute() / "feast" / "reads" / "reads.jsonl"
     before = len(log_path.read_text().splitlines()) if log_path.exists() else 0
-    with _feature_server(granted, port):
+    with _feature_server(granted, port, workers=2):
         assert _lookup(port, profile).status_code == 401
         wrong = _lookup(port, profile, key="not-a-key")
         assert wrong.status_code == 401 and wrong.json()["error"].startswith("wrong API key")
@@ -361,8 +361,13 @@ def test_the_feature_server_knows_teams_grants_and_bad_input(granted, free_port)
 
         metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
         assert metrics.status_code == 401
-        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", headers={"X-API-Key": KEYS["team_b"]},
-                               timeout=10).text  # fmt: skip
+        scrapes = [requests.get(f"http://127.0.0.1:{port}/metrics", headers={"X-API-Key": KEYS["team_b"]},
+                                timeout=10).text for _ in range(6)]  # fmt: skip
+        # both workers answered lookups (each keeps its counts in a file of its own), and every scrape,
+        # whichever worker answered it, reports the same: the sum of both
+        folder = granted.data_dir.absolute() / "feast" / f"feature-server-{port}-metrics"
+        assert len({path.name.rsplit("_", 1)[-1] for path in folder.glob("counter_*.db")}) == 2
+        metrics = scrapes[0]
 
         from prometheus_client.parser import text_string_to_metric_families
 
@@ -381,6 +386,11 @@ def test_the_feature_server_knows_teams_grants_and_bad_input(granted, free_port)
         assert served("200", "purchase_propensity_v1", team="shopsight_features") == 1
         assert count("shopsight_feature_entities_total", team="team_a", service="user_profile_v1") == 3
         assert count("shopsight_feature_request_seconds_count", team="team_a") == 10
+
+        def counted(text):
+            return sorted(line for line in text.splitlines() if line.startswith("shopsight_feature_"))
+
+        assert all(counted(scrape) == counted(metrics) for scrape in scrapes)
 
         revoked = _shopsight(granted, "features", "revoke", "team_a", "user_profile_v1", key=OWNER)
         assert revoked.returncode == 0, revoked.stderr

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
@@ -30,7 +31,14 @@ from logging.handlers import TimedRotatingFileHandler
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 from shopsight.features.access import Readers
 from shopsight.features.packed import PackedStore
@@ -82,6 +90,16 @@ class _Metrics:
             registry=self.registry,
         )
 
+    def exposition(self) -> bytes:
+        """The metrics of every worker of the server when they share a multiprocess folder
+        (``PROMETHEUS_MULTIPROC_DIR``, as ``features serve`` runs them), else this process's."""
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not folder:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        return generate_latest(registry)
+
 
 class Gateway:
     """An ASGI app: ``feast_app`` behind the keys, grants and checks above."""
@@ -111,7 +129,7 @@ class Gateway:
             if authenticate(_headers(scope), self.keys) is None:
                 await _send_json(send, 401, _unauthorized(_headers(scope)), bearer=True)
                 return
-            await _send(send, 200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+            await _send(send, 200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
         elif path == LOOKUP and method == "POST":
             await self._lookup(scope, receive, send)
         else:

@@ -762,7 +762,10 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 6566, workers
     :func:`control_socket`.
     """
     store = feature_store(settings)
-    with _feast_server_application(settings, control_socket(settings, port)):
+    with (
+        _feast_server_application(settings, control_socket(settings, port)),
+        _metrics_of_all_workers(feast_dir(settings) / f"feature-server-{port}-metrics"),
+    ):
         store.serve(
             host=host, port=port, type_="http", no_access_log=True, workers=workers, registry_ttl_sec=5
         )
@@ -789,6 +792,34 @@ def control_socket(settings: Settings, port: int) -> Path:
             pass
     digest = hashlib.sha256(str(Path(settings.data_dir).absolute()).encode()).hexdigest()[:12]
     return Path(tempfile.gettempdir()) / f"shopsight-feast-{digest}-{port}.ctl"
+
+
+@contextmanager
+def _metrics_of_all_workers(folder: Path) -> Iterator[None]:
+    """Within the block, every worker process of the server keeps its metrics in ``folder``
+    (``prometheus_client``'s multiprocess mode), so that ``/metrics``, on whichever worker answers it,
+    reports the reads of all of them; a registry per worker would report one worker's share, a different
+    one from scrape to scrape. The folder is emptied first: counts start again with the server."""
+    import shutil
+
+    from prometheus_client import values
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    saved = os.environ.get("PROMETHEUS_MULTIPROC_DIR"), values.ValueClass
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    # the value class is chosen when prometheus_client is imported, which this process may have done
+    # already; the workers (forked later) inherit this one
+    values.ValueClass = values.MultiProcessValue()
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = saved[0]
+        values.ValueClass = saved[1]
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
