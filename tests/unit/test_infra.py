@@ -45,6 +45,7 @@ CRD_KINDS = {
     ("sparkoperator.k8s.io/v1beta2", "SparkApplication"),
     ("monitoring.coreos.com/v1", "Prometheus"),
     ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
 }
 PLATFORM_IMAGES = ("shopsight", "shopsight-cuda")  # image names in the manifests, before an overlay
 SECRET_WORDS = ("PASSWORD", "TOKEN", "SECRET", "KEY")
@@ -282,9 +283,10 @@ def _check_crd(doc: dict) -> None:
     elif kind == "Prometheus":
         assert spec["serviceAccountName"], f"{where}: it lists pods: serviceAccountName"
         assert spec["podMonitorSelector"]["matchLabels"], f"{where}: podMonitorSelector"
-    elif kind == "PodMonitor":
+        assert spec["serviceMonitorSelector"]["matchLabels"], f"{where}: serviceMonitorSelector"
+    elif kind in ("PodMonitor", "ServiceMonitor"):
         assert spec["selector"].get("matchLabels") or spec["selector"].get("matchExpressions"), where
-        for endpoint in spec["podMetricsEndpoints"]:
+        for endpoint in spec["podMetricsEndpoints" if kind == "PodMonitor" else "endpoints"]:
             assert isinstance(endpoint["port"], str), f"{where}: endpoints name their port"
             credentials = endpoint.get("authorization", {}).get("credentials")
             assert credentials is None or set(credentials) == {"name", "key"}, f"{where}: credentials"
@@ -1602,20 +1604,35 @@ def test_the_pod_monitors_find_the_pods_and_ports_that_serve_metrics(overlay):
             assert any("RayCluster" in w for w, _ in selected), selected
 
 
+@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
+def test_the_service_monitor_finds_the_feature_server_and_its_port(overlay):
+    monitoring = _render("monitoring")
+    services = [d for _, d in _render(overlay) if d["kind"] == "Service"]
+    prometheus = _one(monitoring, "Prometheus")
+    (monitor,) = [d for _, d in monitoring if d["kind"] == "ServiceMonitor"]
+    assert _matches(prometheus["spec"]["serviceMonitorSelector"], monitor["metadata"]["labels"])
+    selected = [s for s in services if _matches(monitor["spec"]["selector"], s["metadata"].get("labels", {}))]
+    assert [s["metadata"]["name"] for s in selected] == ["feast-feature-server"]
+    ports = {p.get("name") for p in selected[0]["spec"]["ports"]}
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+
+
 def _dashboard() -> dict:
     return json.loads((K8S / "monitoring" / "dashboards" / "shopsight.json").read_text())
 
 
 def test_the_dashboard_shows_each_thing_a_person_looks_at_from_metrics_the_platform_exports():
     """The Grafana dashboard: every panel reads the Prometheus variable with a query, ids are unique, and
-    every metric a query names is one the serving API or the monitor exports (a renamed metric fails
-    here, not on a blank panel). The queries themselves run against a real Prometheus in
+    every metric a query names is one the serving API, the feature server or the monitor exports (a renamed
+    metric fails here, not on a blank panel). The queries themselves run against a real Prometheus in
     tests/component/test_monitoring.py."""
+    from shopsight.features.gateway import FeatureServerMetrics
     from shopsight.monitoring.monitor import GAUGES
     from shopsight.serving.metrics import ServingMetrics
 
     exported = set(GAUGES)
-    for family in ServingMetrics.local().registry.collect():
+    registries = (ServingMetrics.local().registry, FeatureServerMetrics().registry)
+    for family in (family for registry in registries for family in registry.collect()):
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
         exported |= {family.name + suffix for suffix in suffixes[family.type]}
     dashboard = _dashboard()

@@ -67,7 +67,7 @@ def reads_log(settings: Settings) -> Path:
     return Path(settings.data_dir).absolute() / "feast" / "reads" / "reads.jsonl"
 
 
-class _Metrics:
+class FeatureServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -113,7 +113,7 @@ class Gateway:
         self.join_keys = {
             key: entity.value_type.name for entity in store.list_entities() for key in [entity.join_key]
         }
-        self.metrics = _Metrics()
+        self.metrics = FeatureServerMetrics()
         self.log = _read_logger(reads_log(settings))
         online = store._get_provider().online_store
         self.packed = PackedAnswers(store, online) if isinstance(online, PackedStore) else None
