@@ -106,7 +106,7 @@ bench: setup services
 	$(BIN)/python -m benchmarks.bench_training
 	$(BIN)/python -m benchmarks.bench_serving
 	$(BIN)/python -m benchmarks.bench_cluster
-	$(BIN)/python -m benchmarks.bench_long_history --out benchmarks/results/next_item-long.json
+	$(BIN)/python -m benchmarks.bench_long_history --out .shopsight/next_item-long.json --record
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

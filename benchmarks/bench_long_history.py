@@ -15,6 +15,8 @@ Each row: the full-ranking HR@10 and NDCG@10 on the leave-one-out test (and the 
 best epoch and the epoch the run stopped at, and the process CPU seconds to the best epoch and in all.
 
     PYTHONPATH=src python -m benchmarks.bench_long_history --out benchmarks/results/next_item-long.json
+    # runs split over processes (one a core), then one table of them all in benchmarks/results/next_item.md
+    PYTHONPATH=src python -m benchmarks.bench_long_history --report a.json b.json
 """
 
 from __future__ import annotations
@@ -22,16 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from dataclasses import asdict
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from benchmarks._machine import append_report, describe_machine
 from shopsight.data import ACTIVITY_PROFILES, SimulatorConfig, simulate
 from shopsight.training.models import build_model
 from shopsight.training.next_item.data import LeaveOneOut, SequenceData
@@ -41,6 +42,7 @@ from shopsight.training.next_item.fit import train_next_item
 from shopsight.training.runtime.loop import LoopConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 TAOBAO = ROOT.parent / "shared" / "data" / "taobao" / "UserBehavior_sample_10k.csv"
 # (model, loss): the four losses of the sequence models on sasrec, and the lstm with the default one
 RUNS = (("sasrec", "bce"), ("sasrec", "sampled_softmax"), ("sasrec", "gbce"), ("sasrec", "softmax"),
@@ -131,6 +133,56 @@ def datasets(args, folder: Path) -> dict[str, SequenceData]:
     return found
 
 
+def merged(results: list[dict]) -> dict:
+    """Several processes' results (the same datasets, different runs) as one."""
+    out = {**results[0], "datasets": {}}
+    for result in results:
+        for name, entry in result["datasets"].items():
+            into = out["datasets"].setdefault(name, {**entry, "runs": []})
+            seen = {(r["model"], r["loss"]) for r in into["runs"]}
+            into["runs"] += [r for r in entry["runs"] if (r["model"], r["loss"]) not in seen]
+    return out
+
+
+def markdown(result: dict) -> list[str]:
+    machine = result.get("machine_described") or describe_machine()
+    lines = [
+        f"\n## {machine['date']}: long histories, {machine['cpu']}, {result['threads']} thread(s) a run\n",
+        "`python -m benchmarks.bench_long_history`: leave-one-out, the test item ranked among all items but the "
+        "user's others (full) and among 100 sampled ones; settings chosen from the data "
+        "(`shopsight.training.next_item.defaults`); each run to its validation plateau (validation on every "
+        "user every 2 epochs, patience 4 validations); CPU seconds of the training process.",
+    ]
+    for name, entry in result["datasets"].items():
+        st, choice = entry["stats"], entry["choice"]
+        lines += [
+            f"\n**{name}**: {st['users']:,} users, {st['items']:,} items, {st['interactions']:,} interactions; "
+            f"history median {st['history_median']:.0f}, 90th percentile {st['history_p90']:.0f}. Chosen: "
+            + ", ".join(f"{k} {v}" for k, v in choice.items() if k != "loss")
+            + ".\n",
+            "| model | loss | HR@10 full | NDCG@10 full | HR@10 | NDCG@10 | best epoch | stopped | CPU s to best "
+            "| CPU s |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in entry["runs"]:
+            t = r["test"]
+            tail = (f"{r['best_epoch']} | {r['stopped_epoch']} | {r['cpu_seconds_to_best']:,.0f} | {r['cpu_seconds']:,.0f}"
+                    if "best_epoch" in r else "- | - | - | -")  # fmt: skip
+            lines.append(
+                f"| {r['model']} | {r['loss']} | {t['hr@10_full']:.4f} | {t['ndcg@10_full']:.4f} | {t['hr@10']:.4f} "
+                f"| {t['ndcg@10']:.4f} | {tail} |"
+            )
+    return lines
+
+
+def report(paths: list[str]) -> None:
+    result = merged([json.loads(Path(p).read_text()) for p in paths])
+    stamp = (result.get("machine_described") or describe_machine())["date"][:10]
+    (RESULTS / f"next_item-long-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    append_report(RESULTS / "next_item.md", "Next-item quality", "python -m benchmarks.bench_long_history",
+                  markdown(result))  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=DATASETS)
@@ -145,10 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--record", action="store_true", help="append the table to results/next_item.md")
+    parser.add_argument("--report", nargs="+", default=None, help="only record these results (JSON files)")
     args = parser.parse_args(argv)
+    if args.report:
+        report(args.report)
+        return {}
     torch.set_num_threads(args.threads)
-    result = {"machine": platform.node(), "processor": platform.processor() or platform.machine(),
-              "date": date.today().isoformat(), "threads": args.threads, "torch": torch.__version__,
+    result = {"machine_described": describe_machine(), "threads": args.threads, "torch": torch.__version__,
               "datasets": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="long-history-") as folder:
         for name, data in datasets(args, Path(folder)).items():
@@ -168,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        if args.record:
+            report([args.out])
     return result
 
 

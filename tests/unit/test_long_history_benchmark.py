@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from benchmarks.bench_long_history import longest_half, main
+from benchmarks.bench_long_history import longest_half, main, markdown, merged
 
 from shopsight.data import ACTIVITY_PROFILES, SimulatorConfig, simulate
 from shopsight.training.next_item.data import SequenceData
@@ -50,3 +50,6 @@ def test_a_small_run_reports_the_plateau_cpu_time_and_quality(tmp_path):
             assert 1 <= run["best_epoch"] <= run["stopped_epoch"] <= 3
             assert 0 < run["cpu_seconds_to_best"] <= run["cpu_seconds"]
             assert run["config"]["max_len"] == heavy["choice"]["max_len"]
+    table = markdown(merged([result, result]))  # a run reported twice counts once
+    rows = [line for line in table if line.startswith("| sasrec") or line.startswith("| lstm")]
+    assert len(rows) == 2 and all(line.count("|") == 11 for line in rows)
