@@ -92,7 +92,7 @@ def run(split: LeaveOneOut, data_stats: DataStats, model_name: str, loss: str, a
     torch.manual_seed(args.seed)
     model = build_model(model_name, n_items=split.n_items, **config)
     cfg = LoopConfig(epochs=args.max_epochs, batch_size=args.batch_size, eval_every=args.eval_every,
-                     eval_users=args.eval_users, seed=args.seed)  # fmt: skip
+                     eval_users=args.eval_users, seed=args.seed, patience=args.patience)  # fmt: skip
     started = time.perf_counter()
     history = train_next_item(
         model, split, cfg, log=lambda line: print(f"  {model_name}/{loss}: {line}", flush=True)
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="model:loss pairs")  # fmt: skip
     parser.add_argument("--max-epochs", type=int, default=200, help="the cap; runs stop at their plateau")
     parser.add_argument("--eval-every", type=int, default=2)
+    parser.add_argument("--patience", type=int, default=None, help="epochs (default: 4 validations)")
     parser.add_argument("--eval-users", type=int, default=None, help="validate on a subset (default: all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)

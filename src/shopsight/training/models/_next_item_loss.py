@@ -6,7 +6,9 @@ alike): :class:`NextItemOutput` gives a model with ``encode`` and a shared input
 - ``"sampled_softmax"``: every position ranks its true next item against ``n_negatives`` uniformly sampled
   items shared across the batch.
 - ``"gbce"``: generalised binary cross-entropy (Petrov & Macdonald, RecSys 2023), for many sampled
-  negatives: binary cross-entropy over the true item and ``n_negatives`` shared uniform negatives, with the
+  negatives: binary cross-entropy over the true item and ``n_negatives`` uniform negatives drawn for each
+  sequence of the batch (shared by its positions, as the paper draws them per position, rather than one
+  draw for the whole batch), logits shifted to the best constant score (see :func:`gbce`), with the
   positive's probability raised to the power ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``, where
   ``alpha`` is the share of the catalogue sampled (``n_negatives / (n_items - 1)``) and ``t`` (``gbce_t``)
   the calibration. Sampling few negatives makes plain BCE overconfident in the positives: ``t = 0`` is
@@ -24,6 +26,7 @@ losses become
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,6 +66,11 @@ def next_item_loss(
         return F.binary_cross_entropy_with_logits(
             pos_logit, torch.ones_like(pos_logit)
         ) + F.binary_cross_entropy_with_logits(neg_logit, torch.zeros_like(neg_logit))
+    if loss == "gbce":
+        if teacher is not None:
+            raise ValueError("distillation needs the sampled_softmax or softmax loss, not gbce")
+        return gbce(_per_sequence_logits(h, pos, item_emb, n_negatives)[mask], gbce_beta(
+            n_negatives, item_emb.num_embeddings - 1, gbce_t))  # fmt: skip
     hidden = h[mask]  # (N, D)
     targets = pos[mask]  # (N,)
     if loss == "softmax":
@@ -79,16 +87,25 @@ def next_item_loss(
         )
         logits = torch.cat([pos_logit, neg_logit], dim=1)  # (N, 1 + S)
         labels = torch.zeros(len(logits), dtype=torch.long, device=h.device)
-        if loss == "gbce":
-            if teacher is not None:
-                raise ValueError("distillation needs the sampled_softmax or softmax loss, not gbce")
-            return gbce(logits, gbce_beta(n_negatives, item_emb.num_embeddings - 1, gbce_t))
     ce = F.cross_entropy(logits, labels)
     if teacher is None:
         return ce
     return (1 - teacher.weight) * ce + teacher.weight * soft_cross_entropy(
         logits, teacher.logits(targets, negatives)
     )
+
+
+def _per_sequence_logits(h: torch.Tensor, pos: torch.Tensor, item_emb: nn.Embedding, n_negatives: int):
+    """Logits (B, T, 1 + S) of each position's next item, then of ``n_negatives`` uniform negatives drawn
+    for its sequence (each sequence its own, shared by its positions; a draw that is the position's true
+    item is -inf)."""
+    negatives = torch.randint(
+        1, item_emb.num_embeddings, (h.shape[0], n_negatives), device=h.device
+    )  # (B, S)
+    pos_logit = (h * item_emb(pos)).sum(-1, keepdim=True)  # (B, T, 1)
+    neg_logit = torch.bmm(h, item_emb(negatives).transpose(1, 2))  # (B, T, S)
+    neg_logit = neg_logit.masked_fill(negatives[:, None, :] == pos[:, :, None], float("-inf"))
+    return torch.cat([pos_logit, neg_logit], dim=-1)
 
 
 def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
@@ -101,7 +118,14 @@ def gbce_beta(n_negatives: int, n_items: int, t: float) -> float:
 def gbce(logits: torch.Tensor, beta: float) -> torch.Tensor:
     """gBCE of logits (N, 1 + S), the true item's first: the mean binary cross-entropy over every logit,
     the positive's term ``-log(sigmoid(s)^beta) = beta * softplus(-s)``; a -inf negative (a sampled
-    item that is the true one) adds nothing."""
+    item that is the true one) adds nothing.
+
+    Every logit is first shifted by ``log(beta / S)``: the score at which a model that gives every item
+    the same score has the least loss. A model starts near score 0, and without the shift it learns that
+    constant first (the item embeddings share one large component) and then barely moves from it: on 400
+    items with 128 negatives it ranked at random after 20 epochs, where the sampled softmax ranked
+    perfectly after 8 (a unit test). Rankings do not see the shift."""
+    logits = logits + math.log(beta / (logits.shape[1] - 1))
     positive = beta * F.softplus(-logits[:, 0])
     negatives = F.softplus(logits[:, 1:]).sum(1)
     return (positive + negatives).sum() / logits.numel()
