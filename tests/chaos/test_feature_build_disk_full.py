@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from tests.chaos._disk import fill, tmpfs, used_bytes
 from tests.chaos._feature_builds import DAYS, TABLES, build, hidden, published, simulate
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from tests.chaos._feature_builds import (
     DAYS,
     TABLES,

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from tests.chaos._disk import fill, tmpfs
-from tests.unit.test_prediction_log import _record
 
 from shopsight.serving.prediction_log import SEGMENT_SUFFIX, PredictionLog, read_predictions, read_segment
+from tests.chaos._disk import fill, tmpfs
+from tests.unit.test_prediction_log import _record
 
 pytestmark = [pytest.mark.chaos]
 

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+
 from tests.component.test_promotion import NAME, Registry
 
 pytestmark = [pytest.mark.chaos, pytest.mark.mlflow, pytest.mark.slow]

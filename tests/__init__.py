@@ -1,0 +1,2 @@
+"""The test suite: a regular package, so that `tests.*` imports find it before any installed package
+named `tests`."""
