@@ -65,6 +65,7 @@ class Training:
             "--set", "ray.num_cpus=2",
             "train", "--model", "sasrec", "--data", str(data), "--epochs", str(EPOCHS), "--batch-size", "32",
             "--lr", "0.005", "--max-len", "10", "--eval-every", "4", "--name", name,
+            "--patience", "100",  # every epoch runs, past the pattern's early plateau: the case counts them
         ]  # fmt: skip
         self.storage = folder / "platform"
         self.lines: list[str] = []
