@@ -585,7 +585,10 @@ def test_a_typo_in_an_optional_field_fails_against_the_crd_schema():
     import copy
 
     _crds_or_skip()
-    docs = {_ident(doc): doc for _, doc in _render("overlays/prod") + _render("overlays/prod/jobs")}
+    docs = {
+        _ident(doc): doc
+        for _, doc in _render("overlays/prod") + _render("overlays/prod/jobs") + _render("monitoring")
+    }
     typos = [
         ("RayService/shopsight-serve", ("spec", "rayClusterConfig"), "enableInTreeAutoscalling", True),
         ("RayService/shopsight-serve", ("spec",), "upgradeStrategie", {"type": "NewCluster"}),
@@ -594,6 +597,9 @@ def test_a_typo_in_an_optional_field_fails_against_the_crd_schema():
         ("RayJob/shopsight-train", ("spec",), "ttlSecondAfterFinished", 600),
         ("SparkApplication/shopsight-features", ("spec", "driver"), "coreLimt", "1"),
         ("SparkApplication/shopsight-features", ("spec", "restartPolicy"), "onFailureRetrys", 1),
+        ("Prometheus/shopsight", ("spec",), "podMonitorSelecter", {}),
+        ("PodMonitor/shopsight-serve-api", ("spec", "podMetricsEndpoints", 0), "scrapeInterval", "15s"),
+        ("ServiceMonitor/shopsight-feature-server", ("spec", "endpoints", 0), "bearerTokenSecrets", {}),
     ]
     for ident, path, typo, value in typos:
         doc = copy.deepcopy(docs[ident])
