@@ -504,7 +504,8 @@ def main() -> None:
         "target": {"p99_ms": TARGET_P99_MS, "endpoint": "recommendations", "concurrency": 8},
     }
     stamp = machine["date"][:10]
-    (RESULTS / f"serving-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
+    name = "serving-log" if args.only_log else "serving"  # a log-only run keeps the day's full run
+    (RESULTS / f"{name}-{stamp}.json").write_text(json.dumps(report, indent=2) + "\n")
     _markdown(report)
     total_errors = sum(r["errors"] for r in runs + logging_rounds)
     if total_errors:

@@ -181,3 +181,19 @@ def test_the_log_rolls_to_an_object_store_and_the_monitor_reads_it_back(tmp_path
         assert not list((tmp_path / "spool").glob("*.msgpack"))  # rolled: nothing left on the replica
     finally:
         server.stop()
+
+
+def test_turning_the_log_off_rolls_what_was_spooled_at_once(tmp_path):
+    """A replica reconfigured with ``prediction_log: false`` rolls at once (the records reach the log, and
+    no roll of them runs later while the log is off); other reconfigurations leave the spool to the timer."""
+    from shopsight.serving.deploy import _roll_if_turned_off
+
+    destination = tmp_path / "predictions"
+    log = PredictionLog(tmp_path / "spool", destination, roll_interval_s=0)
+    log.write([_record(n) for n in range(5)])
+    for config in ({"canary_share": 0.3}, {"prediction_log": True}):
+        _roll_if_turned_off(config, log)
+        assert not destination.exists(), config
+    _roll_if_turned_off({"prediction_log": False, "canary_share": 0.0}, log)
+    assert sorted(read_predictions(destination).column("user_id").to_pylist()) == list(range(5))
+    log.close()

@@ -124,6 +124,13 @@ class ModelHost:
         self.watcher.stop()
 
 
+def _roll_if_turned_off(config: dict, answers_log: PredictionLog) -> None:
+    """Turning the log off rolls what is spooled at once: its records reach the log now, not a roll
+    interval later, and no conversion of answers logged while it was on runs while it is off."""
+    if "prediction_log" in config and not config["prediction_log"]:
+        answers_log.roll_or_warn()
+
+
 def open_prediction_log(settings: Settings) -> PredictionLog:
     """The replica's prediction log: spooled under the data directory, rolled to the configured place."""
     destination, filesystem = prediction_log_destination(settings)
@@ -168,6 +175,7 @@ class Combined:
     def reconfigure(self, config: dict) -> None:
         for host in self.hosts.values():
             host.configure(config, self.score)
+        _roll_if_turned_off(config, self.answers_log)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def score(self, items: list) -> list:
@@ -212,6 +220,7 @@ class ModelDeployment:
 
     def reconfigure(self, config: dict) -> None:
         self.host.configure(config, self.score)
+        _roll_if_turned_off(config, self.answers_log)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def score(self, items: list) -> list:

@@ -250,12 +250,16 @@ class PredictionLog:
                 self._fd = None
         collect(self.spool_dir, self.destination, self.filesystem)
 
+    def roll_or_warn(self) -> None:
+        """:meth:`roll`, logging a failure instead of raising it: the next roll retries."""
+        try:
+            self.roll()
+        except Exception:  # noqa: BLE001 - serving goes on
+            log.exception("rolling the prediction log failed; the next roll retries")
+
     def _roll_every(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
-            try:
-                self.roll()
-            except Exception:  # noqa: BLE001 - the next roll retries; serving goes on
-                log.exception("rolling the prediction log failed; the next roll retries")
+            self.roll_or_warn()
 
 
 def collect(spool_dir: Path | str, destination: str, filesystem: pafs.FileSystem | None = None) -> int:
