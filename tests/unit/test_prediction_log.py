@@ -197,3 +197,23 @@ def test_turning_the_log_off_rolls_what_was_spooled_at_once(tmp_path):
     _roll_if_turned_off({"prediction_log": False, "canary_share": 0.0}, log)
     assert sorted(read_predictions(destination).column("user_id").to_pylist()) == list(range(5))
     log.close()
+
+
+def test_the_conversion_runs_in_a_lower_priority_process_restarted_after_a_kill(tmp_path):
+    """The conversion's Python work never holds the replica's interpreter lock: a process of its own,
+    nicer than the replica, does it; killed, the next roll starts another and loses nothing."""
+    destination = tmp_path / "predictions"
+    log = PredictionLog(tmp_path / "spool", destination, roll_interval_s=0)
+    log.write([_record(n) for n in range(3)])
+    assert log.roll() == 3
+    converter = log._converter._process
+    assert converter is not None and converter.pid != os.getpid() and converter.poll() is None
+    assert os.getpriority(os.PRIO_PROCESS, converter.pid) > os.getpriority(os.PRIO_PROCESS, 0)
+    os.kill(converter.pid, signal.SIGKILL)
+    converter.wait()
+    log.write([_record(n) for n in range(3, 8)])
+    assert log.roll() == 5
+    assert log._converter._process.pid != converter.pid
+    log.close()
+    assert converter.returncode is not None and log._converter._process is None
+    assert sorted(read_predictions(destination).column("user_id").to_pylist()) == list(range(8))

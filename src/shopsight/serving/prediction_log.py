@@ -7,8 +7,10 @@ they outlive the replica: a killed replica (SIGKILL, out of memory) loses no rec
 No thread, queue or buffer sits between the answer and the file, because whatever sits there dies with
 the process.
 
-A background thread *rolls* the spool every ``roll_interval_s``: it starts a new segment, converts the
-closed ones to parquet (``<destination>/task=<task>/date=<YYYY-MM-DD>/<segment>.parquet``, written to a
+A background thread *rolls* the spool every ``roll_interval_s``: it starts a new segment, and a converter
+process of the replica's own (:mod:`shopsight.serving._spool_converter`, at a lower CPU priority, so the
+conversion never holds the replica's interpreter lock while requests wait) converts the closed ones to
+parquet (``<destination>/task=<task>/date=<YYYY-MM-DD>/<segment>.parquet``, written to a
 temporary name and renamed, so readers never see half a file) and deletes them. A writer holds an
 exclusive ``flock`` on its open segment; a segment nobody holds belongs to a dead replica, and the next
 roll of any replica on the host (or ``shopsight monitor``) converts it too. A roll killed between the
@@ -35,7 +37,10 @@ import itertools
 import json
 import logging
 import os
+import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -158,6 +163,7 @@ class PredictionLog:
         self.max_waiting_bytes = max_waiting_bytes
         self._waiting: list[tuple[bytes, int]] = []  # (payload, records) the disk refused, oldest first
         self._refused: OSError | None = None  # set while the disk refuses writes
+        self._converter = _Converter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if roll_interval_s > 0:
@@ -233,7 +239,7 @@ class PredictionLog:
                 old = self._fd
                 self._fd = self._open_segment()
                 os.close(old)  # releases its lock: the segment is closed
-        return collect(self.spool_dir, self.destination, self.filesystem)
+        return self._converter.collect(self.spool_dir, self.destination, self.filesystem)
 
     def close(self) -> None:
         """Stop rolling, close the segment and convert it."""
@@ -248,7 +254,8 @@ class PredictionLog:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
-        collect(self.spool_dir, self.destination, self.filesystem)
+        self._converter.close()
+        collect(self.spool_dir, self.destination, self.filesystem)  # serving is over: in this process
 
     def roll_or_warn(self) -> None:
         """:meth:`roll`, logging a failure instead of raising it: the next roll retries."""
@@ -260,6 +267,48 @@ class PredictionLog:
     def _roll_every(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             self.roll_or_warn()
+
+
+class _Converter:
+    """The replica's converter process (:mod:`shopsight.serving._spool_converter`), started at the first
+    roll and again after it dies; one job at a time (the roll thread holds it)."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def collect(self, spool_dir: Path, destination: str, filesystem: pafs.FileSystem | None) -> int:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "shopsight.serving._spool_converter"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                )  # fmt: skip
+            try:
+                pickle.dump((str(spool_dir), destination, filesystem), self._process.stdin)
+                self._process.stdin.flush()
+                line = self._process.stdout.readline()
+            except (BrokenPipeError, OSError) as exc:
+                raise RuntimeError(f"the prediction log's converter process failed: {exc}") from exc
+            if not line:
+                code = self._process.wait(timeout=10)
+                raise RuntimeError(f"the prediction log's converter process ended (exit code {code})")
+            answer = json.loads(line)
+            if "error" in answer:
+                raise RuntimeError(f"converting the prediction log's spool failed: {answer['error']}")
+            return int(answer["converted"])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._process is not None:
+                self._process.stdin.close()  # the converter ends at the end of its input
+                try:
+                    self._process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+                self._process.stdout.close()
+                self._process = None
 
 
 def collect(spool_dir: Path | str, destination: str, filesystem: pafs.FileSystem | None = None) -> int:
